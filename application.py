@@ -1,0 +1,161 @@
+"""flock's entry point: `mpirun -np N python application.py DATA_DIR [options]`.
+
+Options -> one frozen Config -> roles: rank 0 hosts the scheduler (gRPC, loopback by default) and writes
+the run directory; every rank, rank 0 included, runs a simulator. Nothing else lives here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from common.config import Config, default_run_dir, parse_config
+from common.errors import DataError, FlockError
+
+log = logging.getLogger("flock")
+
+
+def setup_logging(rank: int, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr if rank else sys.stdout)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def prepare_data(config: Config) -> None:
+    """Rank 0, before anyone reads: builds the built-in corpus if DATA_DIR is missing."""
+    data_dir = Path(config.data_dir)
+    if data_dir.exists():
+        return
+    if config.reader != "leaf":
+        raise DataError(f"{data_dir}: data folder not found")
+    from reader import popquotes
+
+    log.info("%s does not exist: building it once from the popquotes corpus (speakers as users) ...", data_dir)
+    summary = popquotes.build(data_dir)
+    log.info("built %s: %d users, %d training and %d test comments, vocabulary %d",
+             data_dir, summary["users"], summary["train_comments"], summary["test_comments"], summary["vocab_size"])
+
+
+def run(config: Config, comm) -> None:
+    import numpy as np
+    import torch
+
+    from common.domain import ParamLayout
+    from common.plugins import resolve
+    from model.base import private_names
+    from scheduler.client import SchedulerClient
+    from simulator.data_server import MemoryStore, SQLiteStore
+    from simulator.shard import Shard
+    from simulator.simulator import Simulator
+    from trainer.base import TrainConfig
+
+    rank, world = comm.rank, comm.size
+    # One torch thread per shard keeps every user's arithmetic identical whatever the number of ranks;
+    # the cores are used by running shards side by side instead.
+    torch.set_num_threads(1)
+    cores = len(os.sched_getaffinity(0))
+    n_shards = config.shards or max(1, cores // comm.local_size)
+
+    reader_cls, model_cls, trainer_cls = (resolve(k, getattr(config, k)) for k in ("reader", "model", "trainer"))
+    if rank == 0:
+        prepare_data(config)
+        reader = reader_cls(Path(config.data_dir))
+        reader.prepare()
+    comm.barrier()
+    if rank != 0:
+        reader = reader_cls(Path(config.data_dir))
+    spec = reader.spec()
+
+    torch.manual_seed(config.seed)
+    model = model_cls.build(spec)
+    private = private_names(model, config.private)
+    named = dict(model.named_parameters())
+    shared = [n for n in named if n not in private]
+    layout = ParamLayout(names=tuple(shared), shapes=tuple(tuple(named[n].shape) for n in shared))
+    train_config = TrainConfig(lr=config.lr, batch_size=config.batch_size, local_epochs=config.local_epochs,
+                               max_grad_norm=config.max_grad_norm)
+
+    run_dir = Path(config.run_dir)
+    server = recorder = None
+    address = run_id = None
+    if rank == 0:
+        from common.recorder import Recorder
+        from scheduler.optim import make_server_optimizer
+        from scheduler.server import create_server
+        from scheduler.state import Scheduler, SchedulerConfig
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_id = uuid.uuid4().hex[:12]
+        (run_dir / "config.json").write_text(json.dumps(
+            {**config.to_json(), "world_size": world, "shards_per_rank": n_shards, "run_id": run_id,
+             "argv": sys.argv, "private_params": list(private), "shared_params": layout.size}, indent=1))
+        recorder = Recorder(run_dir, config.rounds)
+        scheduler = Scheduler(
+            SchedulerConfig(world_size=world, rounds=config.rounds, clients_per_round=config.clients_per_round,
+                            eval_every=config.eval_every, eval_users=config.eval_users, seed=config.seed,
+                            pin_users=bool(private)),
+            reader=reader, optimizer=make_server_optimizer(config.server_opt, server_lr=config.server_lr),
+            train_ratios=trainer_cls.train_ratios, eval_ratios=trainer_cls.eval_ratios, on_record=recorder)
+        server, port = create_server(f"{config.scheduler_host}:0", scheduler, run_id=run_id)
+        address = f"{config.scheduler_host}:{port}"
+        log.info("scheduler on %s; %d rank(s) x %d shard(s); %d shared parameters (%.1f MB), private: %s; run dir %s",
+                 address, world, n_shards, layout.size, layout.size * 4 / 1e6, ", ".join(private) or "none", run_dir)
+    address, run_id = comm.bcast((address, run_id))
+
+    client = SchedulerClient(address, rank=rank, world_size=world, run_id=run_id)
+    client.hello()
+    if rank == 0:
+        client.init_params(layout, layout.flatten({n: named[n].detach().numpy() for n in shared}))
+
+    store = (SQLiteStore(run_dir / "private" / f"rank{rank}.sqlite") if config.data_server == "sqlite"
+             else MemoryStore())
+    private_init = {n: named[n].detach().numpy().copy() for n in private}
+    models = [model]
+    for _ in range(n_shards - 1):
+        replica = model_cls.build(spec)
+        replica.load_state_dict(model.state_dict())
+        models.append(replica)
+    shards = [Shard(m, trainer_cls(train_config, spec), layout, private, store, private_init) for m in models]
+    simulator = Simulator(rank=rank, client=client, reader=reader, shards=shards,
+                          eval_ratios=trainer_cls.eval_ratios, step_timeout=config.step_timeout)
+    simulator.run()
+    comm.barrier()   # every rank has seen "done": the scheduler may stop
+    store.close()
+    client.close()
+    if rank == 0:
+        recorder.close()
+        server.stop(grace=2)
+        log.info("done: metrics in %s", run_dir / "metrics.jsonl")
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(argv)   # argparse exits 2 on every rank alike
+    from simulator.comm import world
+
+    comm = world()
+    setup_logging(comm.rank, config.log_level)
+    code = 0
+    try:
+        run_dir = comm.bcast(config.run_dir or default_run_dir() if comm.rank == 0 else None)
+        config = Config(**{**config.to_json(), "run_dir": run_dir})
+        run(config, comm)
+    except FlockError as e:
+        log.error("%s", e)
+        code = 2
+    except BaseException:
+        log.exception("rank %d failed", comm.rank)
+        code = 1
+    if code and comm.size > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        comm.abort(code)   # a failed rank must not leave the others waiting forever
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The run's options as one frozen, validated dataclass, built from the command line."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from common.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: str
+    rounds: int = 100
+    clients_per_round: int = 10
+    local_epochs: int = 1
+    batch_size: int = 5
+    lr: float = 1.0
+    server_lr: float = 1.85
+    server_opt: str = "fedavg"
+    max_grad_norm: float = 5.0
+    seed: int = 0
+    eval_every: int = 10
+    eval_users: int = 0
+    run_dir: str = ""
+    reader: str = "leaf"
+    model: str = "lstm"
+    trainer: str = "lm"
+    private: tuple[str, ...] = ()
+    data_server: str = "memory"
+    shards: int = 0
+    scheduler_host: str = "127.0.0.1"
+    step_timeout: float = 600.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        positive = ("rounds", "clients_per_round", "local_epochs", "batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_users", "shards"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
+        if self.lr <= 0 or self.server_lr <= 0 or self.max_grad_norm <= 0 or self.step_timeout <= 0:
+            raise ConfigError("--lr, --server-lr, --max-grad-norm and --step-timeout must be positive")
+        if self.data_server not in ("memory", "sqlite"):
+            raise ConfigError(f"--data-server must be 'memory' or 'sqlite', got {self.data_server!r}")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+HELP = {
+    "rounds": "training rounds (FL-mobile's Reddit benchmark: 100)",
+    "clients_per_round": "users sampled uniformly without replacement each round",
+    "local_epochs": "local epochs over each user's data (in order, unshuffled)",
+    "batch_size": "local batch size (sequences)",
+    "lr": "client SGD learning rate",
+    "server_lr": "server learning rate: theta += server_lr * weighted mean client delta",
+    "server_opt": "server optimizer",
+    "max_grad_norm": "clip each local step's gradient to this global norm",
+    "seed": "fixes initialisation, sampling and evaluation users; same seed, same metrics at any -np",
+    "eval_every": "evaluate on the test day every this many rounds (and after the last); 0: only at the end",
+    "eval_users": "evaluate this many test users (a fixed seeded subset); 0: all of them",
+    "run_dir": "where config.json and metrics.jsonl go; empty means runs/<timestamp>",
+    "reader": "data reader: built-in short name or module:Class",
+    "model": "model: built-in short name or module:Class",
+    "trainer": "local trainer: built-in short name or module:Class",
+    "private": "parameter name pattern (fnmatch) to keep private per user; repeatable, e.g. 'decoder.bias'",
+    "data_server": "where private parameters live on each rank: memory, or sqlite under the run dir",
+    "shards": "trainers per rank, each a thread with one torch thread (0: this node's cores / its ranks)",
+    "scheduler_host": "address the scheduler binds on rank 0 (loopback by default)",
+    "step_timeout": "seconds a rank waits for a step to open before the job fails",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+}
+
+
+CHOICES = {"server_opt": ["fedavg"], "data_server": ["memory", "sqlite"],
+           "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mpirun -np N python application.py",
+        description="flock: federated learning device simulator. Rank 0 hosts the scheduler; every rank "
+                    "simulates phones. If DATA_DIR does not exist it is built from the popquotes corpus.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("data_dir", metavar="DATA_DIR", help="day folders (YYYYMMDD/train_data.json, ...) and vocab.json")
+    defaults = Config(data_dir="")
+    for f in dataclasses.fields(Config):
+        if f.name == "data_dir":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if f.name == "private":
+            p.add_argument(flag, action="append", default=[], help=HELP[f.name])
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=HELP[f.name],
+                           **({"choices": CHOICES[f.name]} if f.name in CHOICES else {}))
+    return p
+
+
+def parse_config(argv: Sequence[str] | None = None) -> Config:
+    """Options -> Config (argparse exits with status 2 on malformed options)."""
+    ns = build_parser().parse_args(argv)
+    values = vars(ns)
+    values["private"] = tuple(values["private"])
+    return Config(**values)
+
+
+def default_run_dir() -> str:
+    return str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))

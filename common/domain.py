@@ -1,0 +1,117 @@
+"""Domain types shared by the scheduler and the simulators. Plain frozen dataclasses: no gRPC, no torch."""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+TRAIN, EVAL, DONE = "train", "eval", "done"
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Names and shapes of the shared parameters, in the order they sit in the flat float32 vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        if len(self.names) != len(self.shapes):
+            raise ValueError("ParamLayout: names and shapes differ in length")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("ParamLayout: duplicate parameter names")
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(math.prod(s) for s in self.shapes)
+
+    @property
+    def size(self) -> int:
+        """Elements in the flat vector."""
+        return sum(self.sizes)
+
+    def split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Views of `flat` per parameter, reshaped (no copy)."""
+        if flat.shape != (self.size,):
+            raise ValueError(f"flat vector has {flat.size} elements, layout needs {self.size}")
+        out, offset = {}, 0
+        for name, shape, size in zip(self.names, self.shapes, self.sizes):
+            out[name] = flat[offset:offset + size].reshape(shape)
+            offset += size
+        return out
+
+    def flatten(self, tensors: Mapping[str, np.ndarray], dtype=np.float32) -> np.ndarray:
+        """One flat vector of `tensors` in layout order; a missing or mis-shaped tensor is an error."""
+        flat = np.empty(self.size, dtype=dtype)
+        offset = 0
+        for name, shape, size in zip(self.names, self.shapes, self.sizes):
+            value = np.asarray(tensors[name])
+            if tuple(value.shape) != shape:
+                raise ValueError(f"parameter {name!r} has shape {tuple(value.shape)}, layout says {shape}")
+            flat[offset:offset + size] = value.reshape(-1)
+            offset += size
+        return flat
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one rank does at one step of the run."""
+
+    step: int
+    kind: str                  # TRAIN, EVAL or DONE
+    round: int                 # training rounds completed before this step
+    day: str = ""
+    split: str = ""
+    users: tuple[str, ...] = ()
+    version: int = 0           # version of the shared parameters to use
+    total_users: int = 0
+
+
+@dataclass(frozen=True)
+class RankUpdate:
+    """One rank's contribution to a training step: sum of n_k * delta_k over its users, and sum of n_k."""
+
+    step: int
+    rank: int
+    weight: float
+    delta_sum: np.ndarray      # float64, the layout's size
+    sums: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RankMetrics:
+    """One rank's evaluation sums for an evaluation step."""
+
+    step: int
+    rank: int
+    sums: Mapping[str, float]
+
+
+def home_rank(uid: str, world_size: int) -> int:
+    """The rank that owns `uid`'s private parameters: a fixed function of the user id (crc32)."""
+    return zlib.crc32(uid.encode("utf-8")) % world_size
+
+
+def assign_users(users: Sequence[str], counts: Sequence[int], world_size: int, *, pinned: bool) -> list[list[str]]:
+    """Splits a step's users over the ranks.
+
+    `pinned`: every user goes to its home rank (needed when users hold private parameters). Otherwise the
+    users are balanced by sample count (largest first onto the least loaded rank), which keeps ranks busy
+    the same time. Either way each rank's list keeps the order of `users`.
+    """
+    if pinned:
+        owner = {u: home_rank(u, world_size) for u in users}
+    else:
+        load = [0] * world_size
+        owner = {}
+        for u, n in sorted(zip(users, counts), key=lambda uc: (-uc[1], uc[0])):
+            r = min(range(world_size), key=lambda i: (load[i], i))
+            owner[u] = r
+            load[r] += int(n)
+    out: list[list[str]] = [[] for _ in range(world_size)]
+    for u in users:
+        out[owner[u]].append(u)
+    return out

@@ -1,0 +1,106 @@
+"""The one place where protobuf messages and domain objects meet (Flower's serde.py in spirit)."""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from common.domain import ParamLayout, Plan, RankMetrics, RankUpdate
+from common.errors import RefusedError
+from protos import scheduler_pb2 as pb
+
+CHUNK_BYTES = 2 << 20   # 2 MiB: well inside gRPC's 4 MB default message limit
+MAX_MESSAGE_BYTES = 64 << 20
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+def layout_to_proto(layout: ParamLayout) -> list[pb.TensorSpec]:
+    return [pb.TensorSpec(name=n, shape=list(s)) for n, s in zip(layout.names, layout.shapes)]
+
+
+def layout_from_proto(specs: Iterable[pb.TensorSpec]) -> ParamLayout:
+    specs = list(specs)
+    return ParamLayout(names=tuple(s.name for s in specs), shapes=tuple(tuple(int(d) for d in s.shape) for s in specs))
+
+
+def plan_to_proto(plan: Plan) -> pb.Plan:
+    return pb.Plan(step=plan.step, kind=plan.kind, round=plan.round, day=plan.day, split=plan.split,
+                   users=list(plan.users), version=plan.version, total_users=plan.total_users)
+
+
+def plan_from_proto(msg: pb.Plan) -> Plan:
+    return Plan(step=msg.step, kind=msg.kind, round=msg.round, day=msg.day, split=msg.split,
+                users=tuple(msg.users), version=msg.version, total_users=msg.total_users)
+
+
+def param_chunks(version: int, layout: ParamLayout, flat: np.ndarray,
+                 chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.ParamChunk]:
+    """float32 parameters as raw-byte chunks; the first carries the layout."""
+    data = memoryview(np.ascontiguousarray(flat, dtype="<f4")).cast("B")
+    step = max(4, chunk_bytes - chunk_bytes % 4)
+    total = flat.size
+    for start in range(0, max(len(data), 1), step):
+        yield pb.ParamChunk(version=version, offset=start // 4, total=total, data=bytes(data[start:start + step]),
+                            layout=layout_to_proto(layout) if start == 0 else [])
+
+
+def params_from_chunks(chunks: Iterable[pb.ParamChunk]) -> tuple[int, ParamLayout, np.ndarray]:
+    """Reassembles `param_chunks`' stream; checks offsets and the total against the layout."""
+    version, layout, flat = None, None, None
+    for chunk in chunks:
+        if flat is None:
+            version, layout = chunk.version, layout_from_proto(chunk.layout)
+            if chunk.total != layout.size:
+                raise RefusedError(f"parameter stream: total {chunk.total} does not match the layout's {layout.size}")
+            flat = np.empty(layout.size, dtype=np.float32)
+            filled = 0
+        values = np.frombuffer(chunk.data, dtype="<f4")
+        if chunk.version != version or chunk.offset != filled or filled + values.size > flat.size:
+            raise RefusedError("parameter stream: chunk out of order or past the end")
+        flat[filled:filled + values.size] = values
+        filled += values.size
+    if flat is None or filled != flat.size:
+        raise RefusedError("parameter stream ended early")
+    return version, layout, flat
+
+
+def update_chunks(update: RankUpdate, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.UpdateChunk]:
+    """A rank's update: the header, then float64 chunks (none for an empty update)."""
+    header = pb.UpdateHeader(step=update.step, rank=update.rank, weight=update.weight,
+                             total=update.delta_sum.size, sums=dict(update.sums))
+    yield pb.UpdateChunk(header=header)
+    data = memoryview(np.ascontiguousarray(update.delta_sum, dtype="<f8")).cast("B")
+    step = max(8, chunk_bytes - chunk_bytes % 8)
+    for start in range(0, len(data), step):
+        yield pb.UpdateChunk(offset=start // 8, data=bytes(data[start:start + step]))
+
+
+def update_from_chunks(chunks: Iterable[pb.UpdateChunk], expected_size: int) -> RankUpdate:
+    """Reassembles `update_chunks`' stream; refuses a total other than 0 or `expected_size` before reading on."""
+    it = iter(chunks)
+    first = next(it, None)
+    if first is None or not first.HasField("header"):
+        raise RefusedError("update stream without a header")
+    h = first.header
+    if h.total not in (0, expected_size):
+        raise RefusedError(f"rank {h.rank}: update has {h.total} values, the model has {expected_size}")
+    delta = np.empty(h.total, dtype=np.float64)
+    filled = 0
+    for chunk in it:
+        values = np.frombuffer(chunk.data, dtype="<f8")
+        if chunk.offset != filled or filled + values.size > h.total:
+            raise RefusedError(f"rank {h.rank}: update chunk out of order or past the end")
+        delta[filled:filled + values.size] = values
+        filled += values.size
+    if filled != h.total:
+        raise RefusedError(f"rank {h.rank}: update stream ended after {filled} of {h.total} values")
+    return RankUpdate(step=h.step, rank=h.rank, weight=h.weight, delta_sum=delta, sums=dict(h.sums))
+
+
+def metrics_to_proto(m: RankMetrics) -> pb.MetricsPush:
+    return pb.MetricsPush(step=m.step, rank=m.rank, sums=dict(m.sums))
+
+
+def metrics_from_proto(msg: pb.MetricsPush) -> RankMetrics:
+    return RankMetrics(step=msg.step, rank=msg.rank, sums=dict(msg.sums))

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+class FedAvg:
+    """theta <- theta + server_lr * mean_delta (McMahan et al.; server_lr = 1 is plain averaging)."""
+
+    def __init__(self, *, server_lr: float = 1.0) -> None:
+        self.server_lr = float(server_lr)
+
+    def step(self, params: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
+        return (params.astype(np.float64) + self.server_lr * mean_delta).astype(np.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

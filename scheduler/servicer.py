@@ -1,0 +1,87 @@
+"""gRPC adapter over `Scheduler`: decodes messages, calls the plain object, maps its errors to statuses."""
+from __future__ import annotations
+
+import functools
+import logging
+
+import grpc
+
+from common.errors import RefusedError
+from protos import convert
+from protos import scheduler_pb2 as pb
+from protos import scheduler_pb2_grpc as pb_grpc
+from scheduler.state import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+def _statuses(method):
+    """RefusedError -> FAILED_PRECONDITION, TimeoutError -> DEADLINE_EXCEEDED, anything else -> INTERNAL."""
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except RefusedError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except TimeoutError as e:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+        except Exception as e:  # a bug on the scheduler side: log it where the scheduler runs, report it to the caller
+            log.exception("scheduler call %s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+    return wrapper
+
+
+def _streaming(method):
+    """_statuses for server-streaming methods (generators)."""
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except RefusedError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+    return wrapper
+
+
+class SchedulerServicer(pb_grpc.SchedulerServicer):
+    def __init__(self, scheduler: Scheduler, run_id: str) -> None:
+        self.scheduler = scheduler
+        self.run_id = run_id
+
+    @_statuses
+    def Hello(self, request, context):
+        s = self.scheduler
+        if request.world_size != s.config.world_size:
+            raise RefusedError(f"rank {request.rank} runs in a world of {request.world_size}, "
+                               f"the scheduler expects {s.config.world_size}")
+        if request.run_id and request.run_id != self.run_id:
+            raise RefusedError(f"rank {request.rank} belongs to run {request.run_id!r}, this is {self.run_id!r}")
+        layout = convert.layout_to_proto(s.layout) if s.layout is not None else []
+        return pb.HelloReply(run_id=self.run_id, world_size=s.config.world_size, step=s.step, layout=layout)
+
+    @_statuses
+    def InitParams(self, request_iterator, context):
+        _, layout, flat = convert.params_from_chunks(request_iterator)
+        self.scheduler.init_params(layout, flat)
+        return pb.Ack(ok=True)
+
+    @_statuses
+    def GetPlan(self, request, context):
+        plan = self.scheduler.plan(request.rank, request.step, request.timeout_s or 60.0)
+        return convert.plan_to_proto(plan)
+
+    @_streaming
+    def GetParams(self, request, context):
+        layout, flat = self.scheduler.current_params(request.version)
+        yield from convert.param_chunks(request.version, layout, flat, request.chunk_bytes or convert.CHUNK_BYTES)
+
+    @_statuses
+    def PushUpdate(self, request_iterator, context):
+        layout = self.scheduler.layout
+        update = convert.update_from_chunks(request_iterator, layout.size if layout is not None else 0)
+        self.scheduler.push_update(update)
+        return pb.Ack(ok=True)
+
+    @_statuses
+    def PushMetrics(self, request, context):
+        self.scheduler.push_metrics(convert.metrics_from_proto(request))
+        return pb.Ack(ok=True)

@@ -1,0 +1,259 @@
+"""The global scheduler as a plain object: shared parameters, the step counter, sampling, the calendar and
+aggregation. Thread-safe (one lock); no gRPC here, so tests drive it directly."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+from common.domain import DONE, EVAL, TRAIN, ParamLayout, Plan, RankMetrics, RankUpdate, assign_users
+from common.errors import ConfigError, RefusedError
+from reader.base import DayIndex, Reader
+from scheduler.calendar import Calendar
+from scheduler.optim.base import ServerOptimizer
+from scheduler.sampling import evaluation_users, sample_clients
+
+log = logging.getLogger(__name__)
+
+Ratios = Mapping[str, tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    world_size: int
+    rounds: int = 100
+    clients_per_round: int = 10
+    eval_every: int = 10
+    eval_users: int = 0          # 0: every test user
+    seed: int = 0
+    pin_users: bool = False      # users hold private params: always train/evaluate on their home rank
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ConfigError("world size must be at least 1")
+        if self.rounds < 0 or self.clients_per_round < 1 or self.eval_every < 0 or self.eval_users < 0:
+            raise ConfigError("rounds, eval_every, eval_users must be >= 0 and clients_per_round >= 1")
+
+
+def schedule(rounds: int, eval_every: int) -> list[tuple[str, int]]:
+    """The run's steps as (kind, rounds completed before it): train rounds, evaluations every `eval_every`
+    rounds and after the last, then done."""
+    steps: list[tuple[str, int]] = []
+    for r in range(rounds):
+        steps.append((TRAIN, r))
+        if (eval_every and (r + 1) % eval_every == 0) or r == rounds - 1:
+            steps.append((EVAL, r + 1))
+    steps.append((DONE, rounds))
+    return steps
+
+
+def reduce_ratios(sums: Mapping[str, float], ratios: Ratios) -> dict[str, float]:
+    """Each ratio over everything, and its unweighted mean over users (from the per-user partial sums)."""
+    out = {}
+    for name, (num, den) in ratios.items():
+        if sums.get(den, 0.0) > 0:
+            out[name] = sums.get(num, 0.0) / sums[den]
+        if sums.get(f"{name}@users", 0.0) > 0:
+            out[f"{name}_user_mean"] = sums[f"{name}@user_sum"] / sums[f"{name}@users"]
+    return out
+
+
+class Scheduler:
+    """Owns the run's global state; simulators talk to it through `plan`, `params`, `push_update` and
+    `push_metrics`. `on_record` receives one dict per finished step (the metrics.jsonl lines)."""
+
+    def __init__(self, config: SchedulerConfig, *, reader: Reader, optimizer: ServerOptimizer,
+                 train_ratios: Ratios, eval_ratios: Ratios,
+                 on_record: Callable[[dict], None] | None = None) -> None:
+        self.config = config
+        self.reader = reader
+        self.optimizer = optimizer
+        self.train_ratios = dict(train_ratios)
+        self.eval_ratios = dict(eval_ratios)
+        self.on_record = on_record or (lambda record: None)
+        self.calendar = Calendar.from_reader(reader)
+        self.steps = schedule(config.rounds, config.eval_every)
+        self._indexes: dict[tuple[str, str], DayIndex] = {}
+        for day in sorted(set(self.calendar.train_days)):
+            n = len(self._eligible(day, "train")[0])
+            if config.clients_per_round > n:
+                raise ConfigError(f"--clients-per-round {config.clients_per_round} is more than the {n} users "
+                                  f"with training data on day {day}")
+        self._cond = threading.Condition()
+        self.layout: ParamLayout | None = None
+        self.params: np.ndarray | None = None
+        self.version = 0
+        self.step = 0
+        self.failure: str | None = None
+        self._plans: list[Plan] = []
+        self._pushed: dict[int, RankUpdate | RankMetrics] = {}
+        self._step_started = time.perf_counter()
+
+    # -- data -------------------------------------------------------------------------------------------
+
+    def _eligible(self, day: str, split: str) -> tuple[list[str], dict[str, int]]:
+        key = (day, split)
+        if key not in self._indexes:
+            self._indexes[key] = self.reader.index(day, split)
+            empty = sum(1 for c in self._indexes[key].counts if c == 0)
+            if empty:
+                log.warning("day %s %s: %d users without samples are never sampled", day, split, empty)
+        counts = self._indexes[key].count_of()
+        return [u for u in self._indexes[key].users if counts[u] > 0], counts
+
+    def _make_plans(self, step: int) -> list[Plan]:
+        kind, done = self.steps[step]
+        world = self.config.world_size
+        if kind == DONE:
+            return [Plan(step=step, kind=DONE, round=done, version=self.version)] * world
+        if kind == TRAIN:
+            day, split = self.calendar.train_day(done, self.config.rounds), "train"
+            users, counts = self._eligible(day, split)
+            chosen = sample_clients(self.config.seed, done, users, self.config.clients_per_round)
+        else:
+            day, split = self.calendar.test_day, "test"
+            users, counts = self._eligible(day, split)
+            chosen = evaluation_users(self.config.seed, users, self.config.eval_users)
+        per_rank = assign_users(chosen, [counts[u] for u in chosen], world, pinned=self.config.pin_users)
+        return [Plan(step=step, kind=kind, round=done, day=day, split=split, users=tuple(mine),
+                     version=self.version, total_users=len(chosen)) for mine in per_rank]
+
+    # -- parameters -------------------------------------------------------------------------------------
+
+    def init_params(self, layout: ParamLayout, flat: np.ndarray) -> None:
+        """The initial shared parameters (from rank 0's freshly built model); accepted once."""
+        with self._cond:
+            if self.params is not None:
+                raise RefusedError("initial parameters were already set")
+            if flat.dtype != np.float32 or flat.shape != (layout.size,):
+                raise RefusedError(f"initial parameters: expected {layout.size} float32 values")
+            self.layout, self.params = layout, flat.copy()
+            self._plans = self._make_plans(0)
+            self._step_started = time.perf_counter()
+            self._cond.notify_all()
+
+    def current_params(self, version: int) -> tuple[ParamLayout, np.ndarray]:
+        """The layout and parameters of `version`, which must be the current one (read-only array)."""
+        with self._cond:
+            if self.params is None:
+                raise RefusedError("no parameters yet")
+            if version != self.version:
+                raise RefusedError(f"parameters version {version} requested, current is {self.version}")
+            params = self.params
+        params.flags.writeable = False
+        return self.layout, params
+
+    # -- steps ------------------------------------------------------------------------------------------
+
+    def plan(self, rank: int, step: int, timeout: float) -> Plan:
+        """Rank `rank`'s plan for `step`, waiting up to `timeout` seconds for the step to open."""
+        self._check_rank(rank)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.failure is None and (self.params is None or self.step < step):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"rank {rank}: step {step} did not open within {timeout:.0f} s "
+                                       f"(scheduler is at step {self.step}; waiting for ranks "
+                                       f"{self._missing_ranks()})")
+                self._cond.wait(left)
+            if self.failure is not None:
+                raise RefusedError(f"the scheduler failed: {self.failure}")
+            if step != self.step:
+                raise RefusedError(f"rank {rank}: step {step} asked for, but the scheduler is at step {self.step}")
+            return self._plans[rank]
+
+    def push_update(self, update: RankUpdate) -> None:
+        """One rank's training update for the current step; completes the step when it is the last."""
+        with self._cond:
+            self._check_push(update.step, update.rank, TRAIN)
+            size = self.layout.size
+            if update.weight < 0 or not np.isfinite(update.weight):
+                raise RefusedError(f"rank {update.rank}: invalid weight {update.weight}")
+            if update.weight > 0 and update.delta_sum.shape != (size,):
+                raise RefusedError(f"rank {update.rank}: update has {update.delta_sum.size} values, "
+                                   f"the model has {size}")
+            if update.weight == 0 and update.delta_sum.size not in (0, size):
+                raise RefusedError(f"rank {update.rank}: empty update with {update.delta_sum.size} values")
+            if not np.isfinite(update.delta_sum).all():
+                raise RefusedError(f"rank {update.rank}: update for step {update.step} has non-finite values")
+            self._pushed[update.rank] = update
+            record = self._maybe_finish()
+        if record is not None:
+            self.on_record(record)
+
+    def push_metrics(self, metrics: RankMetrics) -> None:
+        """One rank's evaluation sums for the current step."""
+        with self._cond:
+            self._check_push(metrics.step, metrics.rank, EVAL)
+            self._pushed[metrics.rank] = metrics
+            record = self._maybe_finish()
+        if record is not None:
+            self.on_record(record)
+
+    def fail(self, message: str) -> None:
+        """Marks the run failed: every waiting and later `plan` call raises."""
+        with self._cond:
+            self.failure = message
+            self._cond.notify_all()
+
+    @property
+    def finished(self) -> bool:
+        return self.steps[self.step][0] == DONE
+
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.config.world_size:
+            raise RefusedError(f"rank {rank} is outside the world of {self.config.world_size}")
+
+    def _check_push(self, step: int, rank: int, kind: str) -> None:
+        self._check_rank(rank)
+        if self.params is None:
+            raise RefusedError("no parameters yet")
+        if step != self.step:
+            raise RefusedError(f"rank {rank}: stale push for step {step}; the scheduler is at step {self.step}")
+        if self.steps[step][0] != kind:
+            raise RefusedError(f"rank {rank}: step {step} is a {self.steps[step][0]} step, not {kind}")
+        if rank in self._pushed:
+            raise RefusedError(f"rank {rank}: duplicate push for step {step}")
+
+    def _missing_ranks(self) -> list[int]:
+        return [r for r in range(self.config.world_size) if r not in self._pushed]
+
+    def _maybe_finish(self) -> dict | None:
+        """Called under the lock: when every rank pushed, applies the step and opens the next one."""
+        if len(self._pushed) < self.config.world_size:
+            return None
+        kind, done = self.steps[self.step]
+        sums: dict[str, float] = {}
+        for pushed in self._pushed.values():
+            for k, v in pushed.sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+        seconds = time.perf_counter() - self._step_started
+        if kind == TRAIN:
+            weight = sum(u.weight for u in self._pushed.values())
+            if weight > 0:
+                total = np.zeros(self.layout.size, dtype=np.float64)
+                for u in sorted(self._pushed.values(), key=lambda u: u.rank):
+                    if u.weight > 0:
+                        total += u.delta_sum
+                total /= weight
+                self.params = self.optimizer.step(self.params, total)
+            self.version += 1
+            record = {"kind": TRAIN, "round": done + 1, **reduce_ratios(sums, self.train_ratios),
+                      "clients": int(sums.get("clients", 0)), "samples": int(sums.get("samples", 0)),
+                      "seconds": round(seconds, 4), "clients_per_s": round(sums.get("clients", 0) / seconds, 3)}
+        else:
+            record = {"kind": EVAL, "round": done, **reduce_ratios(sums, self.eval_ratios),
+                      "users": int(sums.get("users", 0)),
+                      **{k: v for k, v in sums.items() if "@" not in k and k != "users"},
+                      "seconds": round(seconds, 4)}
+        self._pushed = {}
+        self.step += 1
+        self._plans = self._make_plans(self.step)
+        self._step_started = time.perf_counter()
+        self._cond.notify_all()
+        return record

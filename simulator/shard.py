@@ -1,0 +1,70 @@
+"""A shard: one trainer with one reusable model object that plays many phones, one after another."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from common.domain import ParamLayout
+from simulator.data_server import PrivateStore
+from trainer.base import Trainer
+
+
+class Shard:
+    """Loads global + a user's private parameters into its model, trains or evaluates, writes the private
+    parameters back, and adds n_k * delta_k of the shared parameters into its float64 running sum."""
+
+    def __init__(self, model: torch.nn.Module, trainer: Trainer, layout: ParamLayout,
+                 private: tuple[str, ...], store: PrivateStore, private_init: Mapping[str, np.ndarray]) -> None:
+        self.model = model
+        self.trainer = trainer
+        named = dict(model.named_parameters())
+        self.shared = [named[n] for n in layout.names]
+        self.private = {n: named[n] for n in private}
+        self.store = store
+        self.private_init = {n: torch.from_numpy(np.array(v, dtype=np.float32)) for n, v in private_init.items()}
+        self.device = self.shared[0].device if self.shared else torch.device("cpu")
+        self.layout = layout
+        self.delta_sum = torch.zeros(layout.size, dtype=torch.float64, device=self.device)
+        self.weight = 0.0
+        self._global: torch.Tensor | None = None
+        self._global_views: list[torch.Tensor] = []
+        self._global_src: np.ndarray | None = None
+
+    def set_global(self, flat: np.ndarray) -> None:
+        """The round's global parameters (kept as one tensor; copied into the model per user)."""
+        if self._global_src is not flat:
+            self._global = torch.from_numpy(np.array(flat, dtype=np.float32)).to(self.device)
+            self._global_views = [v.view(shape) for v, shape in
+                                  zip(self._global.split(self.layout.sizes), self.layout.shapes)]
+            self._global_src = flat
+
+    def reset_sum(self) -> None:
+        self.delta_sum.zero_()
+        self.weight = 0.0
+
+    def _load_user(self, uid: str) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.shared, self._global_views)  # copies: the global vector stays intact
+            if self.private:
+                stored = self.store.get_param_by_uid(uid)
+                for name, p in self.private.items():
+                    src = torch.from_numpy(stored[name]) if stored is not None else self.private_init[name]
+                    p.copy_(src)
+
+    def train_user(self, uid: str, samples: Mapping[str, np.ndarray]) -> dict[str, float]:
+        self._load_user(uid)
+        sums = self.trainer.train(self.model, samples)
+        n = float(sums["samples"])
+        with torch.no_grad():
+            delta = torch.nn.utils.parameters_to_vector(self.shared) - self._global
+            self.delta_sum.add_(delta.double(), alpha=n)
+        self.weight += n
+        if self.private:
+            self.store.set_param_by_uid(uid, {k: p.detach().cpu().numpy() for k, p in self.private.items()})
+        return sums
+
+    def evaluate_user(self, uid: str, samples: Mapping[str, np.ndarray]) -> dict[str, float]:
+        self._load_user(uid)
+        return self.trainer.evaluate(self.model, samples)

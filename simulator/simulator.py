@@ -1,0 +1,108 @@
+"""The per-rank simulator loop: ask the scheduler what to do, do it over the shards, push one result."""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from common.domain import DONE, TRAIN, Plan, RankMetrics, RankUpdate, assign_users
+from reader.base import Reader
+from scheduler.client import SchedulerClient
+from simulator.shard import Shard
+
+log = logging.getLogger(__name__)
+
+
+class UserError(RuntimeError):
+    """A failure while simulating one user; the message names the user, day and rank."""
+
+
+class Simulator:
+    def __init__(self, *, rank: int, client: SchedulerClient, reader: Reader, shards: Sequence[Shard],
+                 eval_ratios: Mapping[str, tuple[str, str]], step_timeout: float = 600.0) -> None:
+        self.rank = rank
+        self.client = client
+        self.reader = reader
+        self.shards = list(shards)
+        self.eval_ratios = dict(eval_ratios)
+        self.step_timeout = step_timeout
+        self._pool = ThreadPoolExecutor(len(self.shards), thread_name_prefix="shard") if len(self.shards) > 1 else None
+
+    def run(self, start_step: int = 0) -> int:
+        """Runs steps until the scheduler says done; returns the number of steps run."""
+        step = start_step
+        while True:
+            plan = self.client.get_plan(step, self.step_timeout)
+            if plan.kind == DONE:
+                return step - start_step
+            _, flat = self.client.get_params(plan.version)
+            for shard in self.shards:
+                shard.set_global(flat)
+            if plan.kind == TRAIN:
+                self.client.push_update(self.train_step(plan))
+            else:
+                self.client.push_metrics(self.eval_step(plan))
+            step += 1
+
+    def _per_shard(self, plan: Plan, work: Callable[[Shard, str], dict[str, float]]) -> list[list[tuple[str, dict]]]:
+        """Runs `work` for each of the plan's users, spread over the shards by sample count."""
+        index = self.reader.index(plan.day, plan.split).count_of()
+        groups = assign_users(plan.users, [index[u] for u in plan.users], len(self.shards), pinned=False)
+
+        def run_group(shard: Shard, users: list[str]) -> list[tuple[str, dict]]:
+            out = []
+            for uid in users:
+                try:
+                    out.append((uid, work(shard, uid)))
+                except Exception as e:
+                    raise UserError(f"rank {self.rank}: user {uid!r} on day {plan.day} ({plan.split}): "
+                                    f"{type(e).__name__}: {e}") from e
+            return out
+
+        if self._pool is None:
+            return [run_group(self.shards[0], groups[0])]
+        return list(self._pool.map(run_group, self.shards, groups))
+
+    def train_step(self, plan: Plan) -> RankUpdate:
+        started = time.perf_counter()
+        for shard in self.shards:
+            shard.reset_sum()
+        results = self._per_shard(plan, lambda shard, uid: shard.train_user(
+            uid, self.reader.load(plan.day, plan.split, uid)))
+        sums: dict[str, float] = {"clients": 0.0}
+        for group in results:
+            for _, user_sums in group:
+                sums["clients"] += 1
+                for k, v in user_sums.items():
+                    sums[k] = sums.get(k, 0.0) + v
+        weight = sum(s.weight for s in self.shards)
+        if weight > 0:
+            total = self.shards[0].delta_sum.clone()
+            for shard in self.shards[1:]:
+                total += shard.delta_sum
+            delta = total.cpu().numpy()
+        else:
+            delta = np.zeros(0, dtype=np.float64)
+        sums["train_seconds"] = time.perf_counter() - started
+        log.debug("step %d: trained %d users in %.2f s", plan.step, len(plan.users), sums["train_seconds"])
+        return RankUpdate(step=plan.step, rank=self.rank, weight=weight, delta_sum=delta, sums=sums)
+
+    def eval_step(self, plan: Plan) -> RankMetrics:
+        results = self._per_shard(plan, lambda shard, uid: shard.evaluate_user(
+            uid, self.reader.load(plan.day, plan.split, uid)))
+        sums: dict[str, float] = {"users": 0.0}
+        for name in self.eval_ratios:
+            sums[f"{name}@user_sum"] = sums[f"{name}@users"] = 0.0
+        for group in results:
+            for _, user_sums in group:
+                sums["users"] += 1
+                for k, v in user_sums.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                for name, (num, den) in self.eval_ratios.items():
+                    if user_sums.get(den, 0) > 0:
+                        sums[f"{name}@user_sum"] += user_sums[num] / user_sums[den]
+                        sums[f"{name}@users"] += 1
+        return RankMetrics(step=plan.step, rank=self.rank, sums=sums)

@@ -1,0 +1,53 @@
+"""Tiny generated data and a real mpirun launcher for the tests."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from reader.leaf_format import write_day
+from reader.vocab import BOS, EOS, build_vocab, save_json_atomic
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def make_lm_data(data_dir: Path, *, users: int = 12, seed: int = 0) -> Path:
+    """A small LEAF Reddit dataset: each user prefers its own few words (non-IID), a train and a test day."""
+    rng = random.Random(seed)
+    train, test = {}, {}
+    for u in range(users):
+        favourite = rng.sample(WORDS, 6)
+        comments = [(t, [rng.choice(favourite if rng.random() < 0.7 else WORDS) for _ in range(rng.randint(3, 14))])
+                    for t in range(rng.randint(5, 12))]
+        cut = int(0.8 * len(comments))
+        train[f"user{u:02d}"], test[f"user{u:02d}"] = comments[:cut], comments[cut:]
+    write_day(data_dir, "20200101", "train", train)
+    write_day(data_dir, "20200102", "test", test)
+    tokens = [t for cs in train.values() for _, toks in cs for t in [BOS, *toks, EOS]]
+    save_json_atomic(data_dir / "vocab.json", build_vocab(tokens, 48))
+    return data_dir
+
+
+def mpirun() -> str:
+    here = Path(sys.executable).parent / "mpirun"
+    found = str(here) if here.exists() else shutil.which("mpirun")
+    if not found:
+        raise RuntimeError("mpirun not found: run ./install.sh in the active venv")
+    return found
+
+
+def run_app(np_: int, data_dir: Path, run_dir: Path, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`mpirun -np N python application.py DATA_DIR --run-dir RUN_DIR ...` in the repository root."""
+    cmd = [mpirun(), "-np", str(np_), sys.executable, str(ROOT / "application.py"), str(data_dir),
+           "--run-dir", str(run_dir), *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,81 @@
+"""Private per-user parameters: both data-server backends, and the shard keeping them on the rank."""
+import numpy as np
+import pytest
+import torch
+
+from common.domain import ParamLayout
+from model.base import private_names
+from model.lstm import RedditLSTM
+from simulator.data_server import MemoryStore, SQLiteStore
+from simulator.shard import Shard
+from trainer.base import TrainConfig
+from trainer.lm import LanguageModelTrainer
+
+SPEC = {"vocab_size": 8, "pad_id": 0, "unk_id": 1}
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request, tmp_path):
+    s = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "rank0.sqlite")
+    yield s
+    s.close()
+
+
+class TestStore:
+    def test_get_set_roundtrip(self, store):
+        assert store.get_param_by_uid("ann") is None
+        w = np.arange(6, dtype=np.float32).reshape(2, 3)
+        store.set_param_by_uid("ann", {"head.w": w, "head.b": np.ones(2, dtype=np.float32)})
+        w[0, 0] = 99                          # the store kept its own copy
+        got = store.get_param_by_uid("ann")
+        np.testing.assert_array_equal(got["head.w"], np.arange(6).reshape(2, 3))
+        np.testing.assert_array_equal(got["head.b"], np.ones(2))
+        store.set_param_by_uid("ann", {"head.w": np.zeros((2, 3)), "head.b": np.zeros(2)})
+        assert len(store) == 1 and not store.get_param_by_uid("ann")["head.w"].any()
+
+    def test_sqlite_survives_reopening(self, tmp_path):
+        path = tmp_path / "r.sqlite"
+        a = SQLiteStore(path)
+        a.set_param_by_uid("u", {"p": np.full(3, 2.5, dtype=np.float32)})
+        a.close()
+        np.testing.assert_array_equal(SQLiteStore(path).get_param_by_uid("u")["p"], [2.5, 2.5, 2.5])
+
+
+def test_private_names_from_model_and_option():
+    model = RedditLSTM(8, embed_dim=4, hidden=4, layers=1)
+    assert private_names(model) == ()
+    assert private_names(model, ["decoder.*"]) == ("decoder.weight", "decoder.bias")
+
+
+def test_shard_keeps_private_params_per_user_and_out_of_the_update(store):
+    torch.manual_seed(0)
+    model = RedditLSTM(8, embed_dim=4, hidden=4, layers=1)
+    private = private_names(model, ["decoder.bias"])
+    named = dict(model.named_parameters())
+    shared = [n for n in named if n not in private]
+    layout = ParamLayout(names=tuple(shared), shapes=tuple(tuple(named[n].shape) for n in shared))
+    assert "decoder.bias" not in layout.names
+    init = {n: named[n].detach().numpy().copy() for n in private}
+    shard = Shard(model, LanguageModelTrainer(TrainConfig(), SPEC), layout, private, store, init)
+    glob = layout.flatten({n: named[n].detach().numpy() for n in shared})
+    shard.set_global(glob)
+
+    def samples(seed):
+        x = np.random.default_rng(seed).integers(2, 8, size=(6, 10)).astype(np.int32)
+        return {"x": x, "y": x, "mask": np.ones_like(x, dtype=np.uint8)}
+
+    shard.train_user("ann", samples(1))
+    shard.train_user("bob", samples(2))
+    ann, bob = store.get_param_by_uid("ann"), store.get_param_by_uid("bob")
+    assert set(ann) == {"decoder.bias"}
+    assert not np.allclose(ann["decoder.bias"], init["decoder.bias"])
+    assert not np.allclose(ann["decoder.bias"], bob["decoder.bias"])      # each user its own copy
+    assert shard.delta_sum.numel() == layout.size                         # the update holds shared params only
+    # bob started from the global params and the initial private values, not from ann's training
+    torch.manual_seed(0)
+    fresh = RedditLSTM(8, embed_dim=4, hidden=4, layers=1)
+    LanguageModelTrainer(TrainConfig(), SPEC).train(fresh, samples(2))
+    np.testing.assert_allclose(bob["decoder.bias"], fresh.decoder.bias.detach().numpy(), rtol=1e-6)
+    # evaluation reads the user's own private values back
+    shard.evaluate_user("ann", samples(1))
+    np.testing.assert_array_equal(model.decoder.bias.detach().numpy(), ann["decoder.bias"])
