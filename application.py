@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 from common.config import Config, default_run_dir, parse_config
-from common.errors import DataError, FlockError
+from common.errors import ConfigError, DataError, FlockError
 
 log = logging.getLogger("flock")
 
@@ -81,6 +81,24 @@ def run(config: Config, comm) -> None:
                                max_grad_norm=config.max_grad_norm)
 
     run_dir = Path(config.run_dir)
+    if config.centralized:
+        from dataclasses import replace
+
+        from common.recorder import Recorder
+        from simulator.centralized import run_centralized
+
+        if world != 1:
+            raise ConfigError("--centralized runs in one process: start it without mpirun (or with -np 1)")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps({**config.to_json(), "world_size": 1, "argv": sys.argv}, indent=1))
+        recorder = Recorder(run_dir, config.rounds)
+        log.info("centralized baseline: %d parameters; run dir %s", layout.size, run_dir)
+        run_centralized(reader=reader, model=model, trainer=trainer_cls(replace(train_config, local_epochs=1), spec),
+                        rounds=config.rounds, clients_per_round=config.clients_per_round,
+                        local_epochs=config.local_epochs, eval_every=config.eval_every,
+                        eval_users=config.eval_users, seed=config.seed, on_record=recorder)
+        recorder.close()
+        return
     server = recorder = None
     address = run_id = None
     if rank == 0:

@@ -35,6 +35,7 @@ class Config:
     scheduler_host: str = "127.0.0.1"
     step_timeout: float = 600.0
     log_level: str = "INFO"
+    centralized: bool = False
 
     def __post_init__(self) -> None:
         positive = ("rounds", "clients_per_round", "local_epochs", "batch_size")
@@ -75,6 +76,8 @@ HELP = {
     "scheduler_host": "address the scheduler binds on rank 0 (loopback by default)",
     "step_timeout": "seconds a rank waits for a step to open before the job fails",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "centralized": "the non-federated baseline: one process trains one model on the pooled training data, "
+                   "with the federated run's sample visits per round (run without mpirun or with -np 1)",
 }
 
 
@@ -97,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(defaults, f.name)
         if f.name == "private":
             p.add_argument(flag, action="append", default=[], help=HELP[f.name])
+        elif isinstance(default, bool):
+            p.add_argument(flag, action="store_true", help=HELP[f.name])
         else:
             p.add_argument(flag, type=type(default), default=default, help=HELP[f.name],
                            **({"choices": CHOICES[f.name]} if f.name in CHOICES else {}))

@@ -12,14 +12,13 @@ import numpy as np
 
 from common.domain import DONE, EVAL, TRAIN, ParamLayout, Plan, RankMetrics, RankUpdate, assign_users
 from common.errors import ConfigError, RefusedError
+from common.metrics import Ratios, add_sums, eval_record, train_record
 from reader.base import DayIndex, Reader
 from scheduler.calendar import Calendar
 from scheduler.optim.base import ServerOptimizer
 from scheduler.sampling import evaluation_users, sample_clients
 
 log = logging.getLogger(__name__)
-
-Ratios = Mapping[str, tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -49,17 +48,6 @@ def schedule(rounds: int, eval_every: int) -> list[tuple[str, int]]:
             steps.append((EVAL, r + 1))
     steps.append((DONE, rounds))
     return steps
-
-
-def reduce_ratios(sums: Mapping[str, float], ratios: Ratios) -> dict[str, float]:
-    """Each ratio over everything, and its unweighted mean over users (from the per-user partial sums)."""
-    out = {}
-    for name, (num, den) in ratios.items():
-        if sums.get(den, 0.0) > 0:
-            out[name] = sums.get(num, 0.0) / sums[den]
-        if sums.get(f"{name}@users", 0.0) > 0:
-            out[f"{name}_user_mean"] = sums[f"{name}@user_sum"] / sums[f"{name}@users"]
-    return out
 
 
 class Scheduler:
@@ -230,8 +218,7 @@ class Scheduler:
         kind, done = self.steps[self.step]
         sums: dict[str, float] = {}
         for pushed in self._pushed.values():
-            for k, v in pushed.sums.items():
-                sums[k] = sums.get(k, 0.0) + v
+            add_sums(sums, pushed.sums)
         seconds = time.perf_counter() - self._step_started
         if kind == TRAIN:
             weight = sum(u.weight for u in self._pushed.values())
@@ -243,14 +230,9 @@ class Scheduler:
                 total /= weight
                 self.params = self.optimizer.step(self.params, total)
             self.version += 1
-            record = {"kind": TRAIN, "round": done + 1, **reduce_ratios(sums, self.train_ratios),
-                      "clients": int(sums.get("clients", 0)), "samples": int(sums.get("samples", 0)),
-                      "seconds": round(seconds, 4), "clients_per_s": round(sums.get("clients", 0) / seconds, 3)}
+            record = train_record(done + 1, sums, self.train_ratios, seconds)
         else:
-            record = {"kind": EVAL, "round": done, **reduce_ratios(sums, self.eval_ratios),
-                      "users": int(sums.get("users", 0)),
-                      **{k: v for k, v in sums.items() if "@" not in k and k != "users"},
-                      "seconds": round(seconds, 4)}
+            record = eval_record(done, sums, self.eval_ratios, seconds)
         self._pushed = {}
         self.step += 1
         self._plans = self._make_plans(self.step)

@@ -9,6 +9,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from common.domain import DONE, TRAIN, Plan, RankMetrics, RankUpdate, assign_users
+from common.metrics import add_sums, add_user_eval
 from reader.base import Reader
 from scheduler.client import SchedulerClient
 from simulator.shard import Shard
@@ -76,8 +77,7 @@ class Simulator:
         for group in results:
             for _, user_sums in group:
                 sums["clients"] += 1
-                for k, v in user_sums.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                add_sums(sums, user_sums)
         weight = sum(s.weight for s in self.shards)
         if weight > 0:
             total = self.shards[0].delta_sum.clone()
@@ -94,15 +94,7 @@ class Simulator:
         results = self._per_shard(plan, lambda shard, uid: shard.evaluate_user(
             uid, self.reader.load(plan.day, plan.split, uid)))
         sums: dict[str, float] = {"users": 0.0}
-        for name in self.eval_ratios:
-            sums[f"{name}@user_sum"] = sums[f"{name}@users"] = 0.0
         for group in results:
             for _, user_sums in group:
-                sums["users"] += 1
-                for k, v in user_sums.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                for name, (num, den) in self.eval_ratios.items():
-                    if user_sums.get(den, 0) > 0:
-                        sums[f"{name}@user_sum"] += user_sums[num] / user_sums[den]
-                        sums[f"{name}@users"] += 1
+                add_user_eval(sums, user_sums, self.eval_ratios)
         return RankMetrics(step=plan.step, rank=self.rank, sums=sums)

@@ -1,0 +1,141 @@
+"""Importing the real LEAF Reddit data (e.g. FL-mobile's `reddit_subsampled.zip`) into the day layout.
+
+    python -m reader.leaf_reddit import reddit_subsampled.zip lm_data
+    python -m reader.leaf_reddit import path/to/leaf/reddit/data lm_data
+
+Every JSON file whose path says "train" is merged into `lm_data/20200101/train_data.json`, every one that
+says "test" into `lm_data/20200102/test_data.json` (LEAF's "val" files are left out), as FL-mobile lays
+them out. A `vocab.json` in the source is checked and copied; without one the vocabulary (10,000 words by
+default) is built from the training day's input tokens, as FL-mobile's reader does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+from common.errors import DataError, FlockError
+from reader.vocab import build_vocab, load_vocab, save_json_atomic
+
+
+def _sources(src: Path) -> Iterator[tuple[str, callable]]:
+    """(name, opener) for every file of a zip archive or a folder."""
+    if src.is_dir():
+        for path in sorted(p for p in src.rglob("*") if p.is_file()):
+            yield str(path.relative_to(src)), (lambda p=path: open(p, "rb"))
+    elif zipfile.is_zipfile(src):
+        archive = zipfile.ZipFile(src)
+        for name in sorted(archive.namelist()):
+            if not name.endswith("/"):
+                yield name, (lambda n=name: archive.open(n))
+    else:
+        raise DataError(f"{src}: neither a folder nor a zip archive")
+
+
+def _role(name: str) -> str | None:
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if any(p.startswith(".") or p == "__MACOSX" for p in parts):
+        return None
+    lower = name.lower()
+    if lower.endswith("vocab.json"):
+        return "vocab"
+    if not lower.endswith(".json"):
+        return None
+    base = parts[-1].lower()
+    for role in ("train", "test", "val"):
+        if role in base or role in (p.lower() for p in parts[:-1]):
+            return role
+    return None
+
+
+def import_leaf_reddit(src: Path, out: Path, *, train_day: str = "20200101", test_day: str = "20200102",
+                       vocab_size: int = 10_000) -> dict:
+    """Writes `out` (which must not exist); returns a summary of what went where."""
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise DataError(f"{src}: not found")
+    if out.exists():
+        raise DataError(f"{out}: already exists; import into a new folder")
+    merged = {"train": {"users": [], "num_samples": [], "user_data": {}},
+              "test": {"users": [], "num_samples": [], "user_data": {}}}
+    owner: dict[tuple[str, str], str] = {}
+    vocab_bytes, used, skipped = None, {"train": [], "test": []}, []
+    for name, opener in _sources(src):
+        role = _role(name)
+        if role is None:
+            continue
+        if role == "val":
+            skipped.append(name)
+            continue
+        with opener() as f:
+            raw = f.read()
+        if role == "vocab":
+            vocab_bytes = raw
+            continue
+        try:
+            doc = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{src}: {name}: not valid JSON ({e})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("user_data"), dict):
+            raise DataError(f"{src}: {name}: expected a LEAF object with 'user_data'")
+        target = merged[role]
+        for uid in doc.get("users", list(doc["user_data"])):
+            if (role, uid) in owner:
+                raise DataError(f"{src}: user {uid!r} is in both {owner[(role, uid)]} and {name}")
+            if uid not in doc["user_data"]:
+                raise DataError(f"{src}: {name}: user {uid!r} is listed but has no user_data")
+            owner[(role, uid)] = name
+            target["users"].append(uid)
+            target["user_data"][uid] = doc["user_data"][uid]
+            target["num_samples"].append(len(doc["user_data"][uid].get("x", [])))
+        used[role].append(name)
+    for role in ("train", "test"):
+        if not used[role]:
+            raise DataError(f"{src}: no {role} JSON file found (a path containing '{role}' and ending in .json)")
+    tmp = out.with_name(f".{out.name}.importing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for role, day in (("train", train_day), ("test", test_day)):
+        (tmp / day).mkdir(parents=True)
+        save_json_atomic(tmp / day / f"{role}_data.json", merged[role])
+    if vocab_bytes is not None:
+        (tmp / "vocab.json").write_bytes(vocab_bytes)
+        load_vocab(tmp / "vocab.json")          # refuse a broken vocabulary before anything is in place
+        vocab_from = "archive"
+    else:
+        tokens = (t for ud in merged["train"]["user_data"].values() for comment in ud.get("x", [])
+                  for seq in comment for t in seq)
+        save_json_atomic(tmp / "vocab.json", build_vocab(tokens, vocab_size))
+        vocab_from = f"built from the training day ({vocab_size} words)"
+    tmp.rename(out)
+    return {"train_files": used["train"], "test_files": used["test"], "skipped": skipped,
+            "train_users": len(merged["train"]["users"]), "test_users": len(merged["test"]["users"]),
+            "vocab": vocab_from}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m reader.leaf_reddit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="lay out LEAF Reddit JSON (zip or folder) as day folders")
+    imp.add_argument("source", type=Path)
+    imp.add_argument("out", type=Path)
+    imp.add_argument("--train-day", default="20200101")
+    imp.add_argument("--test-day", default="20200102")
+    imp.add_argument("--vocab-size", type=int, default=10_000)
+    args = p.parse_args(argv)
+    try:
+        summary = import_leaf_reddit(args.source, args.out, train_day=args.train_day, test_day=args.test_day,
+                                     vocab_size=args.vocab_size)
+    except FlockError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
