@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import sys
 import uuid
 from pathlib import Path
 
-from common.config import Config, default_run_dir, parse_config
+from common.config import Config, default_run_dir, parse_config, resumed_config
 from common.errors import ConfigError, DataError, FlockError
 
 log = logging.getLogger("flock")
@@ -90,7 +91,8 @@ def run(config: Config, comm) -> None:
         if world != 1:
             raise ConfigError("--centralized runs in one process: start it without mpirun (or with -np 1)")
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps({**config.to_json(), "world_size": 1, "argv": sys.argv}, indent=1))
+        (run_dir / "config.json").write_text(json.dumps({**config.to_saved_json(), "world_size": 1, "argv": sys.argv},
+                                                        indent=1))
         recorder = Recorder(run_dir, config.rounds)
         log.info("centralized baseline: %d parameters; run dir %s", layout.size, run_dir)
         run_centralized(reader=reader, model=model, trainer=trainer_cls(replace(train_config, local_epochs=1), spec),
@@ -100,38 +102,62 @@ def run(config: Config, comm) -> None:
         recorder.close()
         return
     server = recorder = None
-    address = run_id = None
+    address = run_id = token = None
+    resume_round = 0
     if rank == 0:
-        from common.recorder import Recorder
+        from common.recorder import Recorder, truncate_metrics
         from scheduler.optim import make_server_optimizer
         from scheduler.server import create_server
         from scheduler.state import Scheduler, SchedulerConfig
 
+        checkpoint = run_dir / "checkpoint.npz"
+        if not config.resume and ((run_dir / "metrics.jsonl").exists() or checkpoint.exists()):
+            raise ConfigError(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, "
+                              f"or choose another --run-dir")
         run_dir.mkdir(parents=True, exist_ok=True)
         run_id = uuid.uuid4().hex[:12]
-        (run_dir / "config.json").write_text(json.dumps(
-            {**config.to_json(), "world_size": world, "shards_per_rank": n_shards, "run_id": run_id,
-             "argv": sys.argv, "private_params": list(private), "shared_params": layout.size}, indent=1))
-        recorder = Recorder(run_dir, config.rounds)
+        if not config.resume:
+            (run_dir / "config.json").write_text(json.dumps(
+                {**config.to_saved_json(), "world_size": world, "shards_per_rank": n_shards, "run_id": run_id,
+                 "argv": sys.argv, "private_params": list(private), "shared_params": layout.size,
+                 "versions": package_versions()}, indent=1))
         scheduler = Scheduler(
             SchedulerConfig(world_size=world, rounds=config.rounds, clients_per_round=config.clients_per_round,
                             eval_every=config.eval_every, eval_users=config.eval_users, seed=config.seed,
-                            pin_users=bool(private)),
+                            pin_users=bool(private), checkpoint_every=config.checkpoint_every),
             reader=reader, optimizer=make_server_optimizer(config.server_opt, server_lr=config.server_lr),
-            train_ratios=trainer_cls.train_ratios, eval_ratios=trainer_cls.eval_ratios, on_record=recorder)
-        server, port = create_server(f"{config.scheduler_host}:0", scheduler, run_id=run_id)
+            train_ratios=trainer_cls.train_ratios, eval_ratios=trainer_cls.eval_ratios,
+            checkpoint_path=checkpoint if config.checkpoint_every else None)
+        if config.resume:
+            resume_round = scheduler.restore(checkpoint, layout) if checkpoint.exists() else 0
+            truncate_metrics(run_dir / "metrics.jsonl", resume_round)
+            log.info("resuming %s after round %d", run_dir, resume_round)
+        recorder = Recorder(run_dir, config.rounds)
+        scheduler.on_record = recorder
+        token = config.token or os.environ.get("FLOCK_TOKEN") or secrets.token_hex(16)
+        tls = (Path(config.tls_cert), Path(config.tls_key)) if config.tls_cert else None
+        if tls is None and config.scheduler_host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("the scheduler listens on %s without TLS: its token and parameters travel in clear; "
+                        "give --tls-cert/--tls-key on a shared network", config.scheduler_host)
+        server, port = create_server(f"{config.scheduler_host}:0", scheduler, run_id=run_id, token=token, tls=tls)
         address = f"{config.scheduler_host}:{port}"
         log.info("scheduler on %s; %d rank(s) x %d shard(s); %d shared parameters (%.1f MB), private: %s; run dir %s",
                  address, world, n_shards, layout.size, layout.size * 4 / 1e6, ", ".join(private) or "none", run_dir)
-    address, run_id = comm.bcast((address, run_id))
+    address, run_id, resume_round, token = comm.bcast((address, run_id, resume_round, token))
 
-    client = SchedulerClient(address, rank=rank, world_size=world, run_id=run_id)
-    client.hello()
-    if rank == 0:
+    tls_ca = config.tls_ca or config.tls_cert
+    client = SchedulerClient(address, rank=rank, world_size=world, run_id=run_id, token=token,
+                             tls_ca=Path(tls_ca) if tls_ca else None)
+    start_step = client.hello().step
+    if rank == 0 and resume_round == 0:
         client.init_params(layout, layout.flatten({n: named[n].detach().numpy() for n in shared}))
 
-    store = (SQLiteStore(run_dir / "private" / f"rank{rank}.sqlite") if config.data_server == "sqlite"
-             else MemoryStore())
+    if config.data_server == "sqlite":
+        store = SQLiteStore(run_dir / "private" / f"rank{rank}.sqlite")
+    else:
+        store = MemoryStore(run_dir / "private" / f"rank{rank}-memory" if private and config.checkpoint_every else None)
+    if config.resume:
+        store.rollback(resume_round)
     private_init = {n: named[n].detach().numpy().copy() for n in private}
     models = [model]
     for _ in range(n_shards - 1):
@@ -139,9 +165,9 @@ def run(config: Config, comm) -> None:
         replica.load_state_dict(model.state_dict())
         models.append(replica)
     shards = [Shard(m, trainer_cls(train_config, spec), layout, private, store, private_init) for m in models]
-    simulator = Simulator(rank=rank, client=client, reader=reader, shards=shards,
-                          eval_ratios=trainer_cls.eval_ratios, step_timeout=config.step_timeout)
-    simulator.run()
+    simulator = Simulator(rank=rank, client=client, reader=reader, shards=shards, store=store,
+                          eval_ratios=trainer_cls.eval_ratios, round_timeout=config.round_timeout)
+    simulator.run(start_step)
     comm.barrier()   # every rank has seen "done": the scheduler may stop
     store.close()
     client.close()
@@ -151,14 +177,33 @@ def run(config: Config, comm) -> None:
         log.info("done: metrics in %s", run_dir / "metrics.jsonl")
 
 
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "grpcio", "protobuf", "mpi4py", "mpich"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(argv)   # argparse exits 2 on every rank alike
+    try:
+        config = parse_config(argv)   # the same on every rank: all exit alike
+    except FlockError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from simulator.comm import world
 
     comm = world()
     setup_logging(comm.rank, config.log_level)
     code = 0
     try:
+        if config.resume:
+            config = resumed_config(config)
         run_dir = comm.bcast(config.run_dir or default_run_dir() if comm.rank == 0 else None)
         config = Config(**{**config.to_json(), "run_dir": run_dir})
         run(config, comm)

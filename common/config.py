@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,25 +34,42 @@ class Config:
     data_server: str = "memory"
     shards: int = 0
     scheduler_host: str = "127.0.0.1"
-    step_timeout: float = 600.0
+    round_timeout: float = 600.0
     log_level: str = "INFO"
     centralized: bool = False
+    checkpoint_every: int = 10
+    resume: str = ""
+    token: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
 
     def __post_init__(self) -> None:
         positive = ("rounds", "clients_per_round", "local_epochs", "batch_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("eval_every", "eval_users", "shards"):
+        if not self.data_dir and not self.resume:
+            raise ConfigError("DATA_DIR is required (unless --resume RUN_DIR continues a saved run)")
+        for name in ("eval_every", "eval_users", "shards", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
-        if self.lr <= 0 or self.server_lr <= 0 or self.max_grad_norm <= 0 or self.step_timeout <= 0:
-            raise ConfigError("--lr, --server-lr, --max-grad-norm and --step-timeout must be positive")
+        if self.lr <= 0 or self.server_lr <= 0 or self.max_grad_norm <= 0 or self.round_timeout <= 0:
+            raise ConfigError("--lr, --server-lr, --max-grad-norm and --round-timeout must be positive")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            if getattr(self, name) and not Path(getattr(self, name)).is_file():
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: file not found")
         if self.data_server not in ("memory", "sqlite"):
             raise ConfigError(f"--data-server must be 'memory' or 'sqlite', got {self.data_server!r}")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    def to_saved_json(self) -> dict:
+        """As saved in the run directory: without the token."""
+        return {**self.to_json(), "token": ""}
 
 
 HELP = {
@@ -74,8 +92,16 @@ HELP = {
     "data_server": "where private parameters live on each rank: memory, or sqlite under the run dir",
     "shards": "trainers per rank, each a thread with one torch thread (0: this node's cores / its ranks)",
     "scheduler_host": "address the scheduler binds on rank 0 (loopback by default)",
-    "step_timeout": "seconds a rank waits for a step to open before the job fails",
+    "round_timeout": "seconds a rank waits for the other ranks to finish a round (or evaluation) before the job fails",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "checkpoint_every": "checkpoint the scheduler (and private params) every this many rounds; 0: never",
+    "resume": "continue the run saved in this run directory from its last checkpoint (its config.json "
+              "gives every option; DATA_DIR may point to the data's new place)",
+    "token": "shared secret every scheduler call must carry (default: FLOCK_TOKEN, else a fresh random one "
+             "per run, handed to the ranks over MPI); never written to the run directory",
+    "tls_cert": "serve the scheduler over TLS with this certificate (PEM); with --tls-key",
+    "tls_key": "the TLS certificate's private key (PEM)",
+    "tls_ca": "certificate the ranks trust for the scheduler (default: --tls-cert)",
     "centralized": "the non-federated baseline: one process trains one model on the pooled training data, "
                    "with the federated run's sample visits per round (run without mpirun or with -np 1)",
 }
@@ -91,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="flock: federated learning device simulator. Rank 0 hosts the scheduler; every rank "
                     "simulates phones. If DATA_DIR does not exist it is built from the popquotes corpus.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("data_dir", metavar="DATA_DIR", help="day folders (YYYYMMDD/train_data.json, ...) and vocab.json")
-    defaults = Config(data_dir="")
+    p.add_argument("data_dir", metavar="DATA_DIR", nargs="?", default="",
+                   help="day folders (YYYYMMDD/train_data.json, ...) and vocab.json")
+    defaults = Config(data_dir="DATA_DIR")
     for f in dataclasses.fields(Config):
         if f.name == "data_dir":
             continue
@@ -114,6 +141,21 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     values = vars(ns)
     values["private"] = tuple(values["private"])
     return Config(**values)
+
+
+def resumed_config(config: Config) -> Config:
+    """The saved run's Config for `--resume RUN_DIR` (DATA_DIR from the command line if given)."""
+    path = Path(config.resume) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--resume {config.resume}: no config.json there, not a flock run directory") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: unreadable ({e})") from None
+    names = {f.name for f in dataclasses.fields(Config)}
+    values = {k: (tuple(v) if k == "private" else v) for k, v in saved.items() if k in names}
+    return Config(**{**values, "data_dir": config.data_dir or values["data_dir"], "run_dir": config.resume,
+                     "resume": config.resume})
 
 
 def default_run_dir() -> str:

@@ -68,6 +68,7 @@ class Plan:
     users: tuple[str, ...] = ()
     version: int = 0           # version of the shared parameters to use
     total_users: int = 0
+    checkpoint: bool = False   # a checkpoint follows this training step
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,24 @@ from pathlib import Path
 log = logging.getLogger("flock")
 
 
+def truncate_metrics(path: Path, rounds_done: int) -> None:
+    """Keeps the records a run resumed after `rounds_done` rounds would not write again: training rounds up
+    to it, evaluations before it. Rewritten atomically."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:      # a line cut short by the crash
+            continue
+        if (r.get("kind") == "train" and r["round"] <= rounds_done) or (r.get("kind") == "eval" and r["round"] < rounds_done):
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 class Recorder:
     def __init__(self, run_dir: Path, rounds: int) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"

@@ -1,6 +1,11 @@
 """The simulators' side of the scheduler service. Parameters are cached by version: a rank downloads each
-version once."""
+version once. Every call has a deadline; calls that are safe to repeat are retried with backoff when the
+scheduler is unreachable, then fail with a clear error."""
 from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -10,58 +15,88 @@ from common.errors import RefusedError
 from protos import convert
 from protos import scheduler_pb2 as pb
 from protos import scheduler_pb2_grpc as pb_grpc
+from scheduler.auth import TOKEN_KEY, channel_credentials
+
+log = logging.getLogger(__name__)
+RETRIABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 class SchedulerClient:
-    def __init__(self, address: str, *, rank: int, world_size: int, run_id: str = "",
-                 call_timeout: float = 120.0) -> None:
+    def __init__(self, address: str, *, rank: int, world_size: int, token: str, run_id: str = "",
+                 tls_ca: Path | None = None, call_timeout: float = 120.0, retries: int = 5,
+                 backoff_s: float = 0.5) -> None:
         self.address = address
         self.rank = rank
         self.world_size = world_size
         self.run_id = run_id
         self.call_timeout = call_timeout
-        self._channel = grpc.insecure_channel(address, options=convert.CHANNEL_OPTIONS)
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._metadata = ((TOKEN_KEY, token),)
+        if tls_ca is not None:
+            self._channel = grpc.secure_channel(address, channel_credentials(tls_ca), options=convert.CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.insecure_channel(address, options=convert.CHANNEL_OPTIONS)
         self._stub = pb_grpc.SchedulerStub(self._channel)
         self._cached: tuple[int, ParamLayout, np.ndarray] | None = None
 
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, what: str, fn, *args, timeout: float | None = None):
-        try:
-            return fn(*args, timeout=timeout or self.call_timeout)
-        except grpc.RpcError as e:
-            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise RefusedError(f"scheduler refused {what}: {e.details()}") from None
-            raise RuntimeError(f"scheduler call {what} at {self.address} failed: {e.code().name}: {e.details()}") from None
+    def _call(self, what: str, fn, *args, timeout: float | None = None, retry: bool = False):
+        """One call with a deadline; `retry` (only for calls safe to repeat) retries unreachable-scheduler
+        errors with exponential backoff."""
+        attempt = 0
+        while True:
+            try:
+                return fn(*args, timeout=timeout or self.call_timeout, metadata=self._metadata)
+            except grpc.RpcError as e:
+                code = e.code()
+                if retry and code in RETRIABLE and attempt < self.retries:
+                    delay = self.backoff_s * 2 ** attempt
+                    attempt += 1
+                    log.warning("scheduler %s: %s (%s); retry %d/%d in %.1f s", what, code.name, e.details(),
+                                attempt, self.retries, delay)
+                    time.sleep(delay)
+                    continue
+                if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DEADLINE_EXCEEDED,
+                            grpc.StatusCode.UNAUTHENTICATED):
+                    raise RefusedError(f"scheduler refused {what}: {e.details()}") from None
+                tries = f" after {attempt + 1} tries" if attempt else ""
+                raise RuntimeError(f"scheduler call {what} at {self.address} failed{tries}: "
+                                   f"{code.name}: {e.details()}") from None
 
     def hello(self) -> pb.HelloReply:
         """Checks that this rank belongs to the scheduler's run; waits up to 30 s for the server to come up."""
-        grpc.channel_ready_future(self._channel).result(timeout=30)
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=30)
+        except grpc.FutureTimeoutError:
+            raise RuntimeError(f"rank {self.rank}: no scheduler answered at {self.address} within 30 s") from None
         return self._call("Hello", self._stub.Hello,
-                          pb.HelloRequest(rank=self.rank, world_size=self.world_size, run_id=self.run_id))
+                          pb.HelloRequest(rank=self.rank, world_size=self.world_size, run_id=self.run_id), retry=True)
 
     def init_params(self, layout: ParamLayout, flat: np.ndarray) -> None:
         self._call("InitParams", self._stub.InitParams, convert.param_chunks(0, layout, flat))
 
     def get_plan(self, step: int, wait_s: float) -> Plan:
         request = pb.PlanRequest(rank=self.rank, step=step, timeout_s=wait_s)
-        return convert.plan_from_proto(self._call("GetPlan", self._stub.GetPlan, request, timeout=wait_s + 30))
+        return convert.plan_from_proto(self._call("GetPlan", self._stub.GetPlan, request, timeout=wait_s + 30,
+                                                  retry=True))
 
     def get_params(self, version: int) -> tuple[ParamLayout, np.ndarray]:
         """The shared parameters of `version` (read-only array; fetched once per version)."""
         if self._cached is None or self._cached[0] != version:
             self._cached = None
-            stream = self._call("GetParams", self._stub.GetParams, pb.ParamsRequest(version=version))
-            try:
-                got, layout, flat = convert.params_from_chunks(stream)
-            except grpc.RpcError as e:
-                raise RefusedError(f"scheduler refused GetParams: {e.details()}") from None
+            got, layout, flat = self._call("GetParams", self._fetch, version, retry=True)
             if got != version:
                 raise RefusedError(f"asked for parameters version {version}, got {got}")
             flat.flags.writeable = False
             self._cached = (version, layout, flat)
         return self._cached[1], self._cached[2]
+
+    def _fetch(self, version: int, *, timeout: float, metadata) -> tuple[int, ParamLayout, np.ndarray]:
+        stream = self._stub.GetParams(pb.ParamsRequest(version=version), timeout=timeout, metadata=metadata)
+        return convert.params_from_chunks(stream)
 
     def push_update(self, update: RankUpdate) -> None:
         self._call("PushUpdate", self._stub.PushUpdate, convert.update_chunks(update))

@@ -2,11 +2,14 @@
 aggregation. Thread-safe (one lock); no gRPC here, so tests drive it directly."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -15,6 +18,7 @@ from common.errors import ConfigError, RefusedError
 from common.metrics import Ratios, add_sums, eval_record, train_record
 from reader.base import DayIndex, Reader
 from scheduler.calendar import Calendar
+from scheduler.checkpoint import load_checkpoint, save_checkpoint
 from scheduler.optim.base import ServerOptimizer
 from scheduler.sampling import evaluation_users, sample_clients
 
@@ -30,12 +34,17 @@ class SchedulerConfig:
     eval_users: int = 0          # 0: every test user
     seed: int = 0
     pin_users: bool = False      # users hold private params: always train/evaluate on their home rank
+    checkpoint_every: int = 0    # rounds between checkpoints (and after the last); 0: none
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
             raise ConfigError("world size must be at least 1")
-        if self.rounds < 0 or self.clients_per_round < 1 or self.eval_every < 0 or self.eval_users < 0:
-            raise ConfigError("rounds, eval_every, eval_users must be >= 0 and clients_per_round >= 1")
+        if min(self.rounds, self.eval_every, self.eval_users, self.checkpoint_every) < 0 or self.clients_per_round < 1:
+            raise ConfigError("rounds, eval_every, eval_users, checkpoint_every must be >= 0 and "
+                              "clients_per_round >= 1")
+
+    def checkpoint_due(self, rounds_done: int) -> bool:
+        return self.checkpoint_every > 0 and (rounds_done % self.checkpoint_every == 0 or rounds_done == self.rounds)
 
 
 def schedule(rounds: int, eval_every: int) -> list[tuple[str, int]]:
@@ -52,17 +61,19 @@ def schedule(rounds: int, eval_every: int) -> list[tuple[str, int]]:
 
 class Scheduler:
     """Owns the run's global state; simulators talk to it through `plan`, `params`, `push_update` and
-    `push_metrics`. `on_record` receives one dict per finished step (the metrics.jsonl lines)."""
+    `push_metrics`. `on_record` receives one dict per finished step (the metrics.jsonl lines), called under
+    the scheduler's lock so records and checkpoints are written in order."""
 
     def __init__(self, config: SchedulerConfig, *, reader: Reader, optimizer: ServerOptimizer,
                  train_ratios: Ratios, eval_ratios: Ratios,
-                 on_record: Callable[[dict], None] | None = None) -> None:
+                 on_record: Callable[[dict], None] | None = None, checkpoint_path: Path | None = None) -> None:
         self.config = config
         self.reader = reader
         self.optimizer = optimizer
         self.train_ratios = dict(train_ratios)
         self.eval_ratios = dict(eval_ratios)
         self.on_record = on_record or (lambda record: None)
+        self.checkpoint_path = checkpoint_path
         self.calendar = Calendar.from_reader(reader)
         self.steps = schedule(config.rounds, config.eval_every)
         self._indexes: dict[tuple[str, str], DayIndex] = {}
@@ -71,6 +82,7 @@ class Scheduler:
             if config.clients_per_round > n:
                 raise ConfigError(f"--clients-per-round {config.clients_per_round} is more than the {n} users "
                                   f"with training data on day {day}")
+        self.data_fingerprint = self._fingerprint()
         self._cond = threading.Condition()
         self.layout: ParamLayout | None = None
         self.params: np.ndarray | None = None
@@ -93,6 +105,15 @@ class Scheduler:
         counts = self._indexes[key].count_of()
         return [u for u in self._indexes[key].users if counts[u] > 0], counts
 
+    def _fingerprint(self) -> str:
+        """A digest of the calendar's user indexes: a checkpoint only resumes on the data it was made with."""
+        h = hashlib.sha1()
+        days = [(d, "train") for d in self.calendar.train_days] + [(self.calendar.test_day, "test")]
+        for day, split in days:
+            idx = self.reader.index(day, split)
+            h.update(json.dumps([day, split, idx.users, idx.counts]).encode())
+        return h.hexdigest()
+
     def _make_plans(self, step: int) -> list[Plan]:
         kind, done = self.steps[step]
         world = self.config.world_size
@@ -107,8 +128,9 @@ class Scheduler:
             users, counts = self._eligible(day, split)
             chosen = evaluation_users(self.config.seed, users, self.config.eval_users)
         per_rank = assign_users(chosen, [counts[u] for u in chosen], world, pinned=self.config.pin_users)
+        checkpoint = kind == TRAIN and self.checkpoint_path is not None and self.config.checkpoint_due(done + 1)
         return [Plan(step=step, kind=kind, round=done, day=day, split=split, users=tuple(mine),
-                     version=self.version, total_users=len(chosen)) for mine in per_rank]
+                     version=self.version, total_users=len(chosen), checkpoint=checkpoint) for mine in per_rank]
 
     # -- parameters -------------------------------------------------------------------------------------
 
@@ -134,6 +156,37 @@ class Scheduler:
             params = self.params
         params.flags.writeable = False
         return self.layout, params
+
+    def _write_checkpoint(self, rounds_done: int) -> None:
+        meta = {"round": rounds_done, "version": self.version, "step": self.step + 1, "seed": self.config.seed,
+                "rounds": self.config.rounds, "world_size": self.config.world_size, "data": self.data_fingerprint,
+                "layout": [[n, list(s)] for n, s in zip(self.layout.names, self.layout.shapes)]}
+        save_checkpoint(self.checkpoint_path, params=self.params, meta=meta,
+                        optimizer_state=self.optimizer.state_dict())
+        log.info("checkpoint after round %d: %s", rounds_done, self.checkpoint_path)
+
+    def restore(self, path: Path, layout: ParamLayout) -> int:
+        """Continues from the checkpoint at `path`; returns the rounds it had completed. A checkpoint of
+        another model, data set, seed or schedule is refused with the reason."""
+        params, meta, opt_state = load_checkpoint(path)
+        saved = ParamLayout(names=tuple(n for n, _ in meta["layout"]), shapes=tuple(tuple(s) for _, s in meta["layout"]))
+        if saved != layout:
+            raise ConfigError(f"{path}: checkpoint is of another model ({saved.size} shared parameters in "
+                              f"{len(saved.names)} tensors; this model has {layout.size} in {len(layout.names)})")
+        if meta["data"] != self.data_fingerprint:
+            raise ConfigError(f"{path}: checkpoint was made on other data (user index digest differs)")
+        if meta["seed"] != self.config.seed or meta["rounds"] != self.config.rounds:
+            raise ConfigError(f"{path}: checkpoint is of a run with seed {meta['seed']} and {meta['rounds']} rounds")
+        if self.config.pin_users and meta["world_size"] != self.config.world_size:
+            raise ConfigError(f"{path}: users' private parameters live on their home ranks of a {meta['world_size']}-"
+                              f"rank run; resume with -np {meta['world_size']}")
+        with self._cond:
+            self.layout, self.params, self.version, self.step = layout, params, meta["version"], meta["step"]
+            self.optimizer.load_state_dict(opt_state)
+            self._plans = self._make_plans(self.step)
+            self._step_started = time.perf_counter()
+            self._cond.notify_all()
+        return int(meta["round"])
 
     # -- steps ------------------------------------------------------------------------------------------
 
@@ -170,18 +223,14 @@ class Scheduler:
             if not np.isfinite(update.delta_sum).all():
                 raise RefusedError(f"rank {update.rank}: update for step {update.step} has non-finite values")
             self._pushed[update.rank] = update
-            record = self._maybe_finish()
-        if record is not None:
-            self.on_record(record)
+            self._maybe_finish()
 
     def push_metrics(self, metrics: RankMetrics) -> None:
         """One rank's evaluation sums for the current step."""
         with self._cond:
             self._check_push(metrics.step, metrics.rank, EVAL)
             self._pushed[metrics.rank] = metrics
-            record = self._maybe_finish()
-        if record is not None:
-            self.on_record(record)
+            self._maybe_finish()
 
     def fail(self, message: str) -> None:
         """Marks the run failed: every waiting and later `plan` call raises."""
@@ -211,10 +260,11 @@ class Scheduler:
     def _missing_ranks(self) -> list[int]:
         return [r for r in range(self.config.world_size) if r not in self._pushed]
 
-    def _maybe_finish(self) -> dict | None:
-        """Called under the lock: when every rank pushed, applies the step and opens the next one."""
+    def _maybe_finish(self) -> None:
+        """Called under the lock: when every rank pushed, applies the step, records it (and checkpoints),
+        and opens the next one."""
         if len(self._pushed) < self.config.world_size:
-            return None
+            return
         kind, done = self.steps[self.step]
         sums: dict[str, float] = {}
         for pushed in self._pushed.values():
@@ -230,12 +280,13 @@ class Scheduler:
                 total /= weight
                 self.params = self.optimizer.step(self.params, total)
             self.version += 1
-            record = train_record(done + 1, sums, self.train_ratios, seconds)
+            self.on_record(train_record(done + 1, sums, self.train_ratios, seconds))
+            if self._plans[0].checkpoint:     # after the record: a resumed run's metrics lose nothing
+                self._write_checkpoint(done + 1)
         else:
-            record = eval_record(done, sums, self.eval_ratios, seconds)
+            self.on_record(eval_record(done, sums, self.eval_ratios, seconds))
         self._pushed = {}
         self.step += 1
         self._plans = self._make_plans(self.step)
         self._step_started = time.perf_counter()
         self._cond.notify_all()
-        return record

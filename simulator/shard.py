@@ -1,6 +1,7 @@
 """A shard: one trainer with one reusable model object that plays many phones, one after another."""
 from __future__ import annotations
 
+import logging
 from typing import Mapping
 
 import numpy as np
@@ -9,6 +10,8 @@ import torch
 from common.domain import ParamLayout
 from simulator.data_server import PrivateStore
 from trainer.base import Trainer
+
+log = logging.getLogger(__name__)
 
 
 class Shard:
@@ -59,6 +62,10 @@ class Shard:
         n = float(sums["samples"])
         with torch.no_grad():
             delta = torch.nn.utils.parameters_to_vector(self.shared) - self._global
+            if not bool(torch.isfinite(delta).all()):
+                # one diverged phone must not poison the model: its update is dropped and counted
+                log.warning("user %r: non-finite update after local training; dropped from the round", uid)
+                return {"dropped": 1.0}
             self.delta_sum.add_(delta.double(), alpha=n)
         self.weight += n
         if self.private:

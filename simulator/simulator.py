@@ -12,6 +12,7 @@ from common.domain import DONE, TRAIN, Plan, RankMetrics, RankUpdate, assign_use
 from common.metrics import add_sums, add_user_eval
 from reader.base import Reader
 from scheduler.client import SchedulerClient
+from simulator.data_server import PrivateStore
 from simulator.shard import Shard
 
 log = logging.getLogger(__name__)
@@ -23,20 +24,21 @@ class UserError(RuntimeError):
 
 class Simulator:
     def __init__(self, *, rank: int, client: SchedulerClient, reader: Reader, shards: Sequence[Shard],
-                 eval_ratios: Mapping[str, tuple[str, str]], step_timeout: float = 600.0) -> None:
+                 store: PrivateStore, eval_ratios: Mapping[str, tuple[str, str]], round_timeout: float = 600.0) -> None:
         self.rank = rank
+        self.store = store
         self.client = client
         self.reader = reader
         self.shards = list(shards)
         self.eval_ratios = dict(eval_ratios)
-        self.step_timeout = step_timeout
+        self.round_timeout = round_timeout
         self._pool = ThreadPoolExecutor(len(self.shards), thread_name_prefix="shard") if len(self.shards) > 1 else None
 
     def run(self, start_step: int = 0) -> int:
         """Runs steps until the scheduler says done; returns the number of steps run."""
         step = start_step
         while True:
-            plan = self.client.get_plan(step, self.step_timeout)
+            plan = self.client.get_plan(step, self.round_timeout)
             if plan.kind == DONE:
                 return step - start_step
             _, flat = self.client.get_params(plan.version)
@@ -69,6 +71,7 @@ class Simulator:
 
     def train_step(self, plan: Plan) -> RankUpdate:
         started = time.perf_counter()
+        self.store.at_round(plan.round + 1)
         for shard in self.shards:
             shard.reset_sum()
         results = self._per_shard(plan, lambda shard, uid: shard.train_user(
@@ -86,6 +89,8 @@ class Simulator:
             delta = total.cpu().numpy()
         else:
             delta = np.zeros(0, dtype=np.float64)
+        if plan.checkpoint:   # before the push: the scheduler checkpoints once every rank has pushed
+            self.store.commit(plan.round + 1)
         sums["train_seconds"] = time.perf_counter() - started
         log.debug("step %d: trained %d users in %.2f s", plan.step, len(plan.users), sums["train_seconds"])
         return RankUpdate(step=plan.step, rank=self.rank, weight=weight, delta_sum=delta, sums=sums)

@@ -16,7 +16,7 @@ SPEC = {"vocab_size": 8, "pad_id": 0, "unk_id": 1}
 
 @pytest.fixture(params=["memory", "sqlite"])
 def store(request, tmp_path):
-    s = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "rank0.sqlite")
+    s = MemoryStore(tmp_path / "rank0-memory") if request.param == "memory" else SQLiteStore(tmp_path / "rank0.sqlite")
     yield s
     s.close()
 
@@ -32,6 +32,25 @@ class TestStore:
         np.testing.assert_array_equal(got["head.b"], np.ones(2))
         store.set_param_by_uid("ann", {"head.w": np.zeros((2, 3)), "head.b": np.zeros(2)})
         assert len(store) == 1 and not store.get_param_by_uid("ann")["head.w"].any()
+
+    def test_rollback_returns_to_a_committed_round(self, store):
+        def put(round_index, uid, value):
+            store.at_round(round_index)
+            store.set_param_by_uid(uid, {"p": np.full(2, value, dtype=np.float32)})
+
+        put(1, "ann", 1.0)
+        store.commit(2)                 # checkpoint after round 2
+        put(3, "ann", 3.0)
+        put(3, "bob", 3.0)
+        store.commit(4)                 # checkpoint after round 4 (the one after 2 must still be recoverable)
+        put(5, "ann", 5.0)
+        assert store.get_param_by_uid("ann")["p"][0] == 5.0
+        store.rollback(4)
+        assert store.get_param_by_uid("ann")["p"][0] == 3.0 and store.get_param_by_uid("bob") is not None
+        store.rollback(2)
+        assert store.get_param_by_uid("ann")["p"][0] == 1.0 and store.get_param_by_uid("bob") is None
+        store.rollback(0)
+        assert len(store) == 0
 
     def test_sqlite_survives_reopening(self, tmp_path):
         path = tmp_path / "r.sqlite"
@@ -79,3 +98,22 @@ def test_shard_keeps_private_params_per_user_and_out_of_the_update(store):
     # evaluation reads the user's own private values back
     shard.evaluate_user("ann", samples(1))
     np.testing.assert_array_equal(model.decoder.bias.detach().numpy(), ann["decoder.bias"])
+
+
+def test_a_diverged_user_is_dropped_not_averaged():
+    class Exploding(LanguageModelTrainer):
+        def train(self, model, samples):
+            out = super().train(model, samples)
+            with torch.no_grad():
+                model.decoder.weight.fill_(float("nan"))
+            return out
+
+    torch.manual_seed(0)
+    model = RedditLSTM(8, embed_dim=4, hidden=4, layers=1)
+    named = dict(model.named_parameters())
+    layout = ParamLayout(names=tuple(named), shapes=tuple(tuple(p.shape) for p in named.values()))
+    shard = Shard(model, Exploding(TrainConfig(), SPEC), layout, (), MemoryStore(), {})
+    shard.set_global(layout.flatten({n: p.detach().numpy() for n, p in named.items()}))
+    x = np.full((2, 10), 3, dtype=np.int32)
+    assert shard.train_user("ann", {"x": x, "y": x, "mask": np.ones_like(x, dtype=np.uint8)}) == {"dropped": 1.0}
+    assert shard.weight == 0 and not shard.delta_sum.any()

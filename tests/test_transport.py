@@ -14,6 +14,7 @@ from scheduler.server import create_server
 from scheduler.state import Scheduler, SchedulerConfig
 from tests.helpers import make_lm_data
 
+TOKEN = "s3cret"
 BIG = ParamLayout(names=("emb", "bias"), shapes=((3000, 1000), (7,)))   # 12 MB: three times gRPC's 4 MB default
 
 
@@ -46,14 +47,14 @@ def served(tmp_path):
     scheduler = Scheduler(SchedulerConfig(world_size=2, rounds=1, clients_per_round=3), reader=reader,
                           optimizer=make_server_optimizer("fedavg", server_lr=1.0),
                           train_ratios={}, eval_ratios={})
-    server, port = create_server("127.0.0.1:0", scheduler, run_id="test")
+    server, port = create_server("127.0.0.1:0", scheduler, run_id="test", token=TOKEN)
     yield scheduler, f"127.0.0.1:{port}"
     server.stop(grace=None)
 
 
 def test_grpc_round_trip_over_4mb(served):
     scheduler, address = served
-    clients = [SchedulerClient(address, rank=r, world_size=2, run_id="test") for r in range(2)]
+    clients = [SchedulerClient(address, rank=r, world_size=2, run_id="test", token=TOKEN) for r in range(2)]
     assert clients[0].hello().world_size == 2
     flat = np.random.default_rng(1).normal(size=BIG.size).astype(np.float32)
     clients[0].init_params(BIG, flat)
@@ -78,7 +79,7 @@ def test_grpc_round_trip_over_4mb(served):
 
 def test_get_plan_blocks_until_the_step_opens(served):
     scheduler, address = served
-    client = SchedulerClient(address, rank=1, world_size=2, run_id="test")
+    client = SchedulerClient(address, rank=1, world_size=2, run_id="test", token=TOKEN)
     got = []
     waiter = threading.Thread(target=lambda: got.append(client.get_plan(0, wait_s=10)))
     waiter.start()
@@ -92,6 +93,49 @@ def test_get_plan_blocks_until_the_step_opens(served):
 def test_wrong_world_or_run_is_refused(served):
     _, address = served
     with pytest.raises(RefusedError, match="world of 3"):
-        SchedulerClient(address, rank=0, world_size=3, run_id="test").hello()
+        SchedulerClient(address, rank=0, world_size=3, run_id="test", token=TOKEN).hello()
     with pytest.raises(RefusedError, match="belongs to run 'other'"):
-        SchedulerClient(address, rank=0, world_size=2, run_id="other").hello()
+        SchedulerClient(address, rank=0, world_size=2, run_id="other", token=TOKEN).hello()
+
+
+def test_calls_without_the_token_are_refused(served):
+    _, address = served
+    intruder = SchedulerClient(address, rank=0, world_size=2, run_id="test", token="guess")
+    with pytest.raises(RefusedError, match="wrong scheduler token"):
+        intruder.hello()
+    with pytest.raises(RefusedError, match="wrong scheduler token"):
+        intruder.get_params(0)
+    with pytest.raises(RefusedError, match="wrong scheduler token"):
+        intruder.push_update(RankUpdate(step=0, rank=0, weight=0.0, delta_sum=np.zeros(0)))
+
+
+def test_unreachable_scheduler_is_retried_then_reported():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]            # nothing listens here once the socket is closed
+    client = SchedulerClient(f"127.0.0.1:{port}", rank=0, world_size=1, token=TOKEN, retries=2, backoff_s=0.05)
+    with pytest.raises(RuntimeError, match=r"GetPlan at 127\.0\.0\.1:\d+ failed after 3 tries: UNAVAILABLE"):
+        client.get_plan(0, wait_s=1)
+
+
+def test_tls_with_a_self_signed_certificate(tmp_path):
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=flock-test", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    reader = LeafRedditReader(make_lm_data(tmp_path / "data"))
+    scheduler = Scheduler(SchedulerConfig(world_size=1, rounds=1, clients_per_round=2), reader=reader,
+                          optimizer=make_server_optimizer("fedavg", server_lr=1.0), train_ratios={}, eval_ratios={})
+    server, port = create_server("127.0.0.1:0", scheduler, run_id="tls", token=TOKEN, tls=(cert, key))
+    try:
+        secure = SchedulerClient(f"127.0.0.1:{port}", rank=0, world_size=1, run_id="tls", token=TOKEN, tls_ca=cert)
+        assert secure.hello().run_id == "tls"
+        plain = SchedulerClient(f"127.0.0.1:{port}", rank=0, world_size=1, token=TOKEN, retries=0)
+        with pytest.raises(RuntimeError, match="UNAVAILABLE"):
+            plain.get_plan(0, wait_s=1)
+    finally:
+        server.stop(grace=None)

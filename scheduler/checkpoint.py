@@ -1,0 +1,49 @@
+"""The scheduler's checkpoint: one .npz file (parameters, server-optimizer arrays, JSON metadata), written
+to a temporary file, fsynced and renamed over the old one, so a crash leaves either the old or the new."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import DataError
+
+
+def save_checkpoint(path: Path, *, params: np.ndarray, meta: dict[str, Any],
+                    optimizer_state: dict[str, Any]) -> None:
+    arrays = {"params": params}
+    scalars = {}
+    for key, value in optimizer_state.items():
+        if isinstance(value, np.ndarray):
+            arrays[f"opt/{key}"] = value
+        else:
+            scalars[key] = value
+    arrays["meta"] = np.array(json.dumps({**meta, "optimizer_scalars": scalars}))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: Path) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
+    """(params, meta, optimizer_state); a damaged file is a DataError naming it."""
+    try:
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            params = z["params"].astype(np.float32)
+            state = {k[4:]: z[k] for k in z.files if k.startswith("opt/")}
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{path}: unreadable checkpoint ({e})") from None
+    state.update(meta.pop("optimizer_scalars", {}))
+    return params, meta, state

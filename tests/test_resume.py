@@ -1,0 +1,87 @@
+"""Checkpoint and resume: a job killed with SIGKILL mid-run, resumed, ends with the uninterrupted metrics."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from common.domain import ParamLayout, RankUpdate
+from common.errors import ConfigError
+from reader.leaf import LeafRedditReader
+from scheduler.optim import make_server_optimizer
+from scheduler.state import Scheduler, SchedulerConfig
+from tests.helpers import ROOT, make_lm_data, mpirun, read_metrics, run_app
+
+ARGS = ("--rounds", "6", "--clients-per-round", "4", "--eval-every", "2", "--checkpoint-every", "2", "--seed", "5",
+        "--trainer", "tests.faulty:SlowTrainer", "--private", "decoder.bias", "--data-server", "sqlite")
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    data = make_lm_data(tmp_path / "data")
+    whole = tmp_path / "whole"
+    proc = run_app(2, data, whole, *ARGS)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    cut = tmp_path / "cut"
+    job = subprocess.Popen([mpirun(), "-np", "2", sys.executable, str(ROOT / "application.py"), str(data),
+                            "--run-dir", str(cut), *ARGS], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done = [r for r in read_metrics(cut) if r["kind"] == "train"] if (cut / "metrics.jsonl").exists() else []
+        if len(done) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(30)
+    assert 3 <= len([r for r in read_metrics(cut) if r["kind"] == "train"]) < 6, "the kill came too late"
+    assert (cut / "checkpoint.npz").exists()
+
+    resumed = run_app(2, data, cut, "--resume", str(cut))   # run_app passes --run-dir; --resume wins
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming" in resumed.stdout
+    a, b = read_metrics(whole), read_metrics(cut)
+    assert [(r["kind"], r["round"]) for r in a] == [(r["kind"], r["round"]) for r in b]
+    for x, y in zip(a, b):
+        for key in ("loss", "top1", "top1_user_mean", "samples", "tokens"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-6), (x["kind"], x["round"], key)
+
+
+def test_a_finished_run_dir_is_not_overwritten(tmp_path):
+    data = make_lm_data(tmp_path / "data")
+    assert run_app(1, data, tmp_path / "run", "--rounds", "1", "--clients-per-round", "2").returncode == 0
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    again = run_app(1, data, tmp_path / "run", "--rounds", "1", "--clients-per-round", "2")
+    assert again.returncode == 2 and "already holds a run" in again.stdout + again.stderr
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_resume_refuses_another_data_set(tmp_path):
+    data = make_lm_data(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    assert run_app(1, data, run_dir, "--rounds", "2", "--clients-per-round", "2",
+                   "--checkpoint-every", "1").returncode == 0
+    other = make_lm_data(tmp_path / "other", seed=9)
+    proc = run_app(1, other, run_dir, "--resume", str(run_dir))
+    assert proc.returncode == 2 and "checkpoint was made on other data" in proc.stdout + proc.stderr
+
+
+def test_restore_refuses_another_model(tmp_path):
+    reader = LeafRedditReader(make_lm_data(tmp_path / "data"))
+
+    def scheduler():
+        return Scheduler(SchedulerConfig(world_size=1, rounds=2, clients_per_round=2, checkpoint_every=1),
+                         reader=reader, optimizer=make_server_optimizer("fedavg", server_lr=1.0),
+                         train_ratios={}, eval_ratios={}, checkpoint_path=tmp_path / "ck.npz")
+
+    s = scheduler()
+    layout = ParamLayout(names=("w",), shapes=((4,),))
+    s.init_params(layout, np.zeros(4, dtype=np.float32))
+    s.push_update(RankUpdate(step=0, rank=0, weight=1.0, delta_sum=np.ones(4)))
+    assert scheduler().restore(tmp_path / "ck.npz", layout) == 1
+    with pytest.raises(ConfigError, match="another model"):
+        scheduler().restore(tmp_path / "ck.npz", ParamLayout(names=("w",), shapes=((5,),)))
