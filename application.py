@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import secrets
 import sys
 import uuid
@@ -56,6 +57,9 @@ def run(config: Config, comm) -> None:
     from trainer.base import TrainConfig
 
     rank, world = comm.rank, comm.size
+    pids = comm.gather(f"{rank}={os.getpid()}@{platform.node()}")
+    if rank == 0 and world > 1:   # MPI reports a killed process by pid: this maps it to its rank
+        log.info("ranks: %s", " ".join(pids))
     # One torch thread per shard keeps every user's arithmetic identical whatever the number of ranks;
     # the cores are used by running shards side by side instead.
     torch.set_num_threads(1)
@@ -79,7 +83,7 @@ def run(config: Config, comm) -> None:
     shared = [n for n in named if n not in private]
     layout = ParamLayout(names=tuple(shared), shapes=tuple(tuple(named[n].shape) for n in shared))
     train_config = TrainConfig(lr=config.lr, batch_size=config.batch_size, local_epochs=config.local_epochs,
-                               max_grad_norm=config.max_grad_norm)
+                               max_grad_norm=config.max_grad_norm, prox_mu=config.prox_mu, momentum=config.momentum)
 
     run_dir = Path(config.run_dir)
     if config.centralized:
@@ -125,7 +129,9 @@ def run(config: Config, comm) -> None:
             SchedulerConfig(world_size=world, rounds=config.rounds, clients_per_round=config.clients_per_round,
                             eval_every=config.eval_every, eval_users=config.eval_users, seed=config.seed,
                             pin_users=bool(private), checkpoint_every=config.checkpoint_every),
-            reader=reader, optimizer=make_server_optimizer(config.server_opt, server_lr=config.server_lr),
+            reader=reader, optimizer=make_server_optimizer(
+                config.server_opt, server_lr=config.server_lr, momentum=config.server_momentum,
+                beta1=config.server_beta1, beta2=config.server_beta2, tau=config.server_tau),
             train_ratios=trainer_cls.train_ratios, eval_ratios=trainer_cls.eval_ratios,
             checkpoint_path=checkpoint if config.checkpoint_every else None)
         if config.resume:
@@ -166,7 +172,7 @@ def run(config: Config, comm) -> None:
         models.append(replica)
     shards = [Shard(m, trainer_cls(train_config, spec), layout, private, store, private_init) for m in models]
     simulator = Simulator(rank=rank, client=client, reader=reader, shards=shards, store=store,
-                          eval_ratios=trainer_cls.eval_ratios, round_timeout=config.round_timeout)
+                          eval_ratios=trainer_cls.eval_ratios, seed=config.seed, round_timeout=config.round_timeout)
     simulator.run(start_step)
     comm.barrier()   # every rank has seen "done": the scheduler may stop
     store.close()
@@ -179,7 +185,6 @@ def run(config: Config, comm) -> None:
 
 def package_versions() -> dict[str, str]:
     import importlib.metadata as md
-    import platform
 
     out = {"python": platform.python_version()}
     for name in ("torch", "numpy", "grpcio", "protobuf", "mpi4py", "mpich"):

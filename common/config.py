@@ -22,6 +22,12 @@ class Config:
     lr: float = 1.0
     server_lr: float = 1.85
     server_opt: str = "fedavg"
+    server_momentum: float = 0.9
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    prox_mu: float = 0.0
+    momentum: float = 0.0
     max_grad_norm: float = 5.0
     seed: int = 0
     eval_every: int = 10
@@ -54,8 +60,11 @@ class Config:
         for name in ("eval_every", "eval_users", "shards", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
-        if self.lr <= 0 or self.server_lr <= 0 or self.max_grad_norm <= 0 or self.round_timeout <= 0:
-            raise ConfigError("--lr, --server-lr, --max-grad-norm and --round-timeout must be positive")
+        if self.lr <= 0 or self.server_lr <= 0 or self.round_timeout <= 0:
+            raise ConfigError("--lr, --server-lr and --round-timeout must be positive")
+        if self.max_grad_norm < 0 or self.prox_mu < 0 or self.server_tau <= 0 or not 0 <= self.momentum < 1:
+            raise ConfigError("--max-grad-norm and --prox-mu must not be negative, --server-tau must be positive, "
+                              "--momentum must be in [0, 1)")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
         for name in ("tls_cert", "tls_key", "tls_ca"):
@@ -79,8 +88,14 @@ HELP = {
     "batch_size": "local batch size (sequences)",
     "lr": "client SGD learning rate",
     "server_lr": "server learning rate: theta += server_lr * weighted mean client delta",
-    "server_opt": "server optimizer",
-    "max_grad_norm": "clip each local step's gradient to this global norm",
+    "server_opt": "server optimizer: fedavg, fedavgm (server momentum), fedadam, fedyogi, fedadagrad (FedOpt)",
+    "server_momentum": "fedavgm's momentum",
+    "server_beta1": "fedadam/fedyogi/fedadagrad: first-moment decay",
+    "server_beta2": "fedadam/fedyogi: second-moment decay",
+    "server_tau": "fedadam/fedyogi/fedadagrad: adaptivity (epsilon) tau",
+    "momentum": "local SGD momentum (0: plain SGD, as FL-mobile)",
+    "prox_mu": "FedProx: weight mu of the local proximal term mu/2 ||w - w_global||^2 (0: FedAvg)",
+    "max_grad_norm": "clip each local step's gradient to this global norm (0: no clipping)",
     "seed": "fixes initialisation, sampling and evaluation users; same seed, same metrics at any -np",
     "eval_every": "evaluate on the test day every this many rounds (and after the last); 0: only at the end",
     "eval_users": "evaluate this many test users (a fixed seeded subset); 0: all of them",
@@ -107,7 +122,7 @@ HELP = {
 }
 
 
-CHOICES = {"server_opt": ["fedavg"], "data_server": ["memory", "sqlite"],
+CHOICES = {"server_opt": ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"], "data_server": ["memory", "sqlite"],
            "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"]}
 
 

@@ -6,9 +6,10 @@ import importlib
 from common.errors import ConfigError
 
 BUILTINS = {
-    "reader": {"leaf": "reader.leaf:LeafRedditReader"},
-    "model": {"lstm": "model.lstm:RedditLSTM"},
-    "trainer": {"lm": "trainer.lm:LanguageModelTrainer"},
+    "reader": {"leaf": "reader.leaf:LeafRedditReader", "arrays": "reader.arrays:ArrayReader"},
+    "model": {"lstm": "model.lstm:RedditLSTM", "mlp": "model.mnist:MnistMLP", "cnn": "model.mnist:MnistCNN",
+              "cnn-personal": "model.mnist:PersonalMnistCNN"},
+    "trainer": {"lm": "trainer.lm:LanguageModelTrainer", "classifier": "trainer.classifier:ClassifierTrainer"},
 }
 
 

@@ -59,9 +59,10 @@ class SchedulerClient:
                                 attempt, self.retries, delay)
                     time.sleep(delay)
                     continue
-                if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DEADLINE_EXCEEDED,
-                            grpc.StatusCode.UNAUTHENTICATED):
+                if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED):
                     raise RefusedError(f"scheduler refused {what}: {e.details()}") from None
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise TimeoutError(f"scheduler call {what} timed out: {e.details()}") from None
                 tries = f" after {attempt + 1} tries" if attempt else ""
                 raise RuntimeError(f"scheduler call {what} at {self.address} failed{tries}: "
                                    f"{code.name}: {e.details()}") from None

@@ -20,6 +20,7 @@ from reader.base import Reader
 from scheduler.calendar import Calendar
 from scheduler.sampling import evaluation_users, sample_clients
 from scheduler.state import schedule
+from simulator.shard import user_seed
 from trainer.base import Trainer
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ def run_centralized(*, reader: Reader, model: torch.nn.Module, trainer: Trainer,
             day = calendar.train_day(done, rounds)
             eligible = [u for u, n in counts[day].items() if n]
             visits = local_epochs * sum(counts[day][u] for u in sample_clients(seed, done, eligible, clients_per_round))
-            sums = trainer.train(model, stream.take(visits)) if visits else {"samples": 0.0}
+            rng = torch.Generator().manual_seed(user_seed(seed, done, "<centralized>"))
+            sums = trainer.train(model, stream.take(visits), rng) if visits else {"samples": 0.0}
             on_record(train_record(done + 1, {**sums, "clients": clients_per_round}, trainer.train_ratios,
                                    time.perf_counter() - started))
         elif kind == EVAL:

@@ -13,6 +13,7 @@ class Comm(Protocol):
     local_size: int    # ranks on this node
 
     def bcast(self, obj: Any, root: int = 0) -> Any: ...
+    def gather(self, obj: Any, root: int = 0) -> list[Any] | None: ...
     def barrier(self) -> None: ...
     def abort(self, code: int) -> None: ...
 
@@ -24,6 +25,9 @@ class SingleComm:
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
         return obj
+
+    def gather(self, obj: Any, root: int = 0) -> list[Any] | None:
+        return [obj]
 
     def barrier(self) -> None:
         pass
@@ -46,6 +50,9 @@ class MPIComm:
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
         return self._comm.bcast(obj, root=root)
+
+    def gather(self, obj: Any, root: int = 0) -> list[Any] | None:
+        return self._comm.gather(obj, root=root)
 
     def barrier(self) -> None:
         self._comm.Barrier()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import zlib
 from typing import Mapping
 
 import numpy as np
@@ -12,6 +13,11 @@ from simulator.data_server import PrivateStore
 from trainer.base import Trainer
 
 log = logging.getLogger(__name__)
+
+
+def user_seed(seed: int, round_index: int, uid: str) -> int:
+    """A user's random seed for one round: the same whichever rank, shard or thread trains it."""
+    return int(np.random.SeedSequence([seed, round_index, zlib.crc32(uid.encode())]).generate_state(1)[0])
 
 
 class Shard:
@@ -56,9 +62,12 @@ class Shard:
                     src = torch.from_numpy(stored[name]) if stored is not None else self.private_init[name]
                     p.copy_(src)
 
-    def train_user(self, uid: str, samples: Mapping[str, np.ndarray]) -> dict[str, float]:
+    def train_user(self, uid: str, samples: Mapping[str, np.ndarray], seed: int = 0) -> dict[str, float]:
+        """`seed`: the user's random stream for this round (see `user_seed`)."""
         self._load_user(uid)
-        sums = self.trainer.train(self.model, samples)
+        rng = torch.Generator(device="cpu")
+        rng.manual_seed(seed)
+        sums = self.trainer.train(self.model, samples, rng)
         n = float(sums["samples"])
         with torch.no_grad():
             delta = torch.nn.utils.parameters_to_vector(self.shared) - self._global

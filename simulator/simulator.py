@@ -13,7 +13,7 @@ from common.metrics import add_sums, add_user_eval
 from reader.base import Reader
 from scheduler.client import SchedulerClient
 from simulator.data_server import PrivateStore
-from simulator.shard import Shard
+from simulator.shard import Shard, user_seed
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,10 @@ class UserError(RuntimeError):
 
 class Simulator:
     def __init__(self, *, rank: int, client: SchedulerClient, reader: Reader, shards: Sequence[Shard],
-                 store: PrivateStore, eval_ratios: Mapping[str, tuple[str, str]], round_timeout: float = 600.0) -> None:
+                 store: PrivateStore, eval_ratios: Mapping[str, tuple[str, str]], seed: int = 0,
+                 round_timeout: float = 600.0) -> None:
         self.rank = rank
+        self.seed = seed
         self.store = store
         self.client = client
         self.reader = reader
@@ -75,7 +77,7 @@ class Simulator:
         for shard in self.shards:
             shard.reset_sum()
         results = self._per_shard(plan, lambda shard, uid: shard.train_user(
-            uid, self.reader.load(plan.day, plan.split, uid)))
+            uid, self.reader.load(plan.day, plan.split, uid), user_seed(self.seed, plan.round, uid)))
         sums: dict[str, float] = {"clients": 0.0}
         for group in results:
             for _, user_sums in group:

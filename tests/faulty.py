@@ -5,17 +5,39 @@ from trainer.lm import LanguageModelTrainer
 
 
 class FailOnRank1(LanguageModelTrainer):
-    def train(self, model, samples):
+    def train(self, model, samples, rng=None):
         if os.environ.get("PMI_RANK") == "1":
             raise RuntimeError("injected failure on rank 1")
-        return super().train(model, samples)
+        return super().train(model, samples, rng)
 
 
 class SlowTrainer(LanguageModelTrainer):
     """Takes a fixed extra time per user, so a test can kill a job mid-run."""
 
-    def train(self, model, samples):
+    def train(self, model, samples, rng=None):
         import time
 
         time.sleep(0.25)
-        return super().train(model, samples)
+        return super().train(model, samples, rng)
+
+
+class DieOnRank1(LanguageModelTrainer):
+    """Rank 1's process is killed outright (as by the OOM killer) in its first round."""
+
+    def train(self, model, samples, rng=None):
+        if os.environ.get("PMI_RANK") == "1":
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().train(model, samples, rng)
+
+
+class HangOnRank1(LanguageModelTrainer):
+    """Rank 1 never finishes its first user (a stuck phone), so the round times out."""
+
+    def train(self, model, samples, rng=None):
+        if os.environ.get("PMI_RANK") == "1":
+            import time
+
+            time.sleep(3600)
+        return super().train(model, samples, rng)

@@ -19,7 +19,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
     out = {}
-    for np_ in (1, 2):
+    for np_ in (1, 2, 4):
         run_dir = tmp_path_factory.mktemp(f"np{np_}")
         proc = run_app(np_, data, run_dir, *ARGS)
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -42,10 +42,11 @@ def test_two_ranks_write_config_and_metrics(runs):
     assert "round 3/3" in proc.stdout and "eval @ round 3" in proc.stdout
 
 
-def test_same_seed_same_metrics_at_one_and_two_ranks(runs):
-    one, two = read_metrics(runs[1][0]), read_metrics(runs[2][0])
-    assert len(one) == len(two)
-    for a, b in zip(one, two):
+@pytest.mark.parametrize("np_", [2, 4])
+def test_same_seed_same_metrics_at_any_number_of_ranks(runs, np_):
+    one, other = read_metrics(runs[1][0]), read_metrics(runs[np_][0])
+    assert len(one) == len(other)
+    for a, b in zip(one, other):
         for key in ("loss", "top1", "top1_user_mean", "samples", "clients", "users", "tokens"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
@@ -76,10 +77,33 @@ def test_a_raising_rank_ends_the_job_quickly(data, tmp_path):
     assert "rank 1" in proc.stderr
 
 
-def test_contradictory_options_exit_2_with_the_option_named(data, tmp_path):
-    proc = run_app(2, data, tmp_path, "--clients-per-round", "50", timeout=60)
+def test_a_killed_rank_ends_the_job_and_its_pid_maps_to_the_rank(data, tmp_path):
+    started = time.monotonic()
+    proc = run_app(2, data, tmp_path, *ARGS, "--trainer", "tests.faulty:DieOnRank1", timeout=60)
+    assert proc.returncode != 0 and time.monotonic() - started < 30
+    pid = proc.stdout.split("ranks: ")[1].split()[1].split("=")[1].split("@")[0]   # "0=pid@host 1=pid@host"
+    assert f"PID {pid} RUNNING" in proc.stdout + proc.stderr and "Killed (signal 9)" in proc.stdout + proc.stderr
+
+
+def test_a_stuck_rank_fails_the_round_after_the_timeout(data, tmp_path):
+    started = time.monotonic()
+    proc = run_app(2, data, tmp_path, *ARGS, "--trainer", "tests.faulty:HangOnRank1", "--round-timeout", "3",
+                   timeout=60)
+    assert proc.returncode != 0 and time.monotonic() - started < 30
+    assert "did not open within 3 s" in proc.stdout + proc.stderr
+    assert "waiting for ranks [1]" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("option, message", [
+    (("--clients-per-round", "50"), "--clients-per-round 50 is more than the 12 users"),
+    (("--model", "nosuch.models:Net"), "--model 'nosuch.models:Net': cannot import module 'nosuch.models'"),
+    (("--trainer", "trainer.lm:Missing"), "module 'trainer.lm' has no 'Missing'"),
+    (("--batch-size", "0"), "--batch-size must be at least 1"),
+])
+def test_bad_options_exit_2_naming_the_option(data, tmp_path, option, message):
+    proc = run_app(2, data, tmp_path, *option, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "--clients-per-round 50 is more than the 12 users" in proc.stdout + proc.stderr
+    assert message in proc.stdout + proc.stderr
 
 
 def test_a_missing_data_dir_is_built_from_popquotes(tmp_path):

@@ -102,8 +102,8 @@ def test_shard_keeps_private_params_per_user_and_out_of_the_update(store):
 
 def test_a_diverged_user_is_dropped_not_averaged():
     class Exploding(LanguageModelTrainer):
-        def train(self, model, samples):
-            out = super().train(model, samples)
+        def train(self, model, samples, rng=None):
+            out = super().train(model, samples, rng)
             with torch.no_grad():
                 model.decoder.weight.fill_(float("nan"))
             return out

@@ -68,3 +68,18 @@ def test_gradient_is_clipped_to_max_norm():
     LanguageModelTrainer(TrainConfig(lr=1.0, batch_size=5, max_grad_norm=1e-3), SPEC).train(model, samples)
     step = torch.cat([(p.detach() - s).reshape(-1) for p, s in zip(model.parameters(), start)])
     assert float(step.norm()) <= 1e-3 * 1.001
+
+
+def test_fedprox_pulls_the_local_model_towards_the_start():
+    rng = np.random.default_rng(1)
+    x = rng.integers(2, V, size=(20, 10)).astype(np.int32)
+    samples = {"x": x, "y": np.roll(x, -1, axis=1), "mask": np.ones_like(x, dtype=np.uint8)}
+
+    def distance(mu):
+        torch.manual_seed(0)
+        model = RedditLSTM(V, embed_dim=16, hidden=16)
+        start = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+        LanguageModelTrainer(TrainConfig(lr=0.5, local_epochs=3, prox_mu=mu), SPEC).train(model, samples)
+        return float((torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - start).norm())
+
+    assert distance(1.0) < distance(0.0)

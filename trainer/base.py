@@ -9,7 +9,7 @@ its ratio metrics as (numerator sum, denominator sum): the scheduler reports eac
         eval_ratios = {"accuracy": ("correct", "samples")}
 
         def __init__(self, config: TrainConfig, spec: Mapping[str, int]) -> None: ...
-        def train(self, model, samples) -> dict[str, float]: ...   # must include "samples" (n_k, the FedAvg weight)
+        def train(self, model, samples, rng=None) -> dict[str, float]: ...   # "samples" (n_k, the FedAvg weight)
         def evaluate(self, model, samples) -> dict[str, float]: ...
 """
 from __future__ import annotations
@@ -28,11 +28,45 @@ class TrainConfig:
     lr: float = 1.0
     batch_size: int = 5
     local_epochs: int = 1
-    max_grad_norm: float = 5.0
+    max_grad_norm: float = 5.0     # 0: no clipping
+    prox_mu: float = 0.0           # FedProx's proximal weight; 0 is plain FedAvg local training
+    momentum: float = 0.0          # local SGD momentum (buffers start at zero for every user)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.local_epochs < 1:
             raise ValueError("batch_size and local_epochs must be at least 1")
+
+
+class LocalSGD:
+    """Plain SGD for local training, shared by the built-in trainers: FedProx's proximal term
+    mu/2 * ||w - w_start||^2 (w_start: the weights the user started from, i.e. the global model), then
+    global-norm clipping, then the step (with momentum when configured). Create one per user (it remembers
+    w_start and the momentum buffers)."""
+
+    def __init__(self, params: list[torch.Tensor], config: TrainConfig) -> None:
+        self.params = params
+        self.config = config
+        self.anchor = [p.detach().clone() for p in params] if config.prox_mu > 0 else None
+        self.buffers: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Applies the gradients in `p.grad` (after loss.backward()) and clears them."""
+        grads = [p.grad for p in self.params]
+        if self.anchor is not None:
+            torch._foreach_add_(grads, torch._foreach_sub(self.params, self.anchor), alpha=self.config.prox_mu)
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        if self.config.momentum > 0:
+            if self.buffers is None:
+                self.buffers = [g.clone() for g in grads]
+            else:
+                torch._foreach_mul_(self.buffers, self.config.momentum)
+                torch._foreach_add_(self.buffers, grads)
+            grads = self.buffers
+        torch._foreach_add_(self.params, grads, alpha=-self.config.lr)
+        for p in self.params:
+            p.grad = None
 
 
 @runtime_checkable
@@ -42,8 +76,11 @@ class Trainer(Protocol):
 
     def __init__(self, config: TrainConfig, spec: Mapping[str, int]) -> None: ...
 
-    def train(self, model: torch.nn.Module, samples: Mapping[str, np.ndarray]) -> dict[str, float]:
-        """Trains `model` in place on one user's samples; returns sums including "samples" (the FedAvg weight)."""
+    def train(self, model: torch.nn.Module, samples: Mapping[str, np.ndarray],
+              rng: torch.Generator | None = None) -> dict[str, float]:
+        """Trains `model` in place on one user's samples; returns sums including "samples" (the FedAvg weight).
+        `rng` is the user's generator for this round (seeded by seed, round and user id): draw every random
+        number from it (shuffling, dropout) and results do not depend on ranks or threads."""
 
     def evaluate(self, model: torch.nn.Module, samples: Mapping[str, np.ndarray]) -> dict[str, float]:
         """Evaluates `model` on one user's samples; returns sums (no training, no state kept)."""

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.base import TrainConfig
+from trainer.base import LocalSGD, TrainConfig
 
 
 def _batches(samples: Mapping[str, np.ndarray], batch_size: int, device: torch.device):
@@ -36,13 +36,15 @@ class LanguageModelTrainer:
         self.pad_id = int(spec["pad_id"])
         self.unk_id = int(spec["unk_id"])
 
-    def train(self, model: torch.nn.Module, samples: Mapping[str, np.ndarray]) -> dict[str, float]:
-        """One user's local epochs. Objective as FL-mobile: masked cross-entropy averaged over all positions.
-        Reported loss: cross-entropy per counted token."""
+    def train(self, model: torch.nn.Module, samples: Mapping[str, np.ndarray],
+              rng: torch.Generator | None = None) -> dict[str, float]:
+        """One user's local epochs. Objective as FL-mobile: masked cross-entropy averaged over all positions
+        (plus FedProx's term when configured). Reported loss: cross-entropy per counted token."""
         cfg = self.config
         params = [p for p in model.parameters() if p.requires_grad]
         device = params[0].device
         model.train()
+        sgd = LocalSGD(params, cfg)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         tokens = 0.0
         for _ in range(cfg.local_epochs):
@@ -52,12 +54,9 @@ class LanguageModelTrainer:
                 ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
                 masked = ce * mask.reshape(-1)
                 loss = masked.sum() / masked.numel()
-                for p in params:
-                    p.grad = None
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                sgd.step()
                 with torch.no_grad():
-                    torch._foreach_add_(params, [p.grad for p in params], alpha=-cfg.lr)
                     loss_sum += masked.sum().double()
                 tokens += float(mask.sum())
                 state = tuple(s.detach() for s in state)

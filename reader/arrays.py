@@ -1,0 +1,109 @@
+"""A reader for array data sets (images, features) in the day layout, memory-mapped:
+
+    DATA_DIR/meta.json                          {"num_classes": 10, "input_shape": [1, 28, 28], "source": ...}
+    DATA_DIR/<day>/<split>_data/users.json      user ids, in order
+    DATA_DIR/<day>/<split>_data/offsets.npy     int64, users + 1: user i owns samples offsets[i]:offsets[i+1]
+    DATA_DIR/<day>/<split>_data/x.npy           samples (uint8 or float32), sample axis first
+    DATA_DIR/<day>/<split>_data/y.npy           int64 labels
+
+`write_split` writes one split; partitioners (reader/mnist.py) use it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from common.errors import DataError
+from reader.base import DayIndex
+
+
+def split_dir(data_dir: Path, day: str, split: str) -> Path:
+    return Path(data_dir) / day / f"{split}_data"
+
+
+def write_split(data_dir: Path, day: str, split: str, users: Sequence[str], parts_x: Sequence[np.ndarray],
+                parts_y: Sequence[np.ndarray]) -> None:
+    """Writes one day's split from per-user arrays (atomically: a temporary folder renamed into place)."""
+    final = split_dir(data_dir, day, split)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    offsets = np.zeros(len(users) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(p) for p in parts_y])
+    (tmp / "users.json").write_text(json.dumps(list(users)))
+    np.save(tmp / "offsets.npy", offsets)
+    np.save(tmp / "x.npy", np.concatenate(parts_x) if parts_x else np.zeros((0,)))
+    np.save(tmp / "y.npy", np.concatenate(parts_y).astype(np.int64) if parts_y else np.zeros((0,), np.int64))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+class ArrayReader:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        if not self.data_dir.is_dir():
+            raise DataError(f"{self.data_dir}: data folder not found")
+        meta_path = self.data_dir / "meta.json"
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            int(self.meta["num_classes"])
+        except FileNotFoundError:
+            raise DataError(f"{meta_path}: not found (array data sets need meta.json with num_classes)") from None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{meta_path}: malformed ({e})") from None
+        self._cache: dict[tuple[str, str], tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray, dict]] = {}
+
+    def prepare(self) -> None:
+        for day in self.days():
+            for split in ("train", "test"):
+                if self.has_split(day, split):
+                    self._columns(day, split)
+
+    def days(self) -> list[str]:
+        days = sorted(p.name for p in self.data_dir.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and any(p.glob("*_data")))
+        if not days:
+            raise DataError(f"{self.data_dir}: no day folders with train_data/ or test_data/")
+        return days
+
+    def has_split(self, day: str, split: str) -> bool:
+        return (split_dir(self.data_dir, day, split) / "users.json").is_file()
+
+    def _columns(self, day: str, split: str):
+        key = (day, split)
+        if key not in self._cache:
+            where = split_dir(self.data_dir, day, split)
+            try:
+                users = tuple(json.loads((where / "users.json").read_text()))
+                offsets = np.load(where / "offsets.npy")
+                x = np.load(where / "x.npy", mmap_mode="r")
+                y = np.load(where / "y.npy", mmap_mode="r")
+            except (OSError, ValueError, json.JSONDecodeError) as e:
+                raise DataError(f"{where}: unreadable ({e})") from None
+            if offsets.shape != (len(users) + 1,) or offsets[-1] != len(y) or len(x) != len(y) or (np.diff(offsets) < 0).any():
+                raise DataError(f"{where}: users.json, offsets.npy, x.npy and y.npy disagree in size")
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= int(self.meta["num_classes"])):
+                raise DataError(f"{where}: labels outside 0..{int(self.meta['num_classes']) - 1}")
+            self._cache[key] = (users, offsets, x, y, {u: i for i, u in enumerate(users)})
+        return self._cache[key]
+
+    def index(self, day: str, split: str) -> DayIndex:
+        users, offsets, _, _, _ = self._columns(day, split)
+        return DayIndex(day=day, split=split, users=users, counts=tuple(int(c) for c in np.diff(offsets)))
+
+    def load(self, day: str, split: str, uid: str) -> Mapping[str, np.ndarray]:
+        users, offsets, x, y, position = self._columns(day, split)
+        if uid not in position:
+            raise DataError(f"{split_dir(self.data_dir, day, split)}: no user {uid!r}")
+        a, b = offsets[position[uid]], offsets[position[uid] + 1]
+        return {"x": x[a:b], "y": y[a:b]}
+
+    def spec(self) -> Mapping[str, int]:
+        return {"num_classes": int(self.meta["num_classes"]),
+                **{f"input_{i}": int(d) for i, d in enumerate(self.meta.get("input_shape", []))}}

