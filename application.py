@@ -12,6 +12,7 @@ import platform
 import secrets
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from common.config import Config, default_run_dir, parse_config, resumed_config
@@ -85,10 +86,11 @@ def run(config: Config, comm) -> None:
     train_config = TrainConfig(lr=config.lr, batch_size=config.batch_size, local_epochs=config.local_epochs,
                                max_grad_norm=config.max_grad_norm, prox_mu=config.prox_mu, momentum=config.momentum)
 
+    eval_ratios = dict(trainer_cls.eval_ratios)
+    if config.finetune_epochs:
+        eval_ratios.update({f"{k}_ft": (f"ft_{num}", f"ft_{den}") for k, (num, den) in trainer_cls.eval_ratios.items()})
     run_dir = Path(config.run_dir)
     if config.centralized:
-        from dataclasses import replace
-
         from common.recorder import Recorder
         from simulator.centralized import run_centralized
 
@@ -132,7 +134,7 @@ def run(config: Config, comm) -> None:
             reader=reader, optimizer=make_server_optimizer(
                 config.server_opt, server_lr=config.server_lr, momentum=config.server_momentum,
                 beta1=config.server_beta1, beta2=config.server_beta2, tau=config.server_tau),
-            train_ratios=trainer_cls.train_ratios, eval_ratios=trainer_cls.eval_ratios,
+            train_ratios=trainer_cls.train_ratios, eval_ratios=eval_ratios,
             checkpoint_path=checkpoint if config.checkpoint_every else None)
         if config.resume:
             resume_round = scheduler.restore(checkpoint, layout) if checkpoint.exists() else 0
@@ -170,9 +172,11 @@ def run(config: Config, comm) -> None:
         replica = model_cls.build(spec)
         replica.load_state_dict(model.state_dict())
         models.append(replica)
-    shards = [Shard(m, trainer_cls(train_config, spec), layout, private, store, private_init) for m in models]
+    finetune_config = replace(train_config, local_epochs=config.finetune_epochs) if config.finetune_epochs else None
+    shards = [Shard(m, trainer_cls(train_config, spec), layout, private, store, private_init,
+                    finetuner=trainer_cls(finetune_config, spec) if finetune_config else None) for m in models]
     simulator = Simulator(rank=rank, client=client, reader=reader, shards=shards, store=store,
-                          eval_ratios=trainer_cls.eval_ratios, seed=config.seed, round_timeout=config.round_timeout)
+                          eval_ratios=eval_ratios, seed=config.seed, round_timeout=config.round_timeout)
     simulator.run(start_step)
     comm.barrier()   # every rank has seen "done": the scheduler may stop
     store.close()

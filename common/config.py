@@ -28,6 +28,7 @@ class Config:
     server_tau: float = 1e-3
     prox_mu: float = 0.0
     momentum: float = 0.0
+    finetune_epochs: int = 0
     max_grad_norm: float = 5.0
     seed: int = 0
     eval_every: int = 10
@@ -57,7 +58,7 @@ class Config:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.data_dir and not self.resume:
             raise ConfigError("DATA_DIR is required (unless --resume RUN_DIR continues a saved run)")
-        for name in ("eval_every", "eval_users", "shards", "checkpoint_every"):
+        for name in ("eval_every", "eval_users", "shards", "checkpoint_every", "finetune_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
         if self.lr <= 0 or self.server_lr <= 0 or self.round_timeout <= 0:
@@ -94,6 +95,8 @@ HELP = {
     "server_beta2": "fedadam/fedyogi: second-moment decay",
     "server_tau": "fedadam/fedyogi/fedadagrad: adaptivity (epsilon) tau",
     "momentum": "local SGD momentum (0: plain SGD, as FL-mobile)",
+    "finetune_epochs": "also report each user's accuracy after this many local epochs of fine-tuning on its "
+                       "training data (personalization; reported as top1_ft, top1_ft_user_mean); 0: off",
     "prox_mu": "FedProx: weight mu of the local proximal term mu/2 ||w - w_global||^2 (0: FedAvg)",
     "max_grad_norm": "clip each local step's gradient to this global norm (0: no clipping)",
     "seed": "fixes initialisation, sampling and evaluation users; same seed, same metrics at any -np",

@@ -69,6 +69,7 @@ class Plan:
     version: int = 0           # version of the shared parameters to use
     total_users: int = 0
     checkpoint: bool = False   # a checkpoint follows this training step
+    train_day: str = ""        # evaluation steps: the last training day (for local fine-tuning)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,11 @@ from common.errors import ConfigError
 BUILTINS = {
     "reader": {"leaf": "reader.leaf:LeafRedditReader", "arrays": "reader.arrays:ArrayReader"},
     "model": {"lstm": "model.lstm:RedditLSTM", "mlp": "model.mnist:MnistMLP", "cnn": "model.mnist:MnistCNN",
-              "cnn-personal": "model.mnist:PersonalMnistCNN"},
-    "trainer": {"lm": "trainer.lm:LanguageModelTrainer", "classifier": "trainer.classifier:ClassifierTrainer"},
+              "cnn-personal": "model.mnist:PersonalMnistCNN",
+              "mlp-personal": "model.mnist:PersonalMnistMLP", "fedem-mlp": "model.fedem:FedEMMLP",
+              "fedem-cnn": "model.fedem:FedEMCNN"},
+    "trainer": {"lm": "trainer.lm:LanguageModelTrainer", "classifier": "trainer.classifier:ClassifierTrainer",
+                "fedem": "trainer.fedem:FedEMTrainer"},
 }
 
 

@@ -63,3 +63,9 @@ class PersonalMnistCNN(MnistCNN):
     """MnistCNN whose output layer is private (FedPer-style): each user keeps its own classifier head."""
 
     private_patterns: ClassVar[tuple[str, ...]] = ("fc2.*",)
+
+
+class PersonalMnistMLP(MnistMLP):
+    """MnistMLP whose output layer is private (FedPer-style)."""
+
+    private_patterns: ClassVar[tuple[str, ...]] = ("out.*",)

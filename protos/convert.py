@@ -27,13 +27,13 @@ def layout_from_proto(specs: Iterable[pb.TensorSpec]) -> ParamLayout:
 def plan_to_proto(plan: Plan) -> pb.Plan:
     return pb.Plan(step=plan.step, kind=plan.kind, round=plan.round, day=plan.day, split=plan.split,
                    users=list(plan.users), version=plan.version, total_users=plan.total_users,
-                   checkpoint=plan.checkpoint)
+                   checkpoint=plan.checkpoint, train_day=plan.train_day)
 
 
 def plan_from_proto(msg: pb.Plan) -> Plan:
     return Plan(step=msg.step, kind=msg.kind, round=msg.round, day=msg.day, split=msg.split,
                 users=tuple(msg.users), version=msg.version, total_users=msg.total_users,
-                checkpoint=msg.checkpoint)
+                checkpoint=msg.checkpoint, train_day=msg.train_day)
 
 
 def param_chunks(version: int, layout: ParamLayout, flat: np.ndarray,

@@ -61,7 +61,7 @@ class PlanRequest(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("step", "kind", "round", "day", "split", "users", "version", "total_users", "checkpoint")
+    __slots__ = ("step", "kind", "round", "day", "split", "users", "version", "total_users", "checkpoint", "train_day")
     STEP_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class Plan(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TOTAL_USERS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_DAY_FIELD_NUMBER: _ClassVar[int]
     step: int
     kind: str
     round: int
@@ -80,7 +81,8 @@ class Plan(_message.Message):
     version: int
     total_users: int
     checkpoint: bool
-    def __init__(self, step: _Optional[int] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., day: _Optional[str] = ..., split: _Optional[str] = ..., users: _Optional[_Iterable[str]] = ..., version: _Optional[int] = ..., total_users: _Optional[int] = ..., checkpoint: _Optional[bool] = ...) -> None: ...
+    train_day: str
+    def __init__(self, step: _Optional[int] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., day: _Optional[str] = ..., split: _Optional[str] = ..., users: _Optional[_Iterable[str]] = ..., version: _Optional[int] = ..., total_users: _Optional[int] = ..., checkpoint: _Optional[bool] = ..., train_day: _Optional[str] = ...) -> None: ...
 
 class ParamsRequest(_message.Message):
     __slots__ = ("version", "chunk_bytes")

@@ -129,8 +129,9 @@ class Scheduler:
             chosen = evaluation_users(self.config.seed, users, self.config.eval_users)
         per_rank = assign_users(chosen, [counts[u] for u in chosen], world, pinned=self.config.pin_users)
         checkpoint = kind == TRAIN and self.checkpoint_path is not None and self.config.checkpoint_due(done + 1)
-        return [Plan(step=step, kind=kind, round=done, day=day, split=split, users=tuple(mine),
-                     version=self.version, total_users=len(chosen), checkpoint=checkpoint) for mine in per_rank]
+        train_day = self.calendar.train_days[-1] if kind == EVAL else ""
+        return [Plan(step=step, kind=kind, round=done, day=day, split=split, users=tuple(mine), version=self.version,
+                     total_users=len(chosen), checkpoint=checkpoint, train_day=train_day) for mine in per_rank]
 
     # -- parameters -------------------------------------------------------------------------------------
 

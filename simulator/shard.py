@@ -15,9 +15,10 @@ from trainer.base import Trainer
 log = logging.getLogger(__name__)
 
 
-def user_seed(seed: int, round_index: int, uid: str) -> int:
-    """A user's random seed for one round: the same whichever rank, shard or thread trains it."""
-    return int(np.random.SeedSequence([seed, round_index, zlib.crc32(uid.encode())]).generate_state(1)[0])
+def user_seed(seed: int, round_index: int, uid: str, purpose: str = "train") -> int:
+    """A user's random seed for one round (and purpose): the same whichever rank, shard or thread uses it."""
+    words = [seed, round_index, zlib.crc32(uid.encode()), zlib.crc32(purpose.encode())]
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
 class Shard:
@@ -25,9 +26,11 @@ class Shard:
     parameters back, and adds n_k * delta_k of the shared parameters into its float64 running sum."""
 
     def __init__(self, model: torch.nn.Module, trainer: Trainer, layout: ParamLayout,
-                 private: tuple[str, ...], store: PrivateStore, private_init: Mapping[str, np.ndarray]) -> None:
+                 private: tuple[str, ...], store: PrivateStore, private_init: Mapping[str, np.ndarray],
+                 finetuner: Trainer | None = None) -> None:
         self.model = model
         self.trainer = trainer
+        self.finetuner = finetuner
         named = dict(model.named_parameters())
         self.shared = [named[n] for n in layout.names]
         self.private = {n: named[n] for n in private}
@@ -84,3 +87,11 @@ class Shard:
     def evaluate_user(self, uid: str, samples: Mapping[str, np.ndarray]) -> dict[str, float]:
         self._load_user(uid)
         return self.trainer.evaluate(self.model, samples)
+
+    def finetune_and_evaluate(self, uid: str, train: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray],
+                              seed: int) -> dict[str, float]:
+        """Local adaptation: the user fine-tunes the global (+ its private) model on its training data, then
+        evaluates. Nothing is stored: the data server and the round's update are untouched."""
+        self._load_user(uid)
+        self.finetuner.train(self.model, train, torch.Generator().manual_seed(seed))
+        return self.trainer.evaluate(self.model, test)

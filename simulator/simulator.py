@@ -97,9 +97,21 @@ class Simulator:
         log.debug("step %d: trained %d users in %.2f s", plan.step, len(plan.users), sums["train_seconds"])
         return RankUpdate(step=plan.step, rank=self.rank, weight=weight, delta_sum=delta, sums=sums)
 
+    def _evaluate_user(self, shard: Shard, plan: Plan, uid: str) -> dict[str, float]:
+        test = self.reader.load(plan.day, plan.split, uid)
+        sums = shard.evaluate_user(uid, test)
+        if shard.finetuner is not None:
+            train_users = self.reader.index(plan.train_day, "train").count_of()
+            if train_users.get(uid):
+                train = self.reader.load(plan.train_day, "train", uid)
+                tuned = shard.finetune_and_evaluate(uid, train, test, user_seed(self.seed, plan.round, uid, "finetune"))
+            else:             # nothing to adapt on: the global model is the user's model
+                tuned = sums
+            sums = {**sums, **{f"ft_{k}": v for k, v in tuned.items()}}
+        return sums
+
     def eval_step(self, plan: Plan) -> RankMetrics:
-        results = self._per_shard(plan, lambda shard, uid: shard.evaluate_user(
-            uid, self.reader.load(plan.day, plan.split, uid)))
+        results = self._per_shard(plan, lambda shard, uid: self._evaluate_user(shard, plan, uid))
         sums: dict[str, float] = {"users": 0.0}
         for group in results:
             for _, user_sums in group:

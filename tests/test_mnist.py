@@ -77,3 +77,54 @@ def test_cnn_runs_and_dropout_does_not_depend_on_ranks(shards_data, tmp_path):
     final = results[1][-1]
     assert final["kind"] == "eval" and final["samples"] == 10000   # the whole MNIST test set, over 40 users
     assert final["top1"] > 0.3
+
+
+def test_fedem_mixture_is_the_pi_weighted_average_of_learners():
+    import torch
+
+    from model.fedem import FedEMMLP
+
+    torch.manual_seed(0)
+    model = FedEMMLP.build({"num_classes": 10})
+    with torch.no_grad():
+        model.pi.copy_(torch.tensor([0.2, 0.5, 0.3]))
+    x = torch.randn(4, 784)
+    probs = sum(w * torch.softmax(learner(x), -1) for w, learner in zip(model.pi, model.learners))
+    torch.testing.assert_close(model(x).exp(), probs)
+    from model.base import private_names
+
+    assert private_names(model) == ("pi",)
+
+
+def test_fedem_em_steps_move_pi_to_the_learner_that_fits():
+    import torch
+
+    from model.fedem import FedEMMLP
+    from trainer.base import TrainConfig
+    from trainer.fedem import FedEMTrainer
+
+    torch.manual_seed(0)
+    model = FedEMMLP.build({"num_classes": 10})
+    x = np.random.default_rng(0).integers(0, 255, size=(60, 28, 28)).astype(np.uint8)
+    y = np.full(60, 3)
+    with torch.no_grad():                     # learner 1 already predicts class 3 confidently
+        model.learners[1].out.bias[3] = 20.0
+    trainer = FedEMTrainer(TrainConfig(lr=0.01, batch_size=20, local_epochs=2), {"num_classes": 10})
+    out = trainer.train(model, {"x": x, "y": y}, torch.Generator().manual_seed(0))
+    assert out["samples"] == 60
+    assert float(model.pi.sum()) == pytest.approx(1.0) and int(model.pi.argmax()) == 1 and float(model.pi[1]) > 0.9
+
+
+def test_fedem_and_finetuning_end_to_end(shards_data, tmp_path):
+    args = ("--reader", "arrays", "--lr", "0.05", "--local-epochs", "1", "--batch-size", "50", "--server-lr", "1",
+            "--max-grad-norm", "0", "--clients-per-round", "6", "--rounds", "2", "--eval-every", "2")
+    fedem = run_app(2, shards_data, tmp_path / "fedem", *args, "--model", "fedem-mlp", "--trainer", "fedem",
+                    "--data-server", "sqlite")
+    assert fedem.returncode == 0, fedem.stdout + fedem.stderr
+    assert json.loads((tmp_path / "fedem" / "config.json").read_text())["private_params"] == ["pi"]
+    tuned = run_app(2, shards_data, tmp_path / "ft", *args, "--model", "mlp", "--trainer", "classifier",
+                    "--finetune-epochs", "1")
+    assert tuned.returncode == 0, tuned.stdout + tuned.stderr
+    final = read_metrics(tmp_path / "ft")[-1]
+    assert final["ft_samples"] == final["samples"] == 10000
+    assert final["top1_ft_user_mean"] > final["top1_user_mean"]     # 2-label users gain from adapting locally

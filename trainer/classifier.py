@@ -47,7 +47,7 @@ class ClassifierTrainer:
                 loss = F.cross_entropy(model(x[pick]), y[pick])
                 loss.backward()
                 sgd.step()
-                loss_sum += float(loss) * len(pick)
+                loss_sum += float(loss.detach()) * len(pick)
         return {"samples": float(len(x)), "loss_sum": loss_sum / cfg.local_epochs}
 
     @torch.no_grad()
