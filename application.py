@@ -29,6 +29,32 @@ def setup_logging(rank: int, level: str) -> None:
     root.setLevel(level.upper())
 
 
+def progress_mode(config: Config) -> str:
+    """A progress bar on a terminal, log lines otherwise (files, CI), nothing with --quiet."""
+    if config.quiet:
+        return "quiet"
+    return "bar" if on_terminal() else "lines"
+
+
+def on_terminal() -> bool:
+    """Whether a person watches: stdout is a terminal, or (under mpirun, which pipes the ranks' output to its
+    own stdout) the launcher a few parents up writes to a terminal, and this is not CI."""
+    if sys.stdout.isatty():
+        return True
+    if os.environ.get("CI") or "PMI_RANK" not in os.environ:
+        return False
+    pid = os.getppid()
+    for _ in range(4):            # rank <- hydra proxy <- mpiexec
+        try:
+            if os.readlink(f"/proc/{pid}/fd/1").startswith(("/dev/pts/", "/dev/tty")):
+                return True
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
 def prepare_data(config: Config) -> None:
     """Rank 0, before anyone reads: builds the built-in corpus if DATA_DIR is missing."""
     data_dir = Path(config.data_dir)
@@ -99,7 +125,7 @@ def run(config: Config, comm) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps({**config.to_saved_json(), "world_size": 1, "argv": sys.argv},
                                                         indent=1))
-        recorder = Recorder(run_dir, config.rounds)
+        recorder = Recorder(run_dir, config.rounds, mode=progress_mode(config))
         log.info("centralized baseline: %d parameters; run dir %s", layout.size, run_dir)
         run_centralized(reader=reader, model=model, trainer=trainer_cls(replace(train_config, local_epochs=1), spec),
                         rounds=config.rounds, clients_per_round=config.clients_per_round,
@@ -140,8 +166,6 @@ def run(config: Config, comm) -> None:
             resume_round = scheduler.restore(checkpoint, layout) if checkpoint.exists() else 0
             truncate_metrics(run_dir / "metrics.jsonl", resume_round)
             log.info("resuming %s after round %d", run_dir, resume_round)
-        recorder = Recorder(run_dir, config.rounds)
-        scheduler.on_record = recorder
         token = config.token or os.environ.get("FLOCK_TOKEN") or secrets.token_hex(16)
         tls = (Path(config.tls_cert), Path(config.tls_key)) if config.tls_cert else None
         if tls is None and config.scheduler_host not in ("127.0.0.1", "localhost", "::1"):
@@ -151,6 +175,8 @@ def run(config: Config, comm) -> None:
         address = f"{config.scheduler_host}:{port}"
         log.info("scheduler on %s; %d rank(s) x %d shard(s); %d shared parameters (%.1f MB), private: %s; run dir %s",
                  address, world, n_shards, layout.size, layout.size * 4 / 1e6, ", ".join(private) or "none", run_dir)
+        recorder = Recorder(run_dir, config.rounds, mode=progress_mode(config), done=resume_round)
+        scheduler.on_record = recorder    # before rank 0's parameters arrive, no step can finish
     address, run_id, resume_round, token = comm.bcast((address, run_id, resume_round, token))
 
     tls_ca = config.tls_ca or config.tls_cert
@@ -208,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     from simulator.comm import world
 
     comm = world()
-    setup_logging(comm.rank, config.log_level)
+    setup_logging(comm.rank, "WARNING" if config.quiet else config.log_level)
     code = 0
     try:
         if config.resume:

@@ -43,6 +43,8 @@ class Config:
     scheduler_host: str = "127.0.0.1"
     round_timeout: float = 600.0
     log_level: str = "INFO"
+    quiet: bool = False
+    config: str = ""
     centralized: bool = False
     checkpoint_every: int = 10
     resume: str = ""
@@ -112,6 +114,9 @@ HELP = {
     "scheduler_host": "address the scheduler binds on rank 0 (loopback by default)",
     "round_timeout": "seconds a rank waits for the other ranks to finish a round (or evaluation) before the job fails",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "quiet": "no per-round progress; warnings, errors and the final result only",
+    "config": "read options from a TOML, YAML or JSON file (keys as the long option names; a run's saved "
+              "config.json works too); options given on the command line win",
     "checkpoint_every": "checkpoint the scheduler (and private params) every this many rounds; 0: never",
     "resume": "continue the run saved in this run directory from its last checkpoint (its config.json "
               "gives every option; DATA_DIR may point to the data's new place)",
@@ -153,10 +158,71 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# keys a run's config.json records beside the options (skipped when it is read back as a config file)
+RECORD_KEYS = {"world_size", "shards_per_rank", "run_id", "argv", "private_params", "shared_params", "versions"}
+
+
+def load_config_file(path: str) -> dict:
+    """Options from a .toml, .yaml/.yml or .json file; unknown keys and wrong types name the key and file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read ({e.strerror})") from None
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            raw = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        elif p.suffix == ".json":
+            raw = json.loads(text)
+        else:
+            raise ConfigError(f"--config {path}: use a .toml, .yaml, .yml or .json file")
+    except ConfigError:
+        raise
+    except Exception as e:  # each parser has its own error type
+        raise ConfigError(f"--config {path}: not valid {p.suffix[1:].upper()} ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a table of option = value")
+    saved_run = "run_id" in raw
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name in RECORD_KEYS or (saved_run and name in ("run_dir", "resume", "config", "token")):
+            continue
+        if name not in fields or name == "config":
+            raise ConfigError(f"--config {path}: unknown option {key!r}")
+        default = getattr(Config(data_dir="DATA_DIR"), name)
+        if name == "private":
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"--config {path}: {key!r} must be a pattern or a list of patterns")
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"--config {path}: {key!r} must be true or false")
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif type(value) is not type(default):
+            raise ConfigError(f"--config {path}: {key!r} must be a {type(default).__name__}, got {value!r}")
+        values[name] = value
+    return values
+
+
 def parse_config(argv: Sequence[str] | None = None) -> Config:
-    """Options -> Config (argparse exits with status 2 on malformed options)."""
-    ns = build_parser().parse_args(argv)
-    values = vars(ns)
+    """Options (a --config file, then the command line over it) -> Config. argparse exits with status 2 on
+    malformed options; invalid values raise ConfigError."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default="")
+    known, _ = pre.parse_known_args(argv)
+    parser = build_parser()
+    if known.config:
+        parser.set_defaults(**load_config_file(known.config))
+    values = vars(parser.parse_args(argv))
     values["private"] = tuple(values["private"])
     return Config(**values)
 

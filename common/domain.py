@@ -90,6 +90,7 @@ class RankMetrics:
     step: int
     rank: int
     sums: Mapping[str, float]
+    per_user: Mapping[str, float] = field(default_factory=dict)   # user -> main metric
 
 
 def home_rank(uid: str, world_size: int) -> int:

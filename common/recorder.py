@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 log = logging.getLogger("flock")
@@ -28,16 +29,45 @@ def truncate_metrics(path: Path, rounds_done: int) -> None:
 
 
 class Recorder:
-    def __init__(self, run_dir: Path, rounds: int) -> None:
+    """Appends each record to metrics.jsonl (fsynced) and shows progress: `mode` "bar" (a tqdm bar over the
+    rounds with loss, last top-1 and clients/s; evaluations as lines above it), "lines" (one log line per
+    step, for files and CI) or "quiet" (only the final evaluation, at the end)."""
+
+    def __init__(self, run_dir: Path, rounds: int, *, mode: str = "lines", done: int = 0) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.rounds = rounds
+        self.mode = mode
+        self.last_eval: dict | None = None
         self._file = open(self.path, "a", encoding="utf-8")
+        self._bar = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=rounds, initial=done, unit="round", dynamic_ncols=True, file=sys.stdout)
 
     def __call__(self, record: dict) -> None:
+        per_user = record.pop("_per_user", None)
+        if per_user is not None:       # the latest evaluation's per-user values (fairness plots)
+            path = self.path.with_name("eval_users.json")
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps({"round": record["round"], **per_user}))
+            os.replace(tmp, path)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
-        log.info(self.describe(record))
+        if record["kind"] == "eval":
+            self.last_eval = record
+        if self.mode == "lines":
+            log.info(self.describe(record))
+        elif self._bar is not None:
+            if record["kind"] == "train":
+                shown = {"loss": f"{record.get('loss', float('nan')):.3f}", "clients/s": f"{record['clients_per_s']:.2f}"}
+                if self.last_eval and "top1" in self.last_eval:
+                    shown["top1"] = f"{self.last_eval['top1']:.2%}"
+                self._bar.set_postfix(shown, refresh=False)
+                self._bar.update(1)
+            else:
+                self._bar.write(self.describe(record))
 
     def describe(self, r: dict) -> str:
         if r["kind"] == "train":
@@ -51,3 +81,7 @@ class Recorder:
 
     def close(self) -> None:
         self._file.close()
+        if self._bar is not None:
+            self._bar.close()
+        if self.mode == "quiet" and self.last_eval is not None:
+            print(self.describe(self.last_eval), flush=True)

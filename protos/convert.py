@@ -101,8 +101,12 @@ def update_from_chunks(chunks: Iterable[pb.UpdateChunk], expected_size: int) -> 
 
 
 def metrics_to_proto(m: RankMetrics) -> pb.MetricsPush:
-    return pb.MetricsPush(step=m.step, rank=m.rank, sums=dict(m.sums))
+    return pb.MetricsPush(step=m.step, rank=m.rank, sums=dict(m.sums), users=list(m.per_user),
+                          user_values=list(m.per_user.values()))
 
 
 def metrics_from_proto(msg: pb.MetricsPush) -> RankMetrics:
-    return RankMetrics(step=msg.step, rank=msg.rank, sums=dict(msg.sums))
+    if len(msg.users) != len(msg.user_values):
+        raise RefusedError(f"rank {msg.rank}: {len(msg.users)} users but {len(msg.user_values)} per-user values")
+    return RankMetrics(step=msg.step, rank=msg.rank, sums=dict(msg.sums),
+                       per_user=dict(zip(msg.users, msg.user_values)))

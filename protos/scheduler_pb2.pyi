@@ -124,7 +124,7 @@ class UpdateChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class MetricsPush(_message.Message):
-    __slots__ = ("step", "rank", "sums")
+    __slots__ = ("step", "rank", "sums", "users", "user_values")
     class SumsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -135,10 +135,14 @@ class MetricsPush(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     SUMS_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    USER_VALUES_FIELD_NUMBER: _ClassVar[int]
     step: int
     rank: int
     sums: _containers.ScalarMap[str, float]
-    def __init__(self, step: _Optional[int] = ..., rank: _Optional[int] = ..., sums: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    users: _containers.RepeatedScalarFieldContainer[str]
+    user_values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, step: _Optional[int] = ..., rank: _Optional[int] = ..., sums: _Optional[_Mapping[str, float]] = ..., users: _Optional[_Iterable[str]] = ..., user_values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("ok", "message")

@@ -61,8 +61,9 @@ def schedule(rounds: int, eval_every: int) -> list[tuple[str, int]]:
 
 class Scheduler:
     """Owns the run's global state; simulators talk to it through `plan`, `params`, `push_update` and
-    `push_metrics`. `on_record` receives one dict per finished step (the metrics.jsonl lines), called under
-    the scheduler's lock so records and checkpoints are written in order."""
+    `push_metrics`. `on_record` receives one dict per finished step (the metrics.jsonl lines; evaluations
+    also carry "_per_user": each user's main metric), called under the scheduler's lock so records and
+    checkpoints are written in order."""
 
     def __init__(self, config: SchedulerConfig, *, reader: Reader, optimizer: ServerOptimizer,
                  train_ratios: Ratios, eval_ratios: Ratios,
@@ -285,7 +286,12 @@ class Scheduler:
             if self._plans[0].checkpoint:     # after the record: a resumed run's metrics lose nothing
                 self._write_checkpoint(done + 1)
         else:
-            self.on_record(eval_record(done, sums, self.eval_ratios, seconds))
+            per_user = {}
+            for pushed in self._pushed.values():
+                per_user.update(pushed.per_user)
+            metric = next(iter(self.eval_ratios), "")
+            self.on_record({**eval_record(done, sums, self.eval_ratios, seconds),
+                            "_per_user": {"metric": metric, "users": dict(sorted(per_user.items()))}})
         self._pushed = {}
         self.step += 1
         self._plans = self._make_plans(self.step)

@@ -113,7 +113,11 @@ class Simulator:
     def eval_step(self, plan: Plan) -> RankMetrics:
         results = self._per_shard(plan, lambda shard, uid: self._evaluate_user(shard, plan, uid))
         sums: dict[str, float] = {"users": 0.0}
+        main = next(iter(self.eval_ratios.items()), None)
+        per_user = {}
         for group in results:
-            for _, user_sums in group:
+            for uid, user_sums in group:
                 add_user_eval(sums, user_sums, self.eval_ratios)
-        return RankMetrics(step=plan.step, rank=self.rank, sums=sums)
+                if main and user_sums.get(main[1][1], 0) > 0:
+                    per_user[uid] = user_sums[main[1][0]] / user_sums[main[1][1]]
+        return RankMetrics(step=plan.step, rank=self.rank, sums=sums, per_user=per_user)
