@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger("flock")
@@ -52,6 +53,7 @@ class Recorder:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(json.dumps({"round": record["round"], **per_user}))
             os.replace(tmp, path)
+        record["time"] = round(time.time(), 3)        # when the step finished (unix seconds)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())

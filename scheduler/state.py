@@ -16,7 +16,7 @@ import numpy as np
 from common.domain import DONE, EVAL, TRAIN, ParamLayout, Plan, RankMetrics, RankUpdate, assign_users
 from common.errors import ConfigError, RefusedError
 from common.metrics import Ratios, add_sums, eval_record, train_record
-from reader.base import DayIndex, Reader
+from reader.base import Reader
 from scheduler.calendar import Calendar
 from scheduler.checkpoint import load_checkpoint, save_checkpoint
 from scheduler.optim.base import ServerOptimizer
@@ -77,7 +77,7 @@ class Scheduler:
         self.checkpoint_path = checkpoint_path
         self.calendar = Calendar.from_reader(reader)
         self.steps = schedule(config.rounds, config.eval_every)
-        self._indexes: dict[tuple[str, str], DayIndex] = {}
+        self._indexes: dict[tuple[str, str], tuple[list[str], dict[str, int]]] = {}
         for day in sorted(set(self.calendar.train_days)):
             n = len(self._eligible(day, "train")[0])
             if config.clients_per_round > n:
@@ -97,14 +97,17 @@ class Scheduler:
     # -- data -------------------------------------------------------------------------------------------
 
     def _eligible(self, day: str, split: str) -> tuple[list[str], dict[str, int]]:
+        """The users of a day's split that have samples (file order), and every user's count; read once."""
         key = (day, split)
         if key not in self._indexes:
-            self._indexes[key] = self.reader.index(day, split)
-            empty = sum(1 for c in self._indexes[key].counts if c == 0)
-            if empty:
-                log.warning("day %s %s: %d users without samples are never sampled", day, split, empty)
-        counts = self._indexes[key].count_of()
-        return [u for u in self._indexes[key].users if counts[u] > 0], counts
+            index = self.reader.index(day, split)
+            counts = index.count_of()
+            users = [u for u in index.users if counts[u] > 0]
+            if len(users) < len(index.users):
+                log.warning("day %s %s: %d users without samples are never sampled", day, split,
+                            len(index.users) - len(users))
+            self._indexes[key] = (users, counts)
+        return self._indexes[key]
 
     def _fingerprint(self) -> str:
         """A digest of the calendar's user indexes: a checkpoint only resumes on the data it was made with."""

@@ -34,6 +34,7 @@ class Simulator:
         self.shards = list(shards)
         self.eval_ratios = dict(eval_ratios)
         self.round_timeout = round_timeout
+        self._count_cache: dict[tuple[str, str], dict[str, int]] = {}
         self._pool = ThreadPoolExecutor(len(self.shards), thread_name_prefix="shard") if len(self.shards) > 1 else None
 
     def run(self, start_step: int = 0) -> int:
@@ -52,9 +53,16 @@ class Simulator:
                 self.client.push_metrics(self.eval_step(plan))
             step += 1
 
+    def _counts(self, day: str, split: str) -> dict[str, int]:
+        """user -> samples of a day's split (kept: the index is asked for every step and user)."""
+        key = (day, split)
+        if key not in self._count_cache:
+            self._count_cache[key] = self.reader.index(day, split).count_of()
+        return self._count_cache[key]
+
     def _per_shard(self, plan: Plan, work: Callable[[Shard, str], dict[str, float]]) -> list[list[tuple[str, dict]]]:
         """Runs `work` for each of the plan's users, spread over the shards by sample count."""
-        index = self.reader.index(plan.day, plan.split).count_of()
+        index = self._counts(plan.day, plan.split)
         groups = assign_users(plan.users, [index[u] for u in plan.users], len(self.shards), pinned=False)
 
         def run_group(shard: Shard, users: list[str]) -> list[tuple[str, dict]]:
@@ -101,8 +109,7 @@ class Simulator:
         test = self.reader.load(plan.day, plan.split, uid)
         sums = shard.evaluate_user(uid, test)
         if shard.finetuner is not None:
-            train_users = self.reader.index(plan.train_day, "train").count_of()
-            if train_users.get(uid):
+            if self._counts(plan.train_day, "train").get(uid):
                 train = self.reader.load(plan.train_day, "train", uid)
                 tuned = shard.finetune_and_evaluate(uid, train, test, user_seed(self.seed, plan.round, uid, "finetune"))
             else:             # nothing to adapt on: the global model is the user's model
