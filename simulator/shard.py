@@ -23,7 +23,9 @@ def user_seed(seed: int, round_index: int, uid: str, purpose: str = "train") -> 
 
 class Shard:
     """Loads global + a user's private parameters into its model, trains or evaluates, writes the private
-    parameters back, and adds n_k * delta_k of the shared parameters into its float64 running sum."""
+    parameters back, and adds n_k * theta_k of the shared parameters into its float64 running sum
+    (`weighted_sum`; the rank turns it into sum n_k * delta_k = weighted_sum - weight * theta_global once
+    per round, which saves a flat copy and a subtraction per user)."""
 
     def __init__(self, model: torch.nn.Module, trainer: Trainer, layout: ParamLayout,
                  private: tuple[str, ...], store: PrivateStore, private_init: Mapping[str, np.ndarray],
@@ -38,7 +40,8 @@ class Shard:
         self.private_init = {n: torch.from_numpy(np.array(v, dtype=np.float32)) for n, v in private_init.items()}
         self.device = self.shared[0].device if self.shared else torch.device("cpu")
         self.layout = layout
-        self.delta_sum = torch.zeros(layout.size, dtype=torch.float64, device=self.device)
+        self.weighted_sum = torch.zeros(layout.size, dtype=torch.float64, device=self.device)
+        self._sum_views = [v.view(shape) for v, shape in zip(self.weighted_sum.split(layout.sizes), layout.shapes)]
         self.weight = 0.0
         self._global: torch.Tensor | None = None
         self._global_views: list[torch.Tensor] = []
@@ -52,8 +55,12 @@ class Shard:
                                   zip(self._global.split(self.layout.sizes), self.layout.shapes)]
             self._global_src = flat
 
+    def global_flat(self) -> torch.Tensor:
+        """The round's global shared parameters as one float32 vector."""
+        return self._global
+
     def reset_sum(self) -> None:
-        self.delta_sum.zero_()
+        self.weighted_sum.zero_()
         self.weight = 0.0
 
     def _load_user(self, uid: str) -> None:
@@ -73,12 +80,12 @@ class Shard:
         sums = self.trainer.train(self.model, samples, rng)
         n = float(sums["samples"])
         with torch.no_grad():
-            delta = torch.nn.utils.parameters_to_vector(self.shared) - self._global
-            if not bool(torch.isfinite(delta).all()):
+            if not bool(torch.isfinite(torch.stack(torch._foreach_norm(self.shared))).all()):
                 # one diverged phone must not poison the model: its update is dropped and counted
                 log.warning("user %r: non-finite update after local training; dropped from the round", uid)
                 return {"dropped": 1.0}
-            self.delta_sum.add_(delta.double(), alpha=n)
+            for acc, p in zip(self._sum_views, self.shared):
+                acc.add_(p, alpha=n)
         self.weight += n
         if self.private:
             self.store.set_param_by_uid(uid, {k: p.detach().cpu().numpy() for k, p in self.private.items()})

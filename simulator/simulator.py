@@ -41,16 +41,23 @@ class Simulator:
         """Runs steps until the scheduler says done; returns the number of steps run."""
         step = start_step
         while True:
+            t0 = time.perf_counter()
             plan = self.client.get_plan(step, self.round_timeout)
             if plan.kind == DONE:
                 return step - start_step
+            t1 = time.perf_counter()
             _, flat = self.client.get_params(plan.version)
             for shard in self.shards:
                 shard.set_global(flat)
+            t2 = time.perf_counter()
+            result = self.train_step(plan) if plan.kind == TRAIN else self.eval_step(plan)
+            t3 = time.perf_counter()
             if plan.kind == TRAIN:
-                self.client.push_update(self.train_step(plan))
+                self.client.push_update(result)
             else:
-                self.client.push_metrics(self.eval_step(plan))
+                self.client.push_metrics(result)
+            log.debug("step %d (%s, %d users): waited %.3f s, params %.3f s, work %.3f s, push %.3f s", step,
+                      plan.kind, len(plan.users), t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)
             step += 1
 
     def _counts(self, day: str, split: str) -> dict[str, int]:
@@ -93,9 +100,10 @@ class Simulator:
                 add_sums(sums, user_sums)
         weight = sum(s.weight for s in self.shards)
         if weight > 0:
-            total = self.shards[0].delta_sum.clone()
+            total = self.shards[0].weighted_sum.clone()
             for shard in self.shards[1:]:
-                total += shard.delta_sum
+                total += shard.weighted_sum
+            total.sub_(self.shards[0].global_flat().double(), alpha=weight)      # sum n_k (theta_k - theta)
             delta = total.cpu().numpy()
         else:
             delta = np.zeros(0, dtype=np.float64)

@@ -89,7 +89,18 @@ def test_shard_keeps_private_params_per_user_and_out_of_the_update(store):
     assert set(ann) == {"decoder.bias"}
     assert not np.allclose(ann["decoder.bias"], init["decoder.bias"])
     assert not np.allclose(ann["decoder.bias"], bob["decoder.bias"])      # each user its own copy
-    assert shard.delta_sum.numel() == layout.size                         # the update holds shared params only
+    assert shard.weighted_sum.numel() == layout.size                      # the update holds shared params only
+    # the rank's update, sum n_k (theta_k - theta), against a hand computation with fresh models
+    expected = torch.zeros(layout.size, dtype=torch.float64)
+    for seed, uid in ((1, "ann"), (2, "bob")):
+        torch.manual_seed(0)
+        ref = RedditLSTM(8, embed_dim=4, hidden=4, layers=1)
+        n = LanguageModelTrainer(TrainConfig(), SPEC).train(ref, samples(seed))["samples"]
+        ref_named = dict(ref.named_parameters())
+        theta_k = torch.cat([ref_named[name].detach().reshape(-1) for name in layout.names])
+        expected += n * (theta_k.double() - torch.from_numpy(glob).double())
+    got = shard.weighted_sum - shard.weight * shard.global_flat().double()
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
     # bob started from the global params and the initial private values, not from ann's training
     torch.manual_seed(0)
     fresh = RedditLSTM(8, embed_dim=4, hidden=4, layers=1)
@@ -116,4 +127,4 @@ def test_a_diverged_user_is_dropped_not_averaged():
     shard.set_global(layout.flatten({n: p.detach().numpy() for n, p in named.items()}))
     x = np.full((2, 10), 3, dtype=np.int32)
     assert shard.train_user("ann", {"x": x, "y": x, "mask": np.ones_like(x, dtype=np.uint8)}) == {"dropped": 1.0}
-    assert shard.weight == 0 and not shard.delta_sum.any()
+    assert shard.weight == 0 and not shard.weighted_sum.any()

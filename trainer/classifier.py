@@ -15,7 +15,7 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 def as_inputs(x: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 images -> normalised floats; float features pass through."""
-    t = torch.from_numpy(np.ascontiguousarray(x))
+    t = torch.from_numpy(np.array(x))   # a copy: the reader hands out read-only memory maps
     if t.dtype == torch.uint8:
         t = (t.float() / 255.0 - MNIST_MEAN) / MNIST_STD
     return t.float().to(device)
