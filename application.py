@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import secrets
 import sys
 import uuid
@@ -71,7 +72,6 @@ def prepare_data(config: Config) -> None:
 
 
 def run(config: Config, comm) -> None:
-    import numpy as np
     import torch
 
     from common.domain import ParamLayout
@@ -103,6 +103,10 @@ def run(config: Config, comm) -> None:
         reader = reader_cls(Path(config.data_dir))
     spec = reader.spec()
 
+    device = torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible")
     torch.manual_seed(config.seed)
     model = model_cls.build(spec)
     private = private_names(model, config.private)
@@ -173,8 +177,8 @@ def run(config: Config, comm) -> None:
                         "give --tls-cert/--tls-key on a shared network", config.scheduler_host)
         server, port = create_server(f"{config.scheduler_host}:0", scheduler, run_id=run_id, token=token, tls=tls)
         address = f"{config.scheduler_host}:{port}"
-        log.info("scheduler on %s; %d rank(s) x %d shard(s); %d shared parameters (%.1f MB), private: %s; run dir %s",
-                 address, world, n_shards, layout.size, layout.size * 4 / 1e6, ", ".join(private) or "none", run_dir)
+        log.info("scheduler on %s; %d rank(s) x %d shard(s) on %s; %d shared parameters (%.1f MB), private: %s; run dir %s",
+                 address, world, n_shards, device, layout.size, layout.size * 4 / 1e6, ", ".join(private) or "none", run_dir)
         recorder = Recorder(run_dir, config.rounds, mode=progress_mode(config), done=resume_round)
         scheduler.on_record = recorder    # before rank 0's parameters arrive, no step can finish
     address, run_id, resume_round, token = comm.bcast((address, run_id, resume_round, token))
@@ -193,9 +197,9 @@ def run(config: Config, comm) -> None:
     if config.resume:
         store.rollback(resume_round)
     private_init = {n: named[n].detach().numpy().copy() for n in private}
-    models = [model]
+    models = [model.to(device)]
     for _ in range(n_shards - 1):
-        replica = model_cls.build(spec)
+        replica = model_cls.build(spec).to(device)
         replica.load_state_dict(model.state_dict())
         models.append(replica)
     finetune_config = replace(train_config, local_epochs=config.finetune_epochs) if config.finetune_epochs else None
@@ -204,13 +208,16 @@ def run(config: Config, comm) -> None:
     simulator = Simulator(rank=rank, client=client, reader=reader, shards=shards, store=store,
                           eval_ratios=eval_ratios, seed=config.seed, round_timeout=config.round_timeout)
     simulator.run(start_step)
+    peak_mb = comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)   # Linux: KiB
     comm.barrier()   # every rank has seen "done": the scheduler may stop
     store.close()
     client.close()
     if rank == 0:
         recorder.close()
         server.stop(grace=2)
-        log.info("done: metrics in %s", run_dir / "metrics.jsonl")
+        (run_dir / "resources.json").write_text(json.dumps({"peak_rss_mb": [round(m, 1) for m in peak_mb]}))
+        log.info("done: metrics in %s; peak memory (RSS) per rank: %s", run_dir / "metrics.jsonl",
+                 " ".join(f"{r}={m:.0f}MB" for r, m in enumerate(peak_mb)))
 
 
 def package_versions() -> dict[str, str]:

@@ -30,7 +30,6 @@ sys.path.insert(0, str(ROOT))
 
 
 def floor_worker(data_dir: str, rounds: int, seed: int, out: "mp.Queue") -> None:
-    import numpy as np
     import torch
 
     from model.lstm import RedditLSTM

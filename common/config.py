@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -40,6 +40,7 @@ class Config:
     private: tuple[str, ...] = ()
     data_server: str = "memory"
     shards: int = 0
+    device: str = "auto"
     scheduler_host: str = "127.0.0.1"
     round_timeout: float = 600.0
     log_level: str = "INFO"
@@ -110,6 +111,8 @@ HELP = {
     "trainer": "local trainer: built-in short name or module:Class",
     "private": "parameter name pattern (fnmatch) to keep private per user; repeatable, e.g. 'decoder.bias'",
     "data_server": "where private parameters live on each rank: memory, or sqlite under the run dir",
+    "device": "where shards train: cuda when visible (auto), or cpu, or cuda; same-seed-same-metrics across "
+              "rank counts is guaranteed on cpu",
     "shards": "trainers per rank, each a thread with one torch thread (0: this node's cores / its ranks)",
     "scheduler_host": "address the scheduler binds on rank 0 (loopback by default)",
     "round_timeout": "seconds a rank waits for the other ranks to finish a round (or evaluation) before the job fails",
@@ -130,7 +133,7 @@ HELP = {
 }
 
 
-CHOICES = {"server_opt": ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"], "data_server": ["memory", "sqlite"],
+CHOICES = {"device": ["auto", "cpu", "cuda"], "server_opt": ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"], "data_server": ["memory", "sqlite"],
            "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"]}
 
 

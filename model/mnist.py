@@ -12,7 +12,7 @@ def _dropout(x: torch.Tensor, p: float, training: bool, rng: torch.Generator | N
     """Dropout drawing from `rng` (the user's generator), so results do not depend on thread or rank."""
     if not training or p == 0:
         return x
-    keep = torch.rand(x.shape, generator=rng, device=x.device) >= p
+    keep = (torch.rand(x.shape, generator=rng) >= p).to(x.device)    # drawn on the CPU: same on any device
     return x * keep / (1 - p)
 
 

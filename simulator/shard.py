@@ -37,8 +37,9 @@ class Shard:
         self.shared = [named[n] for n in layout.names]
         self.private = {n: named[n] for n in private}
         self.store = store
-        self.private_init = {n: torch.from_numpy(np.array(v, dtype=np.float32)) for n, v in private_init.items()}
         self.device = self.shared[0].device if self.shared else torch.device("cpu")
+        self.private_init = {n: torch.from_numpy(np.array(v, dtype=np.float32)).to(self.device)
+                             for n, v in private_init.items()}
         self.layout = layout
         self.weighted_sum = torch.zeros(layout.size, dtype=torch.float64, device=self.device)
         self._sum_views = [v.view(shape) for v, shape in zip(self.weighted_sum.split(layout.sizes), layout.shapes)]

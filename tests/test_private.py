@@ -92,7 +92,7 @@ def test_shard_keeps_private_params_per_user_and_out_of_the_update(store):
     assert shard.weighted_sum.numel() == layout.size                      # the update holds shared params only
     # the rank's update, sum n_k (theta_k - theta), against a hand computation with fresh models
     expected = torch.zeros(layout.size, dtype=torch.float64)
-    for seed, uid in ((1, "ann"), (2, "bob")):
+    for seed in (1, 2):             # ann trained on samples(1), bob on samples(2)
         torch.manual_seed(0)
         ref = RedditLSTM(8, embed_dim=4, hidden=4, layers=1)
         n = LanguageModelTrainer(TrainConfig(), SPEC).train(ref, samples(seed))["samples"]

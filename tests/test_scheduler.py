@@ -1,5 +1,4 @@
 """The plain Scheduler object: FedAvg arithmetic against a hand computation, and the refusals."""
-from pathlib import Path
 
 import numpy as np
 import pytest

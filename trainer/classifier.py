@@ -41,7 +41,7 @@ class ClassifierTrainer:
         sgd = LocalSGD(params, cfg)
         loss_sum = 0.0
         for _ in range(cfg.local_epochs):
-            order = torch.randperm(len(x), generator=rng) if rng is not None else torch.arange(len(x))
+            order = (torch.randperm(len(x), generator=rng) if rng is not None else torch.arange(len(x))).to(device)
             for i in range(0, len(x), cfg.batch_size):
                 pick = order[i:i + cfg.batch_size]
                 loss = F.cross_entropy(model(x[pick]), y[pick])

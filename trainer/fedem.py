@@ -46,7 +46,7 @@ class FedEMTrainer:
             with torch.no_grad():
                 model.pi.copy_(q.mean(0))                                   # M-step for the mixture weights
             model.train()
-            order = torch.randperm(len(x), generator=rng) if rng is not None else torch.arange(len(x))
+            order = (torch.randperm(len(x), generator=rng) if rng is not None else torch.arange(len(x))).to(device)
             for i in range(0, len(x), cfg.batch_size):
                 pick = order[i:i + cfg.batch_size]
                 for m, (learner, sgd) in enumerate(zip(model.learners, sgds)):
