@@ -29,6 +29,16 @@ def truncate_metrics(path: Path, rounds_done: int) -> None:
     os.replace(tmp, path)
 
 
+def tensorboard_writer(path: Path):
+    """A TensorBoard writer when the optional `tensorboard` package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.debug("tensorboard is not installed: no TensorBoard scalars (pip install -r requirements-extras.txt)")
+        return None
+    return SummaryWriter(str(path))
+
+
 class Recorder:
     """Appends each record to metrics.jsonl (fsynced) and shows progress: `mode` "bar" (a tqdm bar over the
     rounds with loss, last top-1 and clients/s; evaluations as lines above it), "lines" (one log line per
@@ -41,6 +51,7 @@ class Recorder:
         self.last_eval: dict | None = None
         self._file = open(self.path, "a", encoding="utf-8")
         self._bar = None
+        self._tb = tensorboard_writer(Path(run_dir) / "tensorboard")
         if mode == "bar":
             from tqdm import tqdm
 
@@ -54,6 +65,10 @@ class Recorder:
             tmp.write_text(json.dumps({"round": record["round"], **per_user}))
             os.replace(tmp, path)
         record["time"] = round(time.time(), 3)        # when the step finished (unix seconds)
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("round", "time"):
+                    self._tb.add_scalar(f"{record['kind']}/{key}", value, record["round"])
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -83,6 +98,8 @@ class Recorder:
 
     def close(self) -> None:
         self._file.close()
+        if self._tb is not None:
+            self._tb.close()
         if self._bar is not None:
             self._bar.close()
         if self.mode == "quiet" and self.last_eval is not None:

@@ -51,3 +51,19 @@ def test_saved_config_reruns_the_experiment_and_plots(tmp_path):
     assert users["round"] == 2 and users["metric"] == "top1" and len(users["users"]) == 12
     out = plot([tmp_path / "a", tmp_path / "b"], tmp_path / "curves.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_tensorboard_scalars_when_installed(tmp_path):
+    pytest.importorskip("tensorboard", reason="optional extra: pip install -r requirements-extras.txt")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = make_lm_data(tmp_path / "data")
+    proc = subprocess.run([sys.executable, str(ROOT / "application.py"), str(data), "--rounds", "2",
+                           "--clients-per-round", "3", "--eval-every", "1", "--quiet", "--run-dir", str(tmp_path / "r")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    events = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "eval/top1", "eval/top1_user_mean"} <= set(tags)
+    assert [e.step for e in events.Scalars("eval/top1")] == [1, 2]
