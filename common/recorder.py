@@ -29,6 +29,20 @@ def truncate_metrics(path: Path, rounds_done: int) -> None:
     os.replace(tmp, path)
 
 
+class _AboveBar:
+    """A stream for logging handlers that prints through tqdm, above its bar."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            self.bar.write(text.rstrip("\n"))
+
+    def flush(self) -> None:
+        pass
+
+
 def tensorboard_writer(path: Path):
     """A TensorBoard writer when the optional `tensorboard` package is installed, else None."""
     try:
@@ -52,10 +66,14 @@ class Recorder:
         self._file = open(self.path, "a", encoding="utf-8")
         self._bar = None
         self._tb = tensorboard_writer(Path(run_dir) / "tensorboard")
+        self._streams: list[tuple[logging.StreamHandler, object]] = []
         if mode == "bar":
             from tqdm import tqdm
 
             self._bar = tqdm(total=rounds, initial=done, unit="round", dynamic_ncols=True, file=sys.stdout)
+            for handler in logging.getLogger().handlers:     # log lines go above the bar, not through it
+                if isinstance(handler, logging.StreamHandler):
+                    self._streams.append((handler, handler.setStream(_AboveBar(self._bar))))
 
     def __call__(self, record: dict) -> None:
         per_user = record.pop("_per_user", None)
@@ -101,6 +119,8 @@ class Recorder:
         if self._tb is not None:
             self._tb.close()
         if self._bar is not None:
+            for handler, stream in self._streams:
+                handler.setStream(stream)
             self._bar.close()
         if self.mode == "quiet" and self.last_eval is not None:
             print(self.describe(self.last_eval), flush=True)
