@@ -92,7 +92,8 @@ class LeafRedditReader:
 
     def spec(self) -> Mapping[str, int]:
         v = self.vocab
-        return {"vocab_size": v.size, "pad_id": v.pad_id, "unk_id": v.unk_id}
+        # the digest lets a checkpoint refuse a run whose vocabulary changed under the same users
+        return {"vocab_size": v.size, "pad_id": v.pad_id, "unk_id": v.unk_id, "vocab_digest": int(v.digest[:12], 16)}
 
     # -- cache -------------------------------------------------------------------------------------------
 

@@ -110,8 +110,9 @@ class Scheduler:
         return self._indexes[key]
 
     def _fingerprint(self) -> str:
-        """A digest of the calendar's user indexes: a checkpoint only resumes on the data it was made with."""
-        h = hashlib.sha1()
+        """A digest of the reader's spec and the calendar's user indexes: a checkpoint only resumes on the
+        data (and vocabulary) it was made with."""
+        h = hashlib.sha1(json.dumps(dict(self.reader.spec()), sort_keys=True).encode())
         days = [(d, "train") for d in self.calendar.train_days] + [(self.calendar.test_day, "test")]
         for day, split in days:
             idx = self.reader.index(day, split)

@@ -1,4 +1,5 @@
 """Checkpoint and resume: a job killed with SIGKILL mid-run, resumed, ends with the uninterrupted metrics."""
+import json
 import os
 import signal
 import subprocess
@@ -67,6 +68,12 @@ def test_resume_refuses_another_data_set(tmp_path):
                    "--checkpoint-every", "1").returncode == 0
     other = make_lm_data(tmp_path / "other", seed=9)
     proc = run_app(1, other, run_dir, "--resume", str(run_dir))
+    assert proc.returncode == 2 and "checkpoint was made on other data" in proc.stdout + proc.stderr
+    vocab = json.loads((data / "vocab.json").read_text())           # same users, another vocabulary
+    words = [w for w in vocab["vocab"] if not w.startswith("<")]
+    vocab["vocab"][words[0]], vocab["vocab"][words[1]] = vocab["vocab"][words[1]], vocab["vocab"][words[0]]
+    (data / "vocab.json").write_text(json.dumps(vocab))
+    proc = run_app(1, data, run_dir, "--resume", str(run_dir))
     assert proc.returncode == 2 and "checkpoint was made on other data" in proc.stdout + proc.stderr
 
 
