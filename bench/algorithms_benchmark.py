@@ -15,16 +15,12 @@ import argparse
 import json
 import os
 import platform
-import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from launch import ROOT, app_command, run
 
-from reader.mnist import build  # noqa: E402
+from reader.mnist import build
 
 COMMON = ["--reader", "arrays", "--clients-per-round", "10", "--local-epochs", "1", "--batch-size", "50",
           "--lr", "0.05", "--max-grad-norm", "0"]
@@ -62,14 +58,8 @@ def main() -> None:
     rows = []
     for i, (name, extra) in enumerate(SUITES[args.suite].items()):
         run_dir = out / f"method{i}"
-        cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", str(args.np), sys.executable,
-               str(ROOT / "application.py"), str(data), *COMMON, "--rounds", str(args.rounds),
-               "--eval-every", str(max(1, args.rounds // 5)), *extra, "--run-dir", str(run_dir)]
-        print(f"[{name}] {shlex.join(cmd)}", flush=True)
-        started = time.perf_counter()
-        if subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode != 0:
-            sys.exit(f"[{name}] failed")
-        wall = time.perf_counter() - started
+        wall = run(app_command(args.np, str(data), *COMMON, "--rounds", str(args.rounds),
+                               "--eval-every", str(max(1, args.rounds // 5)), *extra, "--run-dir", str(run_dir)), name)
         final = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
         key = "top1_ft" if "top1_ft" in final else "top1"
         rows.append(f"| {name} | {final[key + '_user_mean']:.2%} | {final[key]:.2%} | {wall / 60:.1f} min |")

@@ -16,21 +16,11 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run(cmd: list[str], label: str) -> float:
-    print(f"[{label}] {shlex.join(cmd)}", flush=True)
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if proc.returncode != 0:
-        sys.exit(f"[{label}] failed with exit code {proc.returncode}")
-    return time.perf_counter() - started
+from launch import app_command, run, split_extra
 
 
 def evals(run_dir: Path) -> list[dict]:
@@ -76,15 +66,13 @@ def main() -> None:
     p.add_argument("data_dir", nargs="?", default="lm_data")
     p.add_argument("--np", type=int, default=2, help="MPI ranks of the federated run")
     p.add_argument("--out", default=None, help="output folder (default runs/lm_benchmark-<time>)")
-    argv = sys.argv[1:]
-    cut = argv.index("--") if "--" in argv else len(argv)
-    args, extra = p.parse_args(argv[:cut]), argv[cut + 1:]   # after --: options for both runs
+    own, extra = split_extra(sys.argv[1:])                # after --: options for both runs
+    args = p.parse_args(own)
     out = Path(args.out or f"runs/lm_benchmark-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    mpirun = str(Path(sys.executable).parent / "mpirun")
-    app = [sys.executable, str(ROOT / "application.py"), args.data_dir]
-    fed_s = run([mpirun, "-np", str(args.np), *app, "--run-dir", str(out / "federated"), *extra], "federated")
-    cen_s = run([*app, "--centralized", "--run-dir", str(out / "centralized"), *extra], "centralized")
+    fed_s = run(app_command(args.np, args.data_dir, "--run-dir", str(out / "federated"), *extra), "federated")
+    cen_s = run(app_command(None, args.data_dir, "--centralized", "--run-dir", str(out / "centralized"), *extra),
+                "centralized")
     fed, cen = evals(out / "federated"), evals(out / "centralized")
     config = json.loads((out / "federated" / "config.json").read_text())
     command = shlex.join(["python", "bench/lm_benchmark.py", args.data_dir, "--np", str(args.np),

@@ -16,15 +16,13 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from launch import ROOT, app_command, run, split_extra
 
-from reader.mnist import build  # noqa: E402
+from reader.mnist import build
 
 REFERENCE = {"iid": {10: None, 50: 0.9848}, "shards": {10: 0.7772, 50: 0.9381}}
 MCMAHAN_ROUNDS_TO_99 = {"iid": 20, "shards": 229}     # CNN, E=5, B=10 (McMahan et al. 2017, Table 2)
@@ -39,9 +37,8 @@ def main() -> None:
     p.add_argument("--model", default="cnn")
     p.add_argument("--np", type=int, default=2)
     p.add_argument("--out", default=None)
-    argv = sys.argv[1:]
-    cut = argv.index("--") if "--" in argv else len(argv)
-    args, extra = p.parse_args(argv[:cut]), argv[cut + 1:]
+    own, extra = split_extra(sys.argv[1:])
+    args = p.parse_args(own)
     out = Path(args.out or f"runs/mnist_benchmark-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     results, walls = {}, {}
@@ -49,14 +46,8 @@ def main() -> None:
         data = ROOT / "runs" / f"mnist-{scheme}"
         if not data.exists():
             print(json.dumps(build(data, scheme=scheme, users=100, seed=0)))
-        cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", str(args.np), sys.executable,
-               str(ROOT / "application.py"), str(data), "--model", args.model, "--rounds", str(args.rounds),
-               *SETTINGS, "--run-dir", str(out / scheme), *extra]
-        print(f"[{scheme}] {shlex.join(cmd)}", flush=True)
-        started = time.perf_counter()
-        if subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode != 0:
-            sys.exit(f"[{scheme}] failed")
-        walls[scheme] = time.perf_counter() - started
+        walls[scheme] = run(app_command(args.np, str(data), "--model", args.model, "--rounds", str(args.rounds),
+                                        *SETTINGS, "--run-dir", str(out / scheme), *extra), scheme)
         lines = (out / scheme / "metrics.jsonl").read_text().splitlines()
         results[scheme] = {r["round"]: r for r in map(json.loads, lines) if r["kind"] == "eval"}
 

@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from launch import ROOT, app_command, run
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from common.domain import home_rank  # noqa: E402
-from reader.leaf_format import write_day  # noqa: E402
-from simulator.data_server import SQLiteStore  # noqa: E402
+from common.domain import home_rank
+from reader.leaf_format import write_day
+from simulator.data_server import SQLiteStore
 
 
 def make_data(out: Path, users: int, vocab_from: Path) -> Path:
@@ -102,14 +98,9 @@ def main() -> None:
     data = make_data(ROOT / "runs" / f"scale-data-{args.users}", args.users, ROOT / "lm_data")
     populate_s = populate(out, args.users, args.np, 10_000)
     store_gb = sum(f.stat().st_size for f in (out / "private").glob("*.sqlite*")) / 1e9
-    cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", str(args.np), sys.executable, str(ROOT / "application.py"),
-           str(data), "--private", "decoder.bias", "--data-server", "sqlite", "--clients-per-round", str(args.clients),
-           "--rounds", str(args.rounds), "--eval-every", "0", "--eval-users", "200", "--checkpoint-every", "0",
-           "--run-dir", str(out)]
-    print(" ".join(cmd), flush=True)
-    launched = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    wall = time.perf_counter() - launched
+    wall = run(app_command(args.np, str(data), "--private", "decoder.bias", "--data-server", "sqlite",
+                           "--clients-per-round", str(args.clients), "--rounds", str(args.rounds), "--eval-every", "0",
+                           "--eval-users", "200", "--checkpoint-every", "0", "--run-dir", str(out)), "scale")
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in records if r["kind"] == "train"]
     peak = json.loads((out / "resources.json").read_text())["peak_rss_mb"]

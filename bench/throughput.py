@@ -20,13 +20,10 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from launch import ROOT, app_command, run
 
 
 def floor_worker(data_dir: str, rounds: int, seed: int, out: "mp.Queue") -> None:
@@ -79,11 +76,9 @@ def floors(data_dir: str, rounds: int, n: int) -> float:
 
 def project(data_dir: str, rounds: int, np_: int, run_dir: Path, *extra: str) -> tuple[float, float, float]:
     """(client updates/s over the training rounds, mean round seconds, start-up seconds) of a real job."""
-    cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", str(np_), sys.executable, str(ROOT / "application.py"),
-           data_dir, "--rounds", str(rounds), "--eval-every", "0", "--eval-users", "1", "--checkpoint-every", "0",
-           "--run-dir", str(run_dir), *extra]
     launched = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    run(app_command(np_, data_dir, "--rounds", str(rounds), "--eval-every", "0", "--eval-users", "1",
+                    "--checkpoint-every", "0", "--run-dir", str(run_dir), *extra), f"project -np {np_}", quiet=True)
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     seconds = sum(r["seconds"] for r in train)
