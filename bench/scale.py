@@ -58,32 +58,14 @@ def populate(run_dir: Path, users: int, world: int, size: int) -> float:
 
 
 def floor_seconds_per_user(data: Path, n: int = 40) -> float:
-    import torch
+    """The plain loop's time per user over one FedAvg round of the first n users (after a warm-up)."""
+    from floor import PlainFedAvg
 
-    from model.lstm import RedditLSTM
-    from reader.leaf import LeafRedditReader
-    from trainer.base import TrainConfig
-    from trainer.lm import LanguageModelTrainer
-
-    torch.set_num_threads(1)
-    reader = LeafRedditReader(data)
-    spec = reader.spec()
-    model = RedditLSTM.build(spec)
-    trainer = LanguageModelTrainer(TrainConfig(), spec)
-    params = list(model.parameters())
-    start = torch.nn.utils.parameters_to_vector(params).detach().clone()
-    total = torch.zeros_like(start, dtype=torch.float64)
-    users = reader.index("20200101", "train").users[:n]
-    for uid in users[:5]:                     # warm-up, not timed
-        trainer.train(model, reader.load("20200101", "train", uid))
-    t = time.perf_counter()
-    for uid in users:
-        with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(start.clone(), params)
-        trainer.train(model, reader.load("20200101", "train", uid))
-        with torch.no_grad():
-            total += torch.nn.utils.parameters_to_vector(params).double()
-    return (time.perf_counter() - t) / len(users)
+    floor = PlainFedAvg(data)
+    floor.round(floor.users[:5])
+    started = time.perf_counter()
+    floor.round(floor.users[:n])
+    return (time.perf_counter() - started) / n
 
 
 def main() -> None:

@@ -27,37 +27,15 @@ from launch import ROOT, app_command, run
 
 
 def floor_worker(data_dir: str, rounds: int, seed: int, out: "mp.Queue") -> None:
-    import torch
-
-    from model.lstm import RedditLSTM
-    from reader.leaf import LeafRedditReader
+    from floor import PlainFedAvg
     from scheduler.sampling import sample_clients
-    from trainer.base import TrainConfig
-    from trainer.lm import LanguageModelTrainer
 
-    torch.set_num_threads(1)
-    reader = LeafRedditReader(Path(data_dir))
-    spec = reader.spec()
-    torch.manual_seed(0)
-    model = RedditLSTM.build(spec)
-    trainer = LanguageModelTrainer(TrainConfig(), spec)
-    params = list(model.parameters())
-    global_flat = torch.nn.utils.parameters_to_vector(params).detach().clone()
-    idx = reader.index("20200101", "train")
-    users = [u for u, n in zip(idx.users, idx.counts) if n]
+    floor = PlainFedAvg(Path(data_dir))
     started, clients = time.perf_counter(), 0
     for r in range(rounds):
-        total = torch.zeros_like(global_flat, dtype=torch.float64)
-        weight = 0.0
-        for uid in sample_clients(seed, r, users, 10):
-            with torch.no_grad():
-                torch.nn.utils.vector_to_parameters(global_flat.clone(), params)
-            n = trainer.train(model, reader.load("20200101", "train", uid))["samples"]
-            with torch.no_grad():
-                total += (torch.nn.utils.parameters_to_vector(params) - global_flat).double() * n
-            weight += n
-            clients += 1
-        global_flat = (global_flat.double() + 1.85 * total / weight).float()
+        users = sample_clients(seed, r, floor.users, 10)
+        floor.round(users)
+        clients += len(users)
     out.put((clients, time.perf_counter() - started))
 
 
