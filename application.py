@@ -90,10 +90,16 @@ def run(config: Config, comm) -> None:
     # One torch thread per shard keeps every user's arithmetic identical whatever the number of ranks;
     # the cores are used by running shards side by side instead.
     torch.set_num_threads(1)
-    cores = len(os.sched_getaffinity(0))
-    n_shards = config.shards or max(1, cores // comm.local_size)
+    train_config = TrainConfig(lr=config.lr, batch_size=config.batch_size, local_epochs=config.local_epochs,
+                               max_grad_norm=config.max_grad_norm, prox_mu=config.prox_mu, momentum=config.momentum)
 
-    reader_cls, model_cls, trainer_cls = (resolve(k, getattr(config, k)) for k in ("reader", "model", "trainer"))
+    reader_cls = resolve("reader", config.reader)
+    if config.flower_client:
+        from trainer.flower import load_client_fn
+
+        load_client_fn(config.flower_client)   # fail early (every rank alike) when flwr or the function is missing
+    else:
+        model_cls, trainer_cls = resolve("model", config.model), resolve("trainer", config.trainer)
     if rank == 0:
         prepare_data(config)
         reader = reader_cls(Path(config.data_dir))
@@ -102,6 +108,17 @@ def run(config: Config, comm) -> None:
     if rank != 0:
         reader = reader_cls(Path(config.data_dir))
     spec = reader.spec()
+    if config.flower_client:
+        from trainer.flower import flower_plugins
+
+        model_cls, trainer_cls = flower_plugins(config.flower_client, reader, train_config)
+    cores = len(os.sched_getaffinity(0))
+    n_shards = config.shards or max(1, cores // comm.local_size)
+    if not getattr(trainer_cls, "thread_safe", True) and n_shards > 1:
+        if rank == 0:
+            log.info("%s uses process-wide state: one shard per rank (start more ranks to use more cores)",
+                     trainer_cls.__name__)
+        n_shards = 1
 
     device = torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
                           else "cpu")
@@ -113,9 +130,6 @@ def run(config: Config, comm) -> None:
     named = dict(model.named_parameters())
     shared = [n for n in named if n not in private]
     layout = ParamLayout(names=tuple(shared), shapes=tuple(tuple(named[n].shape) for n in shared))
-    train_config = TrainConfig(lr=config.lr, batch_size=config.batch_size, local_epochs=config.local_epochs,
-                               max_grad_norm=config.max_grad_norm, prox_mu=config.prox_mu, momentum=config.momentum)
-
     eval_ratios = dict(trainer_cls.eval_ratios)
     if config.finetune_epochs:
         eval_ratios.update({f"{k}_ft": (f"ft_{num}", f"ft_{den}") for k, (num, den) in trainer_cls.eval_ratios.items()})

@@ -37,6 +37,7 @@ class Config:
     reader: str = "leaf"
     model: str = "lstm"
     trainer: str = "lm"
+    flower_client: str = ""
     private: tuple[str, ...] = ()
     data_server: str = "memory"
     shards: int = 0
@@ -109,6 +110,8 @@ HELP = {
     "reader": "data reader: built-in short name or module:Class",
     "model": "model: built-in short name or module:Class",
     "trainer": "local trainer: built-in short name or module:Class",
+    "flower_client": "run a Flower NumPyClient as every phone's trainer: module:client_fn (the function given "
+                     "to Flower's ClientApp); replaces --model and --trainer; needs the flwr extra",
     "private": "parameter name pattern (fnmatch) to keep private per user; repeatable, e.g. 'decoder.bias'",
     "data_server": "where private parameters live on each rank: memory, or sqlite under the run dir",
     "device": "where shards train: cuda when visible (auto), or cpu, or cuda; same-seed-same-metrics across "

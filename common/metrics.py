@@ -18,16 +18,17 @@ def add_user_eval(total: dict[str, float], user_sums: Mapping[str, float], ratio
     for name, (num, den) in ratios.items():
         total.setdefault(f"{name}@user_sum", 0.0)
         total.setdefault(f"{name}@users", 0.0)
-        if user_sums.get(den, 0) > 0:
+        if num in user_sums and user_sums.get(den, 0) > 0:
             total[f"{name}@user_sum"] += user_sums[num] / user_sums[den]
             total[f"{name}@users"] += 1
 
 
 def reduce_ratios(sums: Mapping[str, float], ratios: Ratios) -> dict[str, float]:
-    """Each ratio over everything, and its unweighted mean over users (from the per-user partial sums)."""
+    """Each ratio over everything, and its unweighted mean over users (from the per-user partial sums); a
+    ratio whose numerator no user reported is left out (not reported as 0)."""
     out = {}
     for name, (num, den) in ratios.items():
-        if sums.get(den, 0.0) > 0:
+        if num in sums and sums.get(den, 0.0) > 0:
             out[name] = sums.get(num, 0.0) / sums[den]
         if sums.get(f"{name}@users", 0.0) > 0:
             out[f"{name}_user_mean"] = sums[f"{name}@user_sum"] / sums[f"{name}@users"]

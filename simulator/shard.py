@@ -10,7 +10,7 @@ import torch
 
 from common.domain import ParamLayout
 from simulator.data_server import PrivateStore
-from trainer.base import Trainer
+from trainer.base import Trainer, simulating
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,14 @@ class Shard:
                     src = torch.from_numpy(stored[name]) if stored is not None else self.private_init[name]
                     p.copy_(src)
 
-    def train_user(self, uid: str, samples: Mapping[str, np.ndarray], seed: int = 0) -> dict[str, float]:
-        """`seed`: the user's random stream for this round (see `user_seed`)."""
+    def train_user(self, uid: str, samples: Mapping[str, np.ndarray], seed: int = 0,
+                   round_index: int = 0) -> dict[str, float]:
+        """`seed`: the user's random stream for this round (see `user_seed`); `round_index`: 1-based."""
         self._load_user(uid)
         rng = torch.Generator(device="cpu")
         rng.manual_seed(seed)
-        sums = self.trainer.train(self.model, samples, rng)
+        with simulating(uid, round_index):
+            sums = self.trainer.train(self.model, samples, rng)
         n = float(sums["samples"])
         with torch.no_grad():
             if not bool(torch.isfinite(torch.stack(torch._foreach_norm(self.shared))).all()):
@@ -92,14 +94,16 @@ class Shard:
             self.store.set_param_by_uid(uid, {k: p.detach().cpu().numpy() for k, p in self.private.items()})
         return sums
 
-    def evaluate_user(self, uid: str, samples: Mapping[str, np.ndarray]) -> dict[str, float]:
+    def evaluate_user(self, uid: str, samples: Mapping[str, np.ndarray], round_index: int = 0) -> dict[str, float]:
         self._load_user(uid)
-        return self.trainer.evaluate(self.model, samples)
+        with simulating(uid, round_index):
+            return self.trainer.evaluate(self.model, samples)
 
     def finetune_and_evaluate(self, uid: str, train: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray],
                               seed: int) -> dict[str, float]:
         """Local adaptation: the user fine-tunes the global (+ its private) model on its training data, then
         evaluates. Nothing is stored: the data server and the round's update are untouched."""
         self._load_user(uid)
-        self.finetuner.train(self.model, train, torch.Generator().manual_seed(seed))
-        return self.trainer.evaluate(self.model, test)
+        with simulating(uid, 0):
+            self.finetuner.train(self.model, train, torch.Generator().manual_seed(seed))
+            return self.trainer.evaluate(self.model, test)

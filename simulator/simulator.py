@@ -92,7 +92,7 @@ class Simulator:
         for shard in self.shards:
             shard.reset_sum()
         results = self._per_shard(plan, lambda shard, uid: shard.train_user(
-            uid, self.reader.load(plan.day, plan.split, uid), user_seed(self.seed, plan.round, uid)))
+            uid, self.reader.load(plan.day, plan.split, uid), user_seed(self.seed, plan.round, uid), plan.round + 1))
         sums: dict[str, float] = {"clients": 0.0}
         for group in results:
             for _, user_sums in group:
@@ -115,7 +115,7 @@ class Simulator:
 
     def _evaluate_user(self, shard: Shard, plan: Plan, uid: str) -> dict[str, float]:
         test = self.reader.load(plan.day, plan.split, uid)
-        sums = shard.evaluate_user(uid, test)
+        sums = shard.evaluate_user(uid, test, plan.round)
         if shard.finetuner is not None:
             if self._counts(plan.train_day, "train").get(uid):
                 train = self.reader.load(plan.train_day, "train", uid)
@@ -133,6 +133,6 @@ class Simulator:
         for group in results:
             for uid, user_sums in group:
                 add_user_eval(sums, user_sums, self.eval_ratios)
-                if main and user_sums.get(main[1][1], 0) > 0:
+                if main and main[1][0] in user_sums and user_sums.get(main[1][1], 0) > 0:
                     per_user[uid] = user_sums[main[1][0]] / user_sums[main[1][1]]
         return RankMetrics(step=plan.step, rank=self.rank, sums=sums, per_user=per_user)

@@ -14,8 +14,10 @@ its ratio metrics as (numerator sum, denominator sum): the scheduler reports eac
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import ClassVar, Mapping, Protocol, runtime_checkable
+from typing import ClassVar, Iterator, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -69,10 +71,38 @@ class LocalSGD:
             p.grad = None
 
 
+@dataclass(frozen=True)
+class UserCall:
+    """Which phone a shard is simulating right now (see `current_call`)."""
+
+    user: str
+    round: int      # the round being trained (1-based), or the number of rounds done before an evaluation
+
+
+_CURRENT: ContextVar[UserCall | None] = ContextVar("flock_user_call", default=None)
+
+
+def current_call() -> UserCall | None:
+    """The user (and round) whose `train`/`evaluate` runs in this thread; None outside a shard's call. For
+    trainers that need the user's identity (logging, the Flower adapter's partition ids)."""
+    return _CURRENT.get()
+
+
+@contextmanager
+def simulating(user: str, round_index: int) -> Iterator[None]:
+    token = _CURRENT.set(UserCall(user, round_index))
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
 @runtime_checkable
 class Trainer(Protocol):
     train_ratios: ClassVar[Mapping[str, tuple[str, str]]]
     eval_ratios: ClassVar[Mapping[str, tuple[str, str]]]
+    # Optional: `thread_safe = False` for trainers that use process-global state (torch's global RNG, a
+    # framework's singletons); the application then runs one shard per rank (use more ranks instead).
 
     def __init__(self, config: TrainConfig, spec: Mapping[str, int]) -> None: ...
 
