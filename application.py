@@ -77,7 +77,7 @@ def run(config: Config, comm) -> None:
     from common.domain import ParamLayout
     from common.plugins import resolve
     from model.base import private_names
-    from scheduler.client import SchedulerClient
+    from scheduler.client import LocalSchedulerClient, SchedulerClient
     from simulator.data_server import MemoryStore, SQLiteStore
     from simulator.shard import Shard
     from simulator.simulator import Simulator
@@ -151,7 +151,7 @@ def run(config: Config, comm) -> None:
                         eval_users=config.eval_users, seed=config.seed, on_record=recorder)
         recorder.close()
         return
-    server = recorder = None
+    server = recorder = scheduler = None
     address = run_id = token = None
     resume_round = 0
     if rank == 0:
@@ -195,11 +195,15 @@ def run(config: Config, comm) -> None:
                  address, world, n_shards, device, layout.size, layout.size * 4 / 1e6, ", ".join(private) or "none", run_dir)
         recorder = Recorder(run_dir, config.rounds, mode=progress_mode(config), done=resume_round)
         scheduler.on_record = recorder    # before rank 0's parameters arrive, no step can finish
+        scheduler.before_checkpoint = recorder.sync
     address, run_id, resume_round, token = comm.bcast((address, run_id, resume_round, token))
 
     tls_ca = config.tls_ca or config.tls_cert
-    client = SchedulerClient(address, rank=rank, world_size=world, run_id=run_id, token=token,
-                             tls_ca=Path(tls_ca) if tls_ca else None)
+    if rank == 0:      # hosts the scheduler: calls it in-process; every other rank goes through gRPC
+        client = LocalSchedulerClient(scheduler, rank=0, run_id=run_id)
+    else:
+        client = SchedulerClient(address, rank=rank, world_size=world, run_id=run_id, token=token,
+                                 tls_ca=Path(tls_ca) if tls_ca else None)
     start_step = client.hello().step
     if rank == 0 and resume_round == 0:
         client.init_params(layout, layout.flatten({n: named[n].detach().numpy() for n in shared}))

@@ -54,7 +54,8 @@ def tensorboard_writer(path: Path):
 
 
 class Recorder:
-    """Appends each record to metrics.jsonl (fsynced) and shows progress: `mode` "bar" (a tqdm bar over the
+    """Appends each record to metrics.jsonl (flushed; fsynced by `sync`, which the scheduler calls before each
+    checkpoint, so the records a checkpoint covers survive a machine crash too) and shows progress: `mode` "bar" (a tqdm bar over the
     rounds with loss, last top-1 and clients/s; evaluations as lines above it), "lines" (one log line per
     step, for files and CI) or "quiet" (only the final evaluation, at the end)."""
 
@@ -88,8 +89,7 @@ class Recorder:
                 if isinstance(value, (int, float)) and key not in ("round", "time"):
                     self._tb.add_scalar(f"{record['kind']}/{key}", value, record["round"])
         self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._file.flush()       # in the OS from here: a killed process loses nothing; see sync()
         if record["kind"] == "eval":
             self.last_eval = record
         if self.mode == "lines":
@@ -114,7 +114,11 @@ class Recorder:
                                                                               f"{k}_user_mean" in r))
         return f"eval @ round {r['round']}: {ratios}  users {r['users']}  ({r['seconds']:.2f} s)"
 
+    def sync(self) -> None:
+        os.fsync(self._file.fileno())
+
     def close(self) -> None:
+        self.sync()
         self._file.close()
         if self._tb is not None:
             self._tb.close()

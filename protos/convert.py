@@ -9,7 +9,7 @@ from common.domain import ParamLayout, Plan, RankMetrics, RankUpdate
 from common.errors import RefusedError
 from protos import scheduler_pb2 as pb
 
-CHUNK_BYTES = 2 << 20   # 2 MiB: well inside gRPC's 4 MB default message limit
+CHUNK_BYTES = (4 << 20) - 1024   # just under gRPC's 4 MiB default message limit (header included)
 MAX_MESSAGE_BYTES = 64 << 20
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
@@ -47,6 +47,38 @@ def param_chunks(version: int, layout: ParamLayout, flat: np.ndarray,
                             layout=layout_to_proto(layout) if start == 0 else [])
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def with_bytes_field(head, field: int, payload: memoryview) -> bytes:
+    """`head` serialized, plus bytes field number `field` = `payload` appended in protobuf's wire format
+    (fields may come in any order): the message protobuf would serialize with that field set, for one copy
+    of the payload instead of protobuf's three."""
+    return b"".join((head.SerializeToString(), _varint(field << 3 | 2), _varint(len(payload)), payload))
+
+
+def serialized_param_chunks(version: int, layout: ParamLayout, flat: np.ndarray,
+                            chunk_bytes: int = CHUNK_BYTES) -> list[bytes]:
+    """`param_chunks` as serialized ParamChunk messages: the scheduler builds them once per version and
+    streams the same bytes to every rank (`raw_or_serialize` is the stream's serializer)."""
+    data = memoryview(np.ascontiguousarray(flat, dtype="<f4")).cast("B")
+    step = max(4, chunk_bytes - chunk_bytes % 4)
+    return [with_bytes_field(pb.ParamChunk(version=version, offset=start // 4, total=flat.size,
+                                           layout=layout_to_proto(layout) if start == 0 else []),
+                             4, data[start:start + step]) for start in range(0, max(len(data), 1), step)]
+
+
+def raw_or_serialize(message) -> bytes:
+    """gRPC serializer for streams that carry pre-serialized messages (bytes) or messages."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 def params_from_chunks(chunks: Iterable[pb.ParamChunk]) -> tuple[int, ParamLayout, np.ndarray]:
     """Reassembles `param_chunks`' stream; checks offsets and the total against the layout."""
     version, layout, flat = None, None, None
@@ -67,20 +99,22 @@ def params_from_chunks(chunks: Iterable[pb.ParamChunk]) -> tuple[int, ParamLayou
     return version, layout, flat
 
 
-def update_chunks(update: RankUpdate, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.UpdateChunk]:
-    """A rank's update: the header, then float64 chunks (none for an empty update)."""
+def update_chunks(update: RankUpdate, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """A rank's update as serialized UpdateChunk messages: the header, then float64 chunks (none for an
+    empty update). Sent with `raw_or_serialize`."""
     header = pb.UpdateHeader(step=update.step, rank=update.rank, weight=update.weight,
                              total=update.delta_sum.size, sums=dict(update.sums))
-    yield pb.UpdateChunk(header=header)
+    yield pb.UpdateChunk(header=header).SerializeToString()
     data = memoryview(np.ascontiguousarray(update.delta_sum, dtype="<f8")).cast("B")
     step = max(8, chunk_bytes - chunk_bytes % 8)
     for start in range(0, len(data), step):
-        yield pb.UpdateChunk(offset=start // 8, data=bytes(data[start:start + step]))
+        yield with_bytes_field(pb.UpdateChunk(offset=start // 8), 3, data[start:start + step])
 
 
-def update_from_chunks(chunks: Iterable[pb.UpdateChunk], expected_size: int) -> RankUpdate:
-    """Reassembles `update_chunks`' stream; refuses a total other than 0 or `expected_size` before reading on."""
-    it = iter(chunks)
+def update_from_chunks(chunks: Iterable[pb.UpdateChunk | bytes], expected_size: int) -> RankUpdate:
+    """Reassembles `update_chunks`' stream (messages, or their serialized bytes); refuses a total other than
+    0 or `expected_size` before reading on."""
+    it = (pb.UpdateChunk.FromString(c) if isinstance(c, bytes) else c for c in chunks)
     first = next(it, None)
     if first is None or not first.HasField("header"):
         raise RefusedError("update stream without a header")

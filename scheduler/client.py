@@ -38,6 +38,10 @@ class SchedulerClient:
         else:
             self._channel = grpc.insecure_channel(address, options=convert.CHANNEL_OPTIONS)
         self._stub = pb_grpc.SchedulerStub(self._channel)
+        # PushUpdate's chunks come serialized already (convert.update_chunks): the same method, raw serializer
+        self._push_update = self._channel.stream_unary("/flock.Scheduler/PushUpdate",
+                                                       request_serializer=convert.raw_or_serialize,
+                                                       response_deserializer=pb.Ack.FromString)
         self._cached: tuple[int, ParamLayout, np.ndarray] | None = None
 
     def close(self) -> None:
@@ -100,7 +104,42 @@ class SchedulerClient:
         return convert.params_from_chunks(stream)
 
     def push_update(self, update: RankUpdate) -> None:
-        self._call("PushUpdate", self._stub.PushUpdate, convert.update_chunks(update))
+        self._call("PushUpdate", self._push_update, convert.update_chunks(update))
 
     def push_metrics(self, metrics: RankMetrics) -> None:
         self._call("PushMetrics", self._stub.PushMetrics, convert.metrics_to_proto(metrics))
+
+
+class LocalSchedulerClient:
+    """The rank that hosts the scheduler calls it in-process: the same calls as SchedulerClient, on the
+    `Scheduler` object itself. That rank then neither serializes its own parameters and update (75 MB a
+    round for the LSTM) nor competes for its interpreter with the server threads that stream them to the
+    other ranks, which always go through gRPC."""
+
+    def __init__(self, scheduler, *, rank: int, run_id: str = "") -> None:
+        self.scheduler = scheduler
+        self.rank = rank
+        self.run_id = run_id
+
+    def close(self) -> None:
+        pass
+
+    def hello(self) -> pb.HelloReply:
+        s = self.scheduler
+        return pb.HelloReply(run_id=self.run_id, world_size=s.config.world_size, step=s.step)
+
+    def init_params(self, layout: ParamLayout, flat: np.ndarray) -> None:
+        self.scheduler.init_params(layout, flat)
+
+    def get_plan(self, step: int, wait_s: float) -> Plan:
+        return self.scheduler.plan(self.rank, step, wait_s)
+
+    def get_params(self, version: int) -> tuple[ParamLayout, np.ndarray]:
+        """The scheduler's own (read-only) array of `version`."""
+        return self.scheduler.current_params(version)
+
+    def push_update(self, update: RankUpdate) -> None:
+        self.scheduler.push_update(update)
+
+    def push_metrics(self, metrics: RankMetrics) -> None:
+        self.scheduler.push_metrics(metrics)

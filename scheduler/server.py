@@ -7,9 +7,8 @@ from pathlib import Path
 import grpc
 
 from protos import convert
-from protos import scheduler_pb2_grpc as pb_grpc
 from scheduler.auth import TokenInterceptor, server_credentials
-from scheduler.servicer import SchedulerServicer
+from scheduler.servicer import SchedulerServicer, add_to_server
 from scheduler.state import Scheduler
 
 
@@ -23,7 +22,7 @@ def create_server(address: str, scheduler: Scheduler, *, run_id: str, token: str
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=scheduler.config.world_size + 8,
                                                     thread_name_prefix="scheduler"),
                          interceptors=[TokenInterceptor(token)], options=convert.CHANNEL_OPTIONS)
-    pb_grpc.add_SchedulerServicer_to_server(SchedulerServicer(scheduler, run_id), server)
+    add_to_server(SchedulerServicer(scheduler, run_id), server)
     if tls is not None:
         port = server.add_secure_port(address, server_credentials(*tls))
     else:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 
 import grpc
 
@@ -42,10 +43,32 @@ def _streaming(method):
     return wrapper
 
 
+def add_to_server(servicer: "SchedulerServicer", server: grpc.Server) -> None:
+    """The generated registration, except that GetParams streams pre-serialized chunks (bytes) as they are."""
+    captured: dict = {}
+
+    class Capture:
+        def add_generic_rpc_handlers(self, handlers) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+            captured.update(service=service, handlers=dict(handlers))
+
+    pb_grpc.add_SchedulerServicer_to_server(servicer, Capture())
+    service, handlers = captured["service"], captured["handlers"]
+    get = handlers["GetParams"]
+    handlers["GetParams"] = grpc.unary_stream_rpc_method_handler(
+        get.unary_stream, request_deserializer=get.request_deserializer, response_serializer=convert.raw_or_serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
 class SchedulerServicer(pb_grpc.SchedulerServicer):
     def __init__(self, scheduler: Scheduler, run_id: str) -> None:
         self.scheduler = scheduler
         self.run_id = run_id
+        self._chunks_lock = threading.Lock()
+        self._chunks: tuple[tuple[int, int, int], list[bytes]] | None = None
 
     @_statuses
     def Hello(self, request, context):
@@ -72,7 +95,15 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     @_streaming
     def GetParams(self, request, context):
         layout, flat = self.scheduler.current_params(request.version)
-        yield from convert.param_chunks(request.version, layout, flat, request.chunk_bytes or convert.CHUNK_BYTES)
+        yield from self._serialized(request.version, layout, flat, request.chunk_bytes or convert.CHUNK_BYTES)
+
+    def _serialized(self, version: int, layout, flat, chunk_bytes: int) -> list[bytes]:
+        """The version's chunks, serialized once for all ranks (the latest version's only)."""
+        key = (version, id(flat), chunk_bytes)
+        with self._chunks_lock:
+            if self._chunks is None or self._chunks[0] != key:
+                self._chunks = (key, convert.serialized_param_chunks(version, layout, flat, chunk_bytes))
+            return self._chunks[1]
 
     @_statuses
     def PushUpdate(self, request_iterator, context):

@@ -74,6 +74,7 @@ class Scheduler:
         self.train_ratios = dict(train_ratios)
         self.eval_ratios = dict(eval_ratios)
         self.on_record = on_record or (lambda record: None)
+        self.before_checkpoint: Callable[[], None] = lambda: None   # e.g. make the records durable first
         self.checkpoint_path = checkpoint_path
         self.calendar = Calendar.from_reader(reader)
         self.steps = schedule(config.rounds, config.eval_every)
@@ -275,29 +276,37 @@ class Scheduler:
         sums: dict[str, float] = {}
         for pushed in self._pushed.values():
             add_sums(sums, pushed.sums)
-        seconds = time.perf_counter() - self._step_started
         if kind == TRAIN:
             weight = sum(u.weight for u in self._pushed.values())
             if weight > 0:
-                total = np.zeros(self.layout.size, dtype=np.float64)
-                for u in sorted(self._pushed.values(), key=lambda u: u.rank):
-                    if u.weight > 0:
-                        total += u.delta_sum
+                parts = [u.delta_sum for u in sorted(self._pushed.values(), key=lambda u: u.rank) if u.weight > 0]
+                total = parts[0] + parts[1] if len(parts) > 1 else parts[0].astype(np.float64)   # a new array
+                for part in parts[2:]:        # in rank order: the same sum whenever the ranks push
+                    total += part
                 total /= weight
                 self.params = self.optimizer.step(self.params, total)
             self.version += 1
-            self.on_record(train_record(done + 1, sums, self.train_ratios, seconds))
+            # a step's time runs from the previous step's end to the end of its aggregation; recording and
+            # checkpointing count in the next step: every second of the run belongs to some step
+            finished = time.perf_counter()
+            seconds, self._step_started = finished - self._step_started, finished
+            # each rank's own time on the step's users (training and its local sum): stragglers show here
+            work = [round(float(u.sums.get("train_seconds", 0.0)), 4) for u in sorted(self._pushed.values(),
+                                                                                       key=lambda u: u.rank)]
+            self.on_record({**train_record(done + 1, sums, self.train_ratios, seconds), "rank_work_s": work})
             if self._plans[0].checkpoint:     # after the record: a resumed run's metrics lose nothing
+                self.before_checkpoint()
                 self._write_checkpoint(done + 1)
         else:
             per_user = {}
             for pushed in self._pushed.values():
                 per_user.update(pushed.per_user)
             metric = next(iter(self.eval_ratios), "")
+            finished = time.perf_counter()
+            seconds, self._step_started = finished - self._step_started, finished
             self.on_record({**eval_record(done, sums, self.eval_ratios, seconds),
                             "_per_user": {"metric": metric, "users": dict(sorted(per_user.items()))}})
         self._pushed = {}
         self.step += 1
         self._plans = self._make_plans(self.step)
-        self._step_started = time.perf_counter()
         self._cond.notify_all()

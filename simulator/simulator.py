@@ -11,7 +11,7 @@ import numpy as np
 from common.domain import DONE, TRAIN, Plan, RankMetrics, RankUpdate, assign_users
 from common.metrics import add_sums, add_user_eval
 from reader.base import Reader
-from scheduler.client import SchedulerClient
+from scheduler.client import LocalSchedulerClient, SchedulerClient
 from simulator.data_server import PrivateStore
 from simulator.shard import Shard, user_seed
 
@@ -23,7 +23,7 @@ class UserError(RuntimeError):
 
 
 class Simulator:
-    def __init__(self, *, rank: int, client: SchedulerClient, reader: Reader, shards: Sequence[Shard],
+    def __init__(self, *, rank: int, client: SchedulerClient | LocalSchedulerClient, reader: Reader, shards: Sequence[Shard],
                  store: PrivateStore, eval_ratios: Mapping[str, tuple[str, str]], seed: int = 0,
                  round_timeout: float = 600.0) -> None:
         self.rank = rank

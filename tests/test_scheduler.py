@@ -36,16 +36,19 @@ def test_fedavg_step_matches_hand_computation(reader):
     n = [3.0, 5.0, 2.0]
     # rank 0 trained users 0 and 1, rank 1 trained user 2: each pushes sum n_k delta_k and sum n_k
     s.push_update(RankUpdate(step=0, rank=0, weight=n[0] + n[1], delta_sum=n[0] * deltas[0] + n[1] * deltas[1],
-                             sums={"clients": 2, "samples": 8, "loss_sum": 6.0, "tokens": 3.0}))
+                             sums={"clients": 2, "samples": 8, "loss_sum": 6.0, "tokens": 3.0,
+                                   "train_seconds": 0.5}))
     assert s.step == 0 and s.version == 0            # waits for every rank
     s.push_update(RankUpdate(step=0, rank=1, weight=n[2], delta_sum=n[2] * deltas[2],
-                             sums={"clients": 1, "samples": 2, "loss_sum": 3.0, "tokens": 3.0}))
+                             sums={"clients": 1, "samples": 2, "loss_sum": 3.0, "tokens": 3.0,
+                                   "train_seconds": 0.25}))
     expected = theta + 1.85 * sum(nk * d for nk, d in zip(n, deltas)) / sum(n)
     layout, params = s.current_params(1)
     np.testing.assert_allclose(params, expected.astype(np.float32), rtol=1e-6)
     assert s.step == 1
     assert records == [{"kind": TRAIN, "round": 1, "loss": 1.5, "clients": 3, "samples": 10,
-                        "seconds": records[0]["seconds"], "clients_per_s": records[0]["clients_per_s"]}]
+                        "seconds": records[0]["seconds"], "clients_per_s": records[0]["clients_per_s"],
+                        "rank_work_s": [0.5, 0.25]}]   # each rank's own work, in rank order
 
 
 def test_rank_plans_cover_the_sampled_users_once(reader):

@@ -7,6 +7,7 @@ import pytest
 from common.domain import ParamLayout, RankUpdate
 from common.errors import RefusedError
 from protos import convert
+from protos import scheduler_pb2 as pb
 from reader.leaf import LeafRedditReader
 from scheduler.client import SchedulerClient
 from scheduler.optim import make_server_optimizer
@@ -25,6 +26,17 @@ def test_param_chunks_roundtrip_large_vector():
     version, layout, back = convert.params_from_chunks(chunks)
     assert version == 4 and layout == BIG
     np.testing.assert_array_equal(back, flat)
+
+
+def test_hand_serialized_chunks_are_the_messages_protobuf_would_make():
+    flat = np.random.default_rng(2).normal(size=BIG.size).astype(np.float32)
+    raw = convert.serialized_param_chunks(3, BIG, flat, chunk_bytes=1 << 20)
+    made = list(convert.param_chunks(3, BIG, flat, chunk_bytes=1 << 20))
+    assert [pb.ParamChunk.FromString(r) for r in raw] == made
+    update = RankUpdate(step=2, rank=1, weight=3.0, delta_sum=np.arange(300, dtype=np.float64), sums={"loss": 1.5})
+    chunks = [pb.UpdateChunk.FromString(c) for c in convert.update_chunks(update, chunk_bytes=1000)]
+    assert chunks[0].header.total == 300 and [c.offset for c in chunks[1:]] == [0, 125, 250]
+    np.testing.assert_array_equal(np.frombuffer(b"".join(c.data for c in chunks[1:]), "<f8"), update.delta_sum)
 
 
 def test_out_of_order_or_short_streams_are_refused():

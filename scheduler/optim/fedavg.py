@@ -12,7 +12,9 @@ class FedAvg:
         self.server_lr = float(server_lr)
 
     def step(self, params: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
-        return (params.astype(np.float64) + self.server_lr * mean_delta).astype(np.float32)
+        step = mean_delta * self.server_lr   # float64, then the float32 parameters added in float64
+        step += params
+        return step.astype(np.float32)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
