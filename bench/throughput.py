@@ -1,16 +1,25 @@
-"""Throughput of the simulator against the plain-PyTorch floor, on the LM benchmark's data, model and
-hyper-parameters (one run, ratios printed at the end).
+"""Throughput of the simulator against the plain-PyTorch floor and Flower, on the LM benchmark's data,
+model and hyper-parameters (one run, ratios printed at the end).
 
     python bench/throughput.py [DATA_DIR] [--rounds 10] [--out DIR]
 
 - floor: one process, one torch thread, no FL machinery: for each sampled user load the global weights
   into one model, train locally (the same trainer code), add the weighted delta, apply the server step.
-- floor_np: N such floors side by side (one per core), summed throughput: the real ceiling for N ranks.
+- floor_np: N such floors side by side (one per core), summed throughput: the ceiling for N ranks if every
+  round's work split evenly over the ranks.
 - project: client updates per second of `mpirun -np N python application.py` over its training rounds
-  (the scheduler's round times; start-up and evaluation excluded; start-up reported separately).
-- overhead: a default-sized model with users holding one sequence each: the round time is then the fixed
-  cost (plan, parameter fetch and push, aggregation).
-- fetch: GetParams of the 24.7 MB model over loopback gRPC, MB/s.
+  (the scheduler's step times, which cover everything from one aggregation to the next; start-up and
+  evaluation excluded; start-up reported separately).
+- Flower: the same workload in Flower's simulation engine (bench/flower_lm.py; Ray, 1 CPU per virtual
+  client), when the optional extra is installed.
+- balance: a synchronous round lasts as long as its slowest rank; sum of mean rank work / sum of slowest
+  rank work (from metrics.jsonl's rank_work_s) is the share of floor_np that even a zero-cost simulator
+  could reach with these users (one user's training cannot be split).
+- overhead: round time minus the slowest rank's work (plan, parameter fetch and push, aggregation, server
+  step), in the default rounds, and in rounds of users holding one sequence each (the default-sized model).
+- fetch: GetParams of the 24.7 MB model over loopback gRPC from another process, MB/s: the first fetch of
+  a version (the scheduler serializes it) and the next ranks' fetches (served from those bytes). (The rank
+  that hosts the scheduler calls it in-process and fetches nothing.)
 Every variant trains the same users (the same seeded sampler).
 """
 from __future__ import annotations
@@ -20,6 +29,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -52,16 +62,33 @@ def floors(data_dir: str, rounds: int, n: int) -> float:
     return sum(c / s for c, s in results)
 
 
-def project(data_dir: str, rounds: int, np_: int, run_dir: Path, *extra: str) -> tuple[float, float, float]:
-    """(client updates/s over the training rounds, mean round seconds, start-up seconds) of a real job."""
+def project(data_dir: str, rounds: int, np_: int, run_dir: Path, *extra: str) -> dict:
+    """A real job's client updates/s over its training rounds, mean round seconds, start-up seconds, and
+    from the ranks' work times: the overhead (round minus slowest rank) and the balance bound."""
     launched = time.time()
     run(app_command(np_, data_dir, "--rounds", str(rounds), "--eval-every", "0", "--eval-users", "1",
                     "--checkpoint-every", "0", "--run-dir", str(run_dir), *extra), f"project -np {np_}", quiet=True)
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     seconds = sum(r["seconds"] for r in train)
-    startup = train[0]["time"] - train[0]["seconds"] - launched
-    return sum(r["clients"] for r in train) / seconds, seconds / len(train), startup
+    slowest = sum(max(r["rank_work_s"]) for r in train)
+    mean_work = sum(sum(r["rank_work_s"]) / len(r["rank_work_s"]) for r in train)
+    return {"clients_per_s": sum(r["clients"] for r in train) / seconds, "round_s": seconds / len(train),
+            "startup_s": train[0]["time"] - train[0]["seconds"] - launched,
+            "overhead_s": (seconds - slowest) / len(train), "balance": mean_work / slowest}
+
+
+def flower(data_dir: str, rounds: int, out: Path) -> dict | None:
+    """bench/flower_lm.py's result, or None when flwr is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("flwr") is None:
+        print("[flower] flwr is not installed (pip install -r requirements-extras.txt): no Flower row")
+        return None
+    path = out / "flower.json"
+    run([sys.executable, str(ROOT / "bench" / "flower_lm.py"), data_dir, "--rounds", str(rounds), "--json", str(path)],
+        "flower", quiet=True)
+    return json.loads(path.read_text())
 
 
 def tiny_users_data(out: Path, vocab_from: Path) -> Path:
@@ -78,30 +105,55 @@ def tiny_users_data(out: Path, vocab_from: Path) -> Path:
     return out
 
 
-def fetch_mb_per_s(repeats: int = 8) -> float:
+def serve_params(data_dir: str, versions: int, ports: "mp.Queue", stop) -> None:
+    """A scheduler holding a 24.7 MB parameter vector, in its own process (as rank 0 serves rank 1)."""
     import numpy as np
 
     from common.domain import ParamLayout
     from reader.leaf import LeafRedditReader
-    from scheduler.client import SchedulerClient
     from scheduler.optim import make_server_optimizer
     from scheduler.server import create_server
     from scheduler.state import Scheduler, SchedulerConfig
 
-    data = ROOT / "runs" / "throughput-tiny"
-    scheduler = Scheduler(SchedulerConfig(world_size=1, rounds=1, clients_per_round=1), reader=LeafRedditReader(data),
+    scheduler = Scheduler(SchedulerConfig(world_size=1, rounds=versions, clients_per_round=1, eval_every=0),
+                          reader=LeafRedditReader(Path(data_dir)),
                           optimizer=make_server_optimizer("fedavg", server_lr=1.0), train_ratios={}, eval_ratios={})
     server, port = create_server("127.0.0.1:0", scheduler, run_id="bench", token="t")
     layout = ParamLayout(names=("w",), shapes=((6_182_672,),))
     scheduler.init_params(layout, np.zeros(layout.size, dtype=np.float32))
-    client = SchedulerClient(f"127.0.0.1:{port}", rank=0, world_size=1, token="t")
-    started = time.perf_counter()
-    for _ in range(repeats):
-        client._cached = None
-        client.get_params(0)
-    elapsed = time.perf_counter() - started
+    ports.put(port)
+    stop.wait()
     server.stop(grace=None)
-    return repeats * layout.size * 4 / 1e6 / elapsed
+
+
+def fetch_mb_per_s(data_dir: str, versions: int = 8) -> tuple[float, float]:
+    """Median MB/s of (the first fetch of each new version, which the scheduler serializes; a second
+    fetch of it, as the next ranks get it), client and server in two processes, on a warm channel."""
+    import statistics
+
+    import numpy as np
+
+    from common.domain import RankUpdate
+    from scheduler.client import SchedulerClient
+
+    ctx = mp.get_context("spawn")
+    ports, stop = ctx.Queue(), ctx.Event()
+    server = ctx.Process(target=serve_params, args=(data_dir, versions + 1, ports, stop))
+    server.start()
+    client = SchedulerClient(f"127.0.0.1:{ports.get()}", rank=0, world_size=1, token="t")
+    first, next_ = [], []
+    for step in range(versions + 1):
+        plan = client.get_plan(step, 30)
+        for times in (first, next_):
+            client._cached = None
+            started = time.perf_counter()
+            _, flat = client.get_params(plan.version)
+            times.append(time.perf_counter() - started)
+        client.push_update(RankUpdate(step=step, rank=0, weight=0.0, delta_sum=np.zeros(0)))   # a new version
+    stop.set()
+    server.join()
+    mb = flat.size * 4 / 1e6
+    return mb / statistics.median(first[1:]), mb / statistics.median(next_[1:])   # [0]: the channel warms up
 
 
 def main() -> None:
@@ -117,23 +169,36 @@ def main() -> None:
     rows = {}
     rows["floor (1 process)"] = floors(args.data_dir, args.rounds, 1)
     rows[f"floor_np ({cores} processes)"] = floors(args.data_dir, args.rounds, cores)
-    p1, round1, start1 = project(args.data_dir, args.rounds, 1, out / "np1")
-    pn, roundn, startn = project(args.data_dir, args.rounds, cores, out / f"np{cores}")
-    rows["project -np 1"], rows[f"project -np {cores}"] = p1, pn
-    _, overhead_round, _ = project(str(tiny), args.rounds, cores, out / "overhead")
-    fetch = fetch_mb_per_s()
+    p1 = project(args.data_dir, args.rounds, 1, out / "np1")
+    pn = project(args.data_dir, args.rounds, cores, out / f"np{cores}")
+    rows["project -np 1"], rows[f"project -np {cores}"] = p1["clients_per_s"], pn["clients_per_s"]
+    fl = flower(args.data_dir, args.rounds, out)
+    if fl is not None:
+        rows[f"Flower {fl['flwr']} simulation (Ray, {fl['cpus']} CPUs, 1 per client)"] = fl["clients_per_s"]
+    tiny_run = project(str(tiny), args.rounds, cores, out / "overhead")
+    fetch_first, fetch_next = fetch_mb_per_s(args.data_dir)
     floor1, floorn = rows["floor (1 process)"], rows[f"floor_np ({cores} processes)"]
+    default_ms = pn["round_s"] * 1000
+    flower_head, flower_startup = (" / Flower", f" / {fl['startup_s']:.2f} s") if fl else ("", "")
     lines = [f"# Throughput, LM benchmark setting ({args.rounds} rounds of 10 users)", "",
              f"- date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {platform.machine()}, {cores} cores",
              f"- command: `python bench/throughput.py {args.data_dir} --rounds {args.rounds}`", "",
              "| variant | client updates/s |", "|---|---:|", *[f"| {k} | {v:.3f} |" for k, v in rows.items()], "",
              "| ratio | value |", "|---|---:|",
-             f"| project -np 1 / floor | {p1 / floor1:.3f} |",
-             f"| project -np {cores} / floor_np | {pn / floorn:.3f} |",
-             f"| fixed per-round overhead / default round (-np {cores}) | {overhead_round / roundn:.3f} "
-             f"({overhead_round * 1000:.0f} ms of {roundn * 1000:.0f} ms) |",
-             f"| parameter fetch, 24.7 MB over loopback gRPC | {fetch:.0f} MB/s |",
-             f"| start-up, -np 1 / -np {cores} | {start1:.2f} s / {startn:.2f} s |"]
+             f"| project -np 1 / floor | {p1['clients_per_s'] / floor1:.3f} |",
+             f"| project -np {cores} / floor_np | {pn['clients_per_s'] / floorn:.3f} |",
+             f"| balance bound at -np {cores} (mean / slowest rank work, summed over rounds) | {pn['balance']:.3f} |",
+             f"| project -np {cores} / (floor_np x balance bound) | "
+             f"{pn['clients_per_s'] / (floorn * pn['balance']):.3f} |",
+             *([f"| project -np {cores} / Flower | {pn['clients_per_s'] / fl['clients_per_s']:.2f} |"] if fl else []),
+             f"| per-round overhead (round - slowest rank's work) / default round, -np {cores} | "
+             f"{pn['overhead_s'] * 1000 / default_ms:.3f} ({pn['overhead_s'] * 1000:.0f} ms of {default_ms:.0f} ms) |",
+             f"| same, users of one sequence each (default model) | {tiny_run['overhead_s'] * 1000 / default_ms:.3f} "
+             f"({tiny_run['overhead_s'] * 1000:.0f} ms; whole round {tiny_run['round_s'] * 1000:.0f} ms) |",
+             f"| parameter fetch, 24.7 MB over loopback gRPC: first / next ranks | {fetch_first:.0f} / "
+             f"{fetch_next:.0f} MB/s |",
+             f"| start-up, -np 1 / -np {cores}{flower_head} | {p1['startup_s']:.2f} s / {pn['startup_s']:.2f} s"
+             f"{flower_startup} |"]
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     print(text)
