@@ -11,10 +11,13 @@ model and hyper-parameters (one run, ratios printed at the end).
   (the scheduler's step times, which cover everything from one aggregation to the next; start-up and
   evaluation excluded; start-up reported separately).
 - Flower: the same workload in Flower's simulation engine (bench/flower_lm.py; Ray, 1 CPU per virtual
-  client), when the optional extra is installed.
+  client), when the optional extra is installed; also on the users of one sequence each, where the
+  per-client cost of moving the 24.7 MB model dominates.
 - balance: a synchronous round lasts as long as its slowest rank; sum of mean rank work / sum of slowest
   rank work (from metrics.jsonl's rank_work_s) is the share of floor_np that even a zero-cost simulator
   could reach with these users (one user's training cannot be split).
+- balanced users: the same with every user cut to its first 15 comments (users with fewer left out), so
+  that rounds split evenly: the simulator's own parallel efficiency.
 - overhead: round time minus the slowest rank's work (plan, parameter fetch and push, aggregation, server
   step), in the default rounds, and in rounds of users holding one sequence each (the default-sized model).
 - fetch: GetParams of the 24.7 MB model over loopback gRPC from another process, MB/s: the first fetch of
@@ -78,16 +81,16 @@ def project(data_dir: str, rounds: int, np_: int, run_dir: Path, *extra: str) ->
             "overhead_s": (seconds - slowest) / len(train), "balance": mean_work / slowest}
 
 
-def flower(data_dir: str, rounds: int, out: Path) -> dict | None:
+def flower(data_dir: str, rounds: int, out: Path, name: str = "flower") -> dict | None:
     """bench/flower_lm.py's result, or None when flwr is not installed."""
     import importlib.util
 
     if importlib.util.find_spec("flwr") is None:
         print("[flower] flwr is not installed (pip install -r requirements-extras.txt): no Flower row")
         return None
-    path = out / "flower.json"
+    path = out / f"{name}.json"
     run([sys.executable, str(ROOT / "bench" / "flower_lm.py"), data_dir, "--rounds", str(rounds), "--json", str(path)],
-        "flower", quiet=True)
+        name, quiet=True)
     return json.loads(path.read_text())
 
 
@@ -124,6 +127,23 @@ def serve_params(data_dir: str, versions: int, ports: "mp.Queue", stop) -> None:
     ports.put(port)
     stop.wait()
     server.stop(grace=None)
+
+
+def balanced_data(out: Path, data_dir: Path, comments: int = 15) -> Path:
+    """The LM data with every user cut to its first `comments` comments (users with fewer dropped): the
+    same model and trainer, but rounds that split evenly over the ranks."""
+    if out.exists():
+        return out
+    train = json.loads((data_dir / "20200101" / "train_data.json").read_text())
+    keep = [u for u, n in zip(train["users"], train["num_samples"]) if n >= comments]
+    doc = {"users": keep, "num_samples": [comments] * len(keep),
+           "user_data": {u: {k: v[:comments] for k, v in train["user_data"][u].items()} for u in keep}}
+    (out / "20200101").mkdir(parents=True)
+    (out / "20200101" / "train_data.json").write_text(json.dumps(doc))
+    for name in ("20200102/test_data.json", "vocab.json"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes((data_dir / name).read_bytes())
+    return out
 
 
 def fetch_mb_per_s(data_dir: str, versions: int = 8) -> tuple[float, float]:
@@ -176,6 +196,14 @@ def main() -> None:
     if fl is not None:
         rows[f"Flower {fl['flwr']} simulation (Ray, {fl['cpus']} CPUs, 1 per client)"] = fl["clients_per_s"]
     tiny_run = project(str(tiny), args.rounds, cores, out / "overhead")
+    fl_tiny = flower(str(tiny), args.rounds, out, "flower-tiny") if fl is not None else None
+    rows[f"users of one sequence each: project -np {cores}"] = tiny_run["clients_per_s"]
+    if fl_tiny is not None:
+        rows["users of one sequence each: Flower"] = fl_tiny["clients_per_s"]
+    balanced = str(balanced_data(ROOT / "runs" / "throughput-balanced", Path(args.data_dir)))
+    rows[f"balanced users: floor_np ({cores} processes)"] = floors(balanced, args.rounds, cores)
+    pb = project(balanced, args.rounds, cores, out / f"balanced-np{cores}")
+    rows[f"balanced users: project -np {cores}"] = pb["clients_per_s"]
     fetch_first, fetch_next = fetch_mb_per_s(args.data_dir)
     floor1, floorn = rows["floor (1 process)"], rows[f"floor_np ({cores} processes)"]
     default_ms = pn["round_s"] * 1000
@@ -190,7 +218,11 @@ def main() -> None:
              f"| balance bound at -np {cores} (mean / slowest rank work, summed over rounds) | {pn['balance']:.3f} |",
              f"| project -np {cores} / (floor_np x balance bound) | "
              f"{pn['clients_per_s'] / (floorn * pn['balance']):.3f} |",
-             *([f"| project -np {cores} / Flower | {pn['clients_per_s'] / fl['clients_per_s']:.2f} |"] if fl else []),
+             f"| balanced users: project -np {cores} / floor_np (balance bound {pb['balance']:.3f}) | "
+             f"{pb['clients_per_s'] / rows[f'balanced users: floor_np ({cores} processes)']:.3f} |",
+             *([f"| project -np {cores} / Flower | {pn['clients_per_s'] / fl['clients_per_s']:.2f} |",
+                f"| users of one sequence each: project -np {cores} / Flower | "
+                f"{tiny_run['clients_per_s'] / fl_tiny['clients_per_s']:.2f} |"] if fl else []),
              f"| per-round overhead (round - slowest rank's work) / default round, -np {cores} | "
              f"{pn['overhead_s'] * 1000 / default_ms:.3f} ({pn['overhead_s'] * 1000:.0f} ms of {default_ms:.0f} ms) |",
              f"| same, users of one sequence each (default model) | {tiny_run['overhead_s'] * 1000 / default_ms:.3f} "

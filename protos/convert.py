@@ -111,21 +111,63 @@ def update_chunks(update: RankUpdate, chunk_bytes: int = CHUNK_BYTES) -> Iterato
         yield with_bytes_field(pb.UpdateChunk(offset=start // 8), 3, data[start:start + step])
 
 
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise RefusedError("update chunk: malformed varint")
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+
+
+def _update_chunk_fields(raw: bytes) -> tuple[pb.UpdateHeader | None, int, memoryview]:
+    """(header, offset, data) of a serialized UpdateChunk, read without copying its data: the scheduler's
+    side of `update_chunks` (any field order; unknown fields skipped, as protobuf does)."""
+    buf = memoryview(raw)
+    header, offset, data, pos = None, 0, buf[:0], 0
+    while pos < len(buf):
+        key, pos = _read_varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(buf, pos)
+            if field == 2:
+                offset = value
+        elif wire == 2:
+            size, pos = _read_varint(buf, pos)
+            if pos + size > len(buf):
+                raise RefusedError("update chunk: field past the end of the message")
+            if field == 1:
+                header = pb.UpdateHeader.FromString(bytes(buf[pos:pos + size]))
+            elif field == 3:
+                data = buf[pos:pos + size]
+            pos += size
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise RefusedError(f"update chunk: unsupported wire type {wire}")
+    return header, offset, data
+
+
 def update_from_chunks(chunks: Iterable[pb.UpdateChunk | bytes], expected_size: int) -> RankUpdate:
-    """Reassembles `update_chunks`' stream (messages, or their serialized bytes); refuses a total other than
-    0 or `expected_size` before reading on."""
-    it = (pb.UpdateChunk.FromString(c) if isinstance(c, bytes) else c for c in chunks)
-    first = next(it, None)
-    if first is None or not first.HasField("header"):
+    """Reassembles `update_chunks`' stream (serialized chunks as the scheduler receives them, or messages);
+    refuses a total other than 0 or `expected_size` before reading on."""
+    it = (_update_chunk_fields(c) if isinstance(c, bytes) else
+          (c.header if c.HasField("header") else None, c.offset, c.data) for c in chunks)
+    h = next(it, (None, 0, b""))[0]
+    if h is None:
         raise RefusedError("update stream without a header")
-    h = first.header
     if h.total not in (0, expected_size):
         raise RefusedError(f"rank {h.rank}: update has {h.total} values, the model has {expected_size}")
     delta = np.empty(h.total, dtype=np.float64)
     filled = 0
-    for chunk in it:
-        values = np.frombuffer(chunk.data, dtype="<f8")
-        if chunk.offset != filled or filled + values.size > h.total:
+    for _, offset, data in it:
+        if len(data) % 8:
+            raise RefusedError(f"rank {h.rank}: update chunk of {len(data)} bytes is not whole float64 values")
+        values = np.frombuffer(data, dtype="<f8")
+        if offset != filled or filled + values.size > h.total:
             raise RefusedError(f"rank {h.rank}: update chunk out of order or past the end")
         delta[filled:filled + values.size] = values
         filled += values.size

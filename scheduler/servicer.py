@@ -44,7 +44,8 @@ def _streaming(method):
 
 
 def add_to_server(servicer: "SchedulerServicer", server: grpc.Server) -> None:
-    """The generated registration, except that GetParams streams pre-serialized chunks (bytes) as they are."""
+    """The generated registration, except that GetParams streams pre-serialized chunks (bytes) as they are,
+    and PushUpdate hands its chunks' bytes to convert.update_from_chunks (which reads them without copies)."""
     captured: dict = {}
 
     class Capture:
@@ -56,9 +57,11 @@ def add_to_server(servicer: "SchedulerServicer", server: grpc.Server) -> None:
 
     pb_grpc.add_SchedulerServicer_to_server(servicer, Capture())
     service, handlers = captured["service"], captured["handlers"]
-    get = handlers["GetParams"]
+    get, push = handlers["GetParams"], handlers["PushUpdate"]
     handlers["GetParams"] = grpc.unary_stream_rpc_method_handler(
         get.unary_stream, request_deserializer=get.request_deserializer, response_serializer=convert.raw_or_serialize)
+    handlers["PushUpdate"] = grpc.stream_unary_rpc_method_handler(   # convert.update_from_chunks reads the bytes
+        push.stream_unary, request_deserializer=None, response_serializer=push.response_serializer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)
 

@@ -37,6 +37,13 @@ def test_hand_serialized_chunks_are_the_messages_protobuf_would_make():
     chunks = [pb.UpdateChunk.FromString(c) for c in convert.update_chunks(update, chunk_bytes=1000)]
     assert chunks[0].header.total == 300 and [c.offset for c in chunks[1:]] == [0, 125, 250]
     np.testing.assert_array_equal(np.frombuffer(b"".join(c.data for c in chunks[1:]), "<f8"), update.delta_sum)
+    for stream in (chunks, list(convert.update_chunks(update, chunk_bytes=1000))):   # messages, or raw bytes
+        back = convert.update_from_chunks(stream, expected_size=300)
+        assert (back.step, back.rank, back.weight, back.sums) == (2, 1, 3.0, {"loss": 1.5})
+        np.testing.assert_array_equal(back.delta_sum, update.delta_sum)
+    raw = list(convert.update_chunks(update, chunk_bytes=1000))
+    with pytest.raises(RefusedError, match="past the end of the message"):
+        convert.update_from_chunks([raw[0], raw[1][:-3]], expected_size=300)
 
 
 def test_out_of_order_or_short_streams_are_refused():
