@@ -88,6 +88,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self.layout: ParamLayout | None = None
         self.params: np.ndarray | None = None
+        self._total: np.ndarray | None = None     # the aggregation's float64 work buffer
         self.version = 0
         self.step = 0
         self.failure: str | None = None
@@ -280,7 +281,13 @@ class Scheduler:
             weight = sum(u.weight for u in self._pushed.values())
             if weight > 0:
                 parts = [u.delta_sum for u in sorted(self._pushed.values(), key=lambda u: u.rank) if u.weight > 0]
-                total = parts[0] + parts[1] if len(parts) > 1 else parts[0].astype(np.float64)   # a new array
+                if self._total is None or self._total.shape != parts[0].shape:
+                    self._total = np.empty(self.layout.size, dtype=np.float64)   # reused: no 50 MB page-in a round
+                total = self._total
+                if len(parts) > 1:
+                    np.add(parts[0], parts[1], out=total)
+                else:
+                    np.copyto(total, parts[0])
                 for part in parts[2:]:        # in rank order: the same sum whenever the ranks push
                     total += part
                 total /= weight

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from common.domain import DONE, TRAIN, Plan, RankMetrics, RankUpdate, assign_users
 from common.metrics import add_sums, add_user_eval
@@ -35,6 +36,7 @@ class Simulator:
         self.eval_ratios = dict(eval_ratios)
         self.round_timeout = round_timeout
         self._count_cache: dict[tuple[str, str], dict[str, int]] = {}
+        self._delta: torch.Tensor | None = None     # the round's float64 update, reused
         self._pool = ThreadPoolExecutor(len(self.shards), thread_name_prefix="shard") if len(self.shards) > 1 else None
 
     def run(self, start_step: int = 0) -> int:
@@ -100,11 +102,15 @@ class Simulator:
                 add_sums(sums, user_sums)
         weight = sum(s.weight for s in self.shards)
         if weight > 0:
-            total = self.shards[0].weighted_sum.clone()
+            first = self.shards[0].weighted_sum
+            if self._delta is None or self._delta.shape != first.shape:   # reused: no 50 MB page-in a round
+                self._delta = torch.empty_like(first, device="cpu")
+            total = self._delta
+            total.copy_(first)
             for shard in self.shards[1:]:
-                total += shard.weighted_sum
-            total.sub_(self.shards[0].global_flat().double(), alpha=weight)      # sum n_k (theta_k - theta)
-            delta = total.cpu().numpy()
+                total += shard.weighted_sum.cpu()
+            total.sub_(self.shards[0].global_flat().cpu(), alpha=weight)     # sum n_k (theta_k - theta), in float64
+            delta = total.numpy()      # pushed before the next round reuses the buffer
         else:
             delta = np.zeros(0, dtype=np.float64)
         if plan.checkpoint:   # before the push: the scheduler checkpoints once every rank has pushed

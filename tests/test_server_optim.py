@@ -12,7 +12,7 @@ def run(name, deltas=DELTAS, **kw):
     opt = make_server_optimizer(name, **kw)
     theta = THETA
     for d in deltas:
-        theta = opt.step(theta, d)
+        theta = opt.step(theta, d.copy())   # a step may overwrite its mean_delta (the scheduler's work buffer)
     return theta, opt
 
 
@@ -53,7 +53,7 @@ def test_state_dict_resumes_exactly(name):
     first, opt = run(name, deltas=DELTAS[:2], server_lr=0.3)
     fresh = make_server_optimizer(name, server_lr=0.3)
     fresh.load_state_dict({k: np.array(v) for k, v in opt.state_dict().items()})
-    np.testing.assert_array_equal(fresh.step(first, DELTAS[2]), whole)
+    np.testing.assert_array_equal(fresh.step(first, DELTAS[2].copy()), whole)
 
 
 def test_unknown_name():

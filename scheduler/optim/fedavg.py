@@ -12,9 +12,9 @@ class FedAvg:
         self.server_lr = float(server_lr)
 
     def step(self, params: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
-        step = mean_delta * self.server_lr   # float64, then the float32 parameters added in float64
-        step += params
-        return step.astype(np.float32)
+        mean_delta *= self.server_lr   # in the scheduler's buffer: float64, the float32 parameters added in float64
+        mean_delta += params
+        return mean_delta.astype(np.float32)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
