@@ -79,18 +79,25 @@ def raw_or_serialize(message) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
-def params_from_chunks(chunks: Iterable[pb.ParamChunk]) -> tuple[int, ParamLayout, np.ndarray]:
-    """Reassembles `param_chunks`' stream; checks offsets and the total against the layout."""
+def params_from_chunks(chunks: Iterable[pb.ParamChunk | bytes]) -> tuple[int, ParamLayout, np.ndarray]:
+    """Reassembles `param_chunks`' stream (messages, or serialized chunks as the ranks receive them); checks
+    offsets and the total against the layout."""
     version, layout, flat = None, None, None
     for chunk in chunks:
+        if isinstance(chunk, bytes):
+            c_version, offset, total, data, specs = _param_chunk_fields(chunk)
+        else:
+            c_version, offset, total, data, specs = chunk.version, chunk.offset, chunk.total, chunk.data, chunk.layout
         if flat is None:
-            version, layout = chunk.version, layout_from_proto(chunk.layout)
-            if chunk.total != layout.size:
-                raise RefusedError(f"parameter stream: total {chunk.total} does not match the layout's {layout.size}")
+            version, layout = c_version, layout_from_proto(specs)
+            if total != layout.size:
+                raise RefusedError(f"parameter stream: total {total} does not match the layout's {layout.size}")
             flat = np.empty(layout.size, dtype=np.float32)
             filled = 0
-        values = np.frombuffer(chunk.data, dtype="<f4")
-        if chunk.version != version or chunk.offset != filled or filled + values.size > flat.size:
+        if len(data) % 4:
+            raise RefusedError(f"parameter stream: a chunk of {len(data)} bytes is not whole float32 values")
+        values = np.frombuffer(data, dtype="<f4")
+        if c_version != version or offset != filled or filled + values.size > flat.size:
             raise RefusedError("parameter stream: chunk out of order or past the end")
         flat[filled:filled + values.size] = values
         filled += values.size
@@ -123,32 +130,43 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
             return value, pos
 
 
-def _update_chunk_fields(raw: bytes) -> tuple[pb.UpdateHeader | None, int, memoryview]:
-    """(header, offset, data) of a serialized UpdateChunk, read without copying its data: the scheduler's
-    side of `update_chunks` (any field order; unknown fields skipped, as protobuf does)."""
+def _wire_fields(raw: bytes) -> dict[int, list]:
+    """The fields of a serialized message, without copying: field number -> values (ints for varints,
+    memoryviews for length-delimited fields; fixed-width fields are skipped, none of ours has one)."""
     buf = memoryview(raw)
-    header, offset, data, pos = None, 0, buf[:0], 0
+    fields: dict[int, list] = {}
+    pos = 0
     while pos < len(buf):
         key, pos = _read_varint(buf, pos)
         field, wire = key >> 3, key & 7
         if wire == 0:
             value, pos = _read_varint(buf, pos)
-            if field == 2:
-                offset = value
         elif wire == 2:
             size, pos = _read_varint(buf, pos)
             if pos + size > len(buf):
-                raise RefusedError("update chunk: field past the end of the message")
-            if field == 1:
-                header = pb.UpdateHeader.FromString(bytes(buf[pos:pos + size]))
-            elif field == 3:
-                data = buf[pos:pos + size]
-            pos += size
+                raise RefusedError("stream chunk: field past the end of the message")
+            value, pos = buf[pos:pos + size], pos + size
         elif wire in (1, 5):
             pos += 8 if wire == 1 else 4
+            continue
         else:
-            raise RefusedError(f"update chunk: unsupported wire type {wire}")
-    return header, offset, data
+            raise RefusedError(f"stream chunk: unsupported wire type {wire}")
+        fields.setdefault(field, []).append(value)
+    return fields
+
+
+def _update_chunk_fields(raw: bytes) -> tuple[pb.UpdateHeader | None, int, memoryview]:
+    """(header, offset, data) of a serialized UpdateChunk, its data not copied."""
+    f = _wire_fields(raw)
+    header = pb.UpdateHeader.FromString(bytes(f[1][-1])) if 1 in f else None
+    return header, f.get(2, [0])[-1], f.get(3, [memoryview(b"")])[-1]
+
+
+def _param_chunk_fields(raw: bytes) -> tuple[int, int, int, memoryview, list[pb.TensorSpec]]:
+    """(version, offset, total, data, layout) of a serialized ParamChunk, its data not copied."""
+    f = _wire_fields(raw)
+    return (f.get(1, [0])[-1], f.get(2, [0])[-1], f.get(3, [0])[-1], f.get(4, [memoryview(b"")])[-1],
+            [pb.TensorSpec.FromString(bytes(m)) for m in f.get(5, [])])
 
 
 def update_from_chunks(chunks: Iterable[pb.UpdateChunk | bytes], expected_size: int) -> RankUpdate:

@@ -38,7 +38,11 @@ class SchedulerClient:
         else:
             self._channel = grpc.insecure_channel(address, options=convert.CHANNEL_OPTIONS)
         self._stub = pb_grpc.SchedulerStub(self._channel)
-        # PushUpdate's chunks come serialized already (convert.update_chunks): the same method, raw serializer
+        # the parameter stream is read without copies (convert.params_from_chunks takes the raw chunks), and
+        # PushUpdate's chunks come serialized already (convert.update_chunks): the same methods, raw (de)serializers
+        self._get_params = self._channel.unary_stream("/flock.Scheduler/GetParams",
+                                                      request_serializer=pb.ParamsRequest.SerializeToString,
+                                                      response_deserializer=None)
         self._push_update = self._channel.stream_unary("/flock.Scheduler/PushUpdate",
                                                        request_serializer=convert.raw_or_serialize,
                                                        response_deserializer=pb.Ack.FromString)
@@ -100,7 +104,7 @@ class SchedulerClient:
         return self._cached[1], self._cached[2]
 
     def _fetch(self, version: int, *, timeout: float, metadata) -> tuple[int, ParamLayout, np.ndarray]:
-        stream = self._stub.GetParams(pb.ParamsRequest(version=version), timeout=timeout, metadata=metadata)
+        stream = self._get_params(pb.ParamsRequest(version=version), timeout=timeout, metadata=metadata)
         return convert.params_from_chunks(stream)
 
     def push_update(self, update: RankUpdate) -> None:

@@ -33,6 +33,12 @@ def test_hand_serialized_chunks_are_the_messages_protobuf_would_make():
     raw = convert.serialized_param_chunks(3, BIG, flat, chunk_bytes=1 << 20)
     made = list(convert.param_chunks(3, BIG, flat, chunk_bytes=1 << 20))
     assert [pb.ParamChunk.FromString(r) for r in raw] == made
+    for stream in (raw, made):     # as a rank receives it (bytes, read without copies), or as messages
+        version, layout, back = convert.params_from_chunks(stream)
+        assert version == 3 and layout == BIG
+        np.testing.assert_array_equal(back, flat)
+    with pytest.raises(RefusedError, match="out of order"):
+        convert.params_from_chunks([raw[0], raw[2]])
     update = RankUpdate(step=2, rank=1, weight=3.0, delta_sum=np.arange(300, dtype=np.float64), sums={"loss": 1.5})
     chunks = [pb.UpdateChunk.FromString(c) for c in convert.update_chunks(update, chunk_bytes=1000)]
     assert chunks[0].header.total == 300 and [c.offset for c in chunks[1:]] == [0, 125, 250]
