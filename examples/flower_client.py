@@ -43,7 +43,7 @@ def train(net: nn.Module, loader: DataLoader, epochs: int, lr: float) -> float:
             loss = F.cross_entropy(net(x), y)
             loss.backward()
             optimizer.step()
-            total, seen = total + float(loss) * len(y), seen + len(y)
+            total, seen = total + loss.item() * len(y), seen + len(y)
     return total / max(seen, 1)
 
 

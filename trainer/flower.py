@@ -41,13 +41,15 @@ from reader.base import Reader
 from trainer.base import TrainConfig, current_call
 
 
-def user_samples(context: Any) -> Mapping[str, np.ndarray]:
+def user_samples(context: Any) -> dict[str, np.ndarray] | None:
     """The samples of the user `context` stands for, for the call being made (train split in `fit`, test
-    split in `evaluate`), as flock's reader gives them (e.g. {"x": images, "y": labels})."""
+    split in `evaluate`), as flock's reader gives them (e.g. {"x": images, "y": labels}), as writable
+    copies the client may keep or change; None when flock only asks for the initial parameters."""
     try:
-        return context.flock_samples
+        samples = context.flock_samples
     except AttributeError:
         raise RuntimeError("user_samples(context): this context was not made by flock's Flower adapter") from None
+    return None if samples is None else {k: np.array(v) for k, v in samples.items()}
 
 
 def load_client_fn(ref: str) -> Callable[[Any], Any]:
