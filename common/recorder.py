@@ -54,10 +54,10 @@ def tensorboard_writer(path: Path):
 
 
 class Recorder:
-    """Appends each record to metrics.jsonl (flushed; fsynced by `sync`, which the scheduler calls before each
-    checkpoint, so the records a checkpoint covers survive a machine crash too) and shows progress: `mode` "bar" (a tqdm bar over the
-    rounds with loss, last top-1 and clients/s; evaluations as lines above it), "lines" (one log line per
-    step, for files and CI) or "quiet" (only the final evaluation, at the end)."""
+    """Appends each record to metrics.jsonl (flushed; fsynced by `sync`, which the scheduler calls before
+    each checkpoint, so the records a checkpoint covers survive a machine crash too) and shows progress:
+    `mode` "bar" (a tqdm bar over the rounds with loss, last top-1 and clients/s; evaluations as lines
+    above it), "lines" (one log line per step, for files and CI) or "quiet" (only the final evaluation)."""
 
     def __init__(self, run_dir: Path, rounds: int, *, mode: str = "lines", done: int = 0) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"

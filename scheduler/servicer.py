@@ -98,7 +98,9 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     @_streaming
     def GetParams(self, request, context):
         layout, flat = self.scheduler.current_params(request.version)
-        yield from self._serialized(request.version, layout, flat, request.chunk_bytes or convert.CHUNK_BYTES)
+        wanted = request.chunk_bytes or convert.CHUNK_BYTES       # kept between 64 KiB and the message limit
+        chunk_bytes = min(max(wanted, 1 << 16), convert.MAX_MESSAGE_BYTES - (1 << 20))
+        yield from self._serialized(request.version, layout, flat, chunk_bytes)
 
     def _serialized(self, version: int, layout, flat, chunk_bytes: int) -> list[bytes]:
         """The version's chunks, serialized once for all ranks (the latest version's only)."""

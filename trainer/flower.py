@@ -142,7 +142,8 @@ class FlowerParams(torch.nn.Module):
     @torch.no_grad()
     def set(self, arrays: list[np.ndarray], user: str) -> None:
         if len(arrays) != len(self.arrays):
-            raise ValueError(f"fit of user {user!r} returned {len(arrays)} arrays, get_parameters gave {len(self.arrays)}")
+            raise ValueError(f"fit of user {user!r} returned {len(arrays)} arrays, "
+                             f"get_parameters gave {len(self.arrays)}")
         for i, (p, a) in enumerate(zip(self.arrays, arrays)):
             a = np.asarray(a)
             if tuple(a.shape) != tuple(p.shape):
@@ -184,7 +185,8 @@ class FlowerTrainer:
                       "lr": self.config.lr, "batch_size": self.config.batch_size}
         out = client.fit(model.get(), fit_config)
         if not (isinstance(out, tuple) and len(out) == 3):
-            raise ValueError(f"fit of user {user!r} must return (arrays, num_examples, metrics), got {type(out).__name__}")
+            raise ValueError(f"fit of user {user!r} must return (arrays, num_examples, metrics), "
+                             f"got {type(out).__name__}")
         arrays, n, metrics = out
         model.set(list(arrays), user)
         sums = {"samples": float(n)}
