@@ -90,7 +90,7 @@ def to_loader(samples, batch_size: int, shuffle: bool) -> DataLoader:
 
 def client_fn(context: Context):
     samples = user_samples(context)   # flock: this user's data for this call
-    loader = to_loader(samples, int(context.run_config.get("batch-size", 32)), shuffle=True) if samples else None
+    loader = to_loader(samples, int(context.run_config.get("batch-size", 32)), shuffle=True)
     return FlowerClient(Net(), loader).to_client()
 
 

@@ -30,6 +30,7 @@ class Recording(NumPyClient):
         self.context = context
 
     def get_parameters(self, config):
+        SEEN.append(("init", dict(self.context.node_config), dict(config), None, len(user_samples(self.context)["y"])))
         return [np.zeros((2, 3), np.float32), np.array([7], np.int64)]
 
     def fit(self, parameters, config):
@@ -87,6 +88,8 @@ def make_shard(reader, ref="tests.test_flower:recording_client_fn"):
 def test_fit_and_evaluate_get_the_users_context_data_and_config(tiny):
     SEEN.clear()
     shard, model = make_shard(tiny)
+    # the initial parameters come from the first user with training data (file order), with its samples
+    assert SEEN == [("init", {"partition-id": 1, "num-partitions": 3, "flock-user": "bob"}, {}, None, 4)]
     sums = shard.train_user("cy", tiny.load("20200101", "train", "cy"), seed=3, round_index=4)
     assert sums == {"samples": 4.0, "train_loss_sum": 2.0}           # metrics weighted by num_examples
     kind, node, config, dtype, n = SEEN[-1]

@@ -14,9 +14,9 @@ runs unchanged as the local trainer of every simulated phone.
 
 and `user_samples(context)` hands it that user's samples from flock's reader (the training split inside
 `fit`, the test split inside `evaluate`), so the client needs no data loading of its own. The global model
-is the list of arrays `get_parameters` returns (asked once, of partition 0, as Flower's server does); `fit`
-gets them with `config = {"server_round", "local_epochs", "lr", "batch_size"}` and returns new arrays, the
-FedAvg weight (num_examples) and metrics; flock's scheduler does the aggregation (`--server-opt`,
+is the list of arrays `get_parameters` returns (asked once, of the first user with training data, as
+Flower's server asks one client); `fit` gets them with `config = {"server_round", "local_epochs", "lr",
+"batch_size"}` and returns new arrays, the FedAvg weight (num_examples) and metrics; flock's scheduler does the aggregation (`--server-opt`,
 `--server-lr 1` is Flower's FedAvg). Metrics are weighted by num_examples: `evaluate`'s loss and its
 "accuracy" are reported as `loss` and `accuracy` (plus per-user means), other numeric metrics as
 `<name>_sum` in metrics.jsonl; `fit`'s "train_loss" as the round's training `loss`.
@@ -41,15 +41,15 @@ from reader.base import Reader
 from trainer.base import TrainConfig, current_call
 
 
-def user_samples(context: Any) -> dict[str, np.ndarray] | None:
+def user_samples(context: Any) -> dict[str, np.ndarray]:
     """The samples of the user `context` stands for, for the call being made (train split in `fit`, test
-    split in `evaluate`), as flock's reader gives them (e.g. {"x": images, "y": labels}), as writable
-    copies the client may keep or change; None when flock only asks for the initial parameters."""
+    split in `evaluate`; the first training user's when flock asks for the initial parameters), as flock's
+    reader gives them (e.g. {"x": images, "y": labels}), as writable copies the client may keep or change."""
     try:
         samples = context.flock_samples
     except AttributeError:
         raise RuntimeError("user_samples(context): this context was not made by flock's Flower adapter") from None
-    return None if samples is None else {k: np.array(v) for k, v in samples.items()}
+    return {k: np.array(v) for k, v in samples.items()}
 
 
 def load_client_fn(ref: str) -> Callable[[Any], Any]:
@@ -95,14 +95,24 @@ class FlowerBridge:
             self._partitions = {u: i for i, u in enumerate(sorted(users))}
         return self._partitions
 
+    def _first_training_user(self) -> tuple[str, Mapping[str, np.ndarray]]:
+        """The first user with training samples on the first training day, and those samples."""
+        for day in self.reader.days():
+            if self.reader.has_split(day, "train"):
+                index = self.reader.index(day, "train")
+                for user, count in zip(index.users, index.counts):
+                    if count > 0:
+                        return user, self.reader.load(day, "train", user)
+        raise ConfigError(f"--flower-client {self.ref}: the data has no user with training samples")
+
     def client(self, user: str | None, samples: Mapping[str, np.ndarray] | None, round_index: int = 0):
         from flwr.app import RecordDict
         from flwr.client import NumPyClient
         from flwr.common import Context
 
         parts = self.partitions()
-        if user is None:                       # the initial parameters: partition 0, as Flower's server asks
-            user = next(iter(parts), "")
+        if user is None:      # the initial parameters: asked of one client, as Flower's server does
+            user, samples = self._first_training_user()
         pid = parts.get(user, 0)
         context = Context(run_id=0, node_id=pid + 1, state=RecordDict(), run_config=self.run_config,
                           node_config={"partition-id": pid, "num-partitions": len(parts), "flock-user": user})
