@@ -18,7 +18,7 @@ import platform
 import time
 from pathlib import Path
 
-from launch import ROOT, app_command, run
+from launch import ROOT, app_command, run, write_table
 
 from reader.mnist import build
 
@@ -70,9 +70,7 @@ def main() -> None:
              "- 100 users, 10 per round, E=1, B=50, client lr 0.05, MLP (McMahan's 2NN)", "",
              "| method | per-user accuracy (mean over users) | accuracy over all test images | wall time |",
              "|---|---:|---:|---:|", *rows]
-    text = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(text)
-    print(text)
+    write_table(out, lines)
 
 
 if __name__ == "__main__":

@@ -35,3 +35,10 @@ def split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
     """The script's own options, and the application options after `--`."""
     cut = argv.index("--") if "--" in argv else len(argv)
     return argv[:cut], argv[cut + 1:]
+
+
+def write_table(out: Path, lines: list[str]) -> None:
+    """A benchmark's Markdown table: `out/table.md`, and printed."""
+    text = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(text)
+    print(text)

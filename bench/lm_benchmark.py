@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch import app_command, run, split_extra
+from launch import app_command, run, split_extra, write_table
 
 
 def evals(run_dir: Path) -> list[dict]:
@@ -92,10 +92,8 @@ def main() -> None:
         "- FL-mobile's reference (real Reddit): federated 11.6% vs centralized 11.1% (per-user mean top-1)", "",
     ]
     lines = header + table(fed, cen)
-    text = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(text)
+    write_table(out, lines)
     plot(fed, cen, out / "curves.png", f"Reddit LSTM, {data_note}: federated (-np {args.np}) vs centralized")
-    print(text)
     print(f"wrote {out / 'table.md'} and {out / 'curves.png'}")
 
 

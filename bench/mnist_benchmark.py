@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch import ROOT, app_command, run, split_extra
+from launch import ROOT, app_command, run, split_extra, write_table
 
 from reader.mnist import build
 
@@ -75,9 +75,7 @@ def main() -> None:
               f"| this run | {first_99('iid')} | {first_99('shards')} |",
               f"| McMahan et al. 2017, Table 2 (their larger CNN) | {MCMAHAN_ROUNDS_TO_99['iid']} | "
               f"{MCMAHAN_ROUNDS_TO_99['shards']} |"]
-    text = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(text)
-    print(text)
+    write_table(out, lines)
 
 
 if __name__ == "__main__":

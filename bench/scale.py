@@ -18,7 +18,7 @@ import random
 import time
 from pathlib import Path
 
-from launch import ROOT, app_command, run
+from launch import ROOT, app_command, run, write_table
 
 import numpy as np
 
@@ -91,9 +91,7 @@ def main() -> None:
              f"| per-round overhead: round - slowest rank's work | {(round_s - slowest) * 1000:.0f} ms "
              f"({(round_s - slowest) / round_s:.1%} of the round) |",
              f"| whole job, including start-up and a 200-user evaluation | {wall:.0f} s |"]
-    text = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(text)
-    print(text)
+    write_table(out, lines)
 
 
 if __name__ == "__main__":

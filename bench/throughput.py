@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch import ROOT, app_command, run
+from launch import ROOT, app_command, run, write_table
 
 
 def floor_worker(data_dir: str, rounds: int, seed: int, out: "mp.Queue") -> None:
@@ -231,9 +231,7 @@ def main() -> None:
              f"{fetch_next:.0f} MB/s |",
              f"| start-up, -np 1 / -np {cores}{flower_head} | {p1['startup_s']:.2f} s / {pn['startup_s']:.2f} s"
              f"{flower_startup} |"]
-    text = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(text)
-    print(text)
+    write_table(out, lines)
 
 
 if __name__ == "__main__":

@@ -36,15 +36,31 @@ def plan_from_proto(msg: pb.Plan) -> Plan:
                 checkpoint=msg.checkpoint, train_day=msg.train_day)
 
 
+def _byte_slices(values: np.ndarray, dtype: str, chunk_bytes: int, *,
+                 at_least_one: bool = False) -> Iterator[tuple[int, memoryview]]:
+    """(element offset, raw little-endian bytes) of `values` in slices of whole elements of at most
+    `chunk_bytes`; `at_least_one` yields one empty slice for an empty array."""
+    data = memoryview(np.ascontiguousarray(values, dtype=dtype)).cast("B")
+    size = np.dtype(dtype).itemsize
+    step = max(size, chunk_bytes - chunk_bytes % size)
+    for start in range(0, max(len(data), 1) if at_least_one else len(data), step):
+        yield start // size, data[start:start + step]
+
+
+def _param_heads(version: int, layout: ParamLayout, flat: np.ndarray,
+                 chunk_bytes: int) -> Iterator[tuple[pb.ParamChunk, memoryview]]:
+    """The ParamChunk messages of a parameter stream without their data, and the data of each."""
+    for offset, payload in _byte_slices(flat, "<f4", chunk_bytes, at_least_one=True):
+        yield pb.ParamChunk(version=version, offset=offset, total=flat.size,
+                            layout=layout_to_proto(layout) if offset == 0 else []), payload
+
+
 def param_chunks(version: int, layout: ParamLayout, flat: np.ndarray,
                  chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.ParamChunk]:
     """float32 parameters as raw-byte chunks; the first carries the layout."""
-    data = memoryview(np.ascontiguousarray(flat, dtype="<f4")).cast("B")
-    step = max(4, chunk_bytes - chunk_bytes % 4)
-    total = flat.size
-    for start in range(0, max(len(data), 1), step):
-        yield pb.ParamChunk(version=version, offset=start // 4, total=total, data=bytes(data[start:start + step]),
-                            layout=layout_to_proto(layout) if start == 0 else [])
+    for head, payload in _param_heads(version, layout, flat, chunk_bytes):
+        head.data = bytes(payload)
+        yield head
 
 
 def _varint(value: int) -> bytes:
@@ -67,11 +83,7 @@ def serialized_param_chunks(version: int, layout: ParamLayout, flat: np.ndarray,
                             chunk_bytes: int = CHUNK_BYTES) -> list[bytes]:
     """`param_chunks` as serialized ParamChunk messages: the scheduler builds them once per version and
     streams the same bytes to every rank (`raw_or_serialize` is the stream's serializer)."""
-    data = memoryview(np.ascontiguousarray(flat, dtype="<f4")).cast("B")
-    step = max(4, chunk_bytes - chunk_bytes % 4)
-    return [with_bytes_field(pb.ParamChunk(version=version, offset=start // 4, total=flat.size,
-                                           layout=layout_to_proto(layout) if start == 0 else []),
-                             4, data[start:start + step]) for start in range(0, max(len(data), 1), step)]
+    return [with_bytes_field(head, 4, payload) for head, payload in _param_heads(version, layout, flat, chunk_bytes)]
 
 
 def raw_or_serialize(message) -> bytes:
@@ -112,10 +124,8 @@ def update_chunks(update: RankUpdate, chunk_bytes: int = CHUNK_BYTES) -> Iterato
     header = pb.UpdateHeader(step=update.step, rank=update.rank, weight=update.weight,
                              total=update.delta_sum.size, sums=dict(update.sums))
     yield pb.UpdateChunk(header=header).SerializeToString()
-    data = memoryview(np.ascontiguousarray(update.delta_sum, dtype="<f8")).cast("B")
-    step = max(8, chunk_bytes - chunk_bytes % 8)
-    for start in range(0, len(data), step):
-        yield with_bytes_field(pb.UpdateChunk(offset=start // 8), 3, data[start:start + step])
+    for offset, payload in _byte_slices(update.delta_sum, "<f8", chunk_bytes):
+        yield with_bytes_field(pb.UpdateChunk(offset=offset), 3, payload)
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
