@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from reader.base import DayIndex
 from reader.vocab import Vocab, load_vocab
 
 CACHE_DIR = ".flock_cache"
+log = logging.getLogger(__name__)
 
 
 def split_file(data_dir: Path, day: str, split: str) -> Path:
@@ -71,6 +73,8 @@ class LeafRedditReader:
         return split_file(self.data_dir, day, split).is_file()
 
     def prepare(self) -> None:
+        for repair in self.vocab.repairs:
+            log.warning("%s: repaired: %s", self.data_dir / "vocab.json", repair)
         for day in self.days():
             for split in ("train", "test"):
                 if self.has_split(day, split):

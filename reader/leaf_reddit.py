@@ -103,8 +103,8 @@ def import_leaf_reddit(src: Path, out: Path, *, train_day: str = "20200101", tes
         save_json_atomic(tmp / day / f"{role}_data.json", merged[role])
     if vocab_bytes is not None:
         (tmp / "vocab.json").write_bytes(vocab_bytes)
-        load_vocab(tmp / "vocab.json")          # refuse a broken vocabulary before anything is in place
-        vocab_from = "archive"
+        repairs = load_vocab(tmp / "vocab.json").repairs   # refuse a broken vocabulary before anything is in place
+        vocab_from = "archive" + (f" (flock will repair it when reading: {'; '.join(repairs)})" if repairs else "")
     else:
         tokens = (t for ud in merged["train"]["user_data"].values() for comment in ud.get("x", [])
                   for seq in comment for t in seq)
