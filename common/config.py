@@ -1,82 +1,110 @@
-"""The run's options as one frozen, validated dataclass, built from the command line."""
+"""The run's options as one frozen, validated dataclass: the one place that says each option's default,
+help, and the rule its value must meet. The command line, config files and a saved run's config.json all
+build a `Config`, so every value passes the same checks (type, finite, range, known choice)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from common.errors import ConfigError
+from scheduler.optim import SERVER_OPTIMIZERS
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+BUILTIN_DATA = "lm_data"      # the documented DATA_DIR that is built from the built-in corpus when missing
+
+
+def opt(default: Any, help: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+        hi_open: bool = False, choices: Sequence[str] | None = None) -> Any:
+    """A Config field: its default, help text and rule (a closed or open range, or choices)."""
+    return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "lo_open": lo_open,
+                                            "hi_open": hi_open, "choices": tuple(choices) if choices else None})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)
 class Config:
-    data_dir: str
-    rounds: int = 100
-    clients_per_round: int = 10
-    local_epochs: int = 1
-    batch_size: int = 5
-    lr: float = 1.0
-    server_lr: float = 1.85
-    server_opt: str = "fedavg"
-    server_momentum: float = 0.9
-    server_beta1: float = 0.9
-    server_beta2: float = 0.99
-    server_tau: float = 1e-3
-    prox_mu: float = 0.0
-    momentum: float = 0.0
-    finetune_epochs: int = 0
-    max_grad_norm: float = 5.0
-    seed: int = 0
-    eval_every: int = 10
-    eval_users: int = 0
-    run_dir: str = ""
-    reader: str = "leaf"
-    model: str = "lstm"
-    trainer: str = "lm"
-    flower_client: str = ""
-    private: tuple[str, ...] = ()
-    data_server: str = "memory"
-    shards: int = 0
-    device: str = "auto"
-    scheduler_host: str = "127.0.0.1"
-    round_timeout: float = 600.0
-    log_level: str = "INFO"
-    quiet: bool = False
-    config: str = ""
-    centralized: bool = False
-    checkpoint_every: int = 10
-    resume: str = ""
-    token: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_ca: str = ""
+    data_dir: str = opt("", "day folders (YYYYMMDD/train_data.json, ...) and vocab.json")
+    rounds: int = opt(100, "training rounds (FL-mobile's Reddit benchmark: 100)", lo=1)
+    clients_per_round: int = opt(10, "users sampled uniformly without replacement each round", lo=1)
+    local_epochs: int = opt(1, "local epochs over each user's data (in order, unshuffled)", lo=1)
+    batch_size: int = opt(5, "local batch size (sequences)", lo=1)
+    lr: float = opt(1.0, "client SGD learning rate", lo=0, lo_open=True)
+    server_lr: float = opt(1.85, "server learning rate: theta += server_lr * weighted mean client delta",
+                           lo=0, lo_open=True)
+    server_opt: str = opt("fedavg", "server optimizer: fedavg, fedavgm (server momentum), fedadam, fedyogi, "
+                          "fedadagrad (FedOpt)", choices=SERVER_OPTIMIZERS)
+    server_momentum: float = opt(0.9, "fedavgm's momentum", lo=0, hi=1, hi_open=True)
+    server_beta1: float = opt(0.9, "fedadam/fedyogi/fedadagrad: first-moment decay", lo=0, hi=1, hi_open=True)
+    server_beta2: float = opt(0.99, "fedadam/fedyogi: second-moment decay", lo=0, hi=1, hi_open=True)
+    server_tau: float = opt(1e-3, "fedadam/fedyogi/fedadagrad: adaptivity (epsilon) tau", lo=0, lo_open=True)
+    prox_mu: float = opt(0.0, "FedProx: weight mu of the local proximal term mu/2 ||w - w_global||^2 (0: FedAvg)",
+                         lo=0)
+    momentum: float = opt(0.0, "local SGD momentum (0: plain SGD, as FL-mobile)", lo=0, hi=1, hi_open=True)
+    finetune_epochs: int = opt(0, "also report each user's accuracy after this many local epochs of fine-tuning "
+                               "on its training data (personalization; reported as top1_ft, top1_ft_user_mean); "
+                               "0: off", lo=0)
+    max_grad_norm: float = opt(5.0, "clip each local step's gradient to this global norm (0: no clipping)", lo=0)
+    seed: int = opt(0, "fixes initialisation, sampling and evaluation users; same seed, same metrics at any -np",
+                    lo=0, hi=2**63 - 1)
+    eval_every: int = opt(10, "evaluate on the test day every this many rounds (and after the last); 0: only "
+                          "at the end", lo=0)
+    eval_users: int = opt(0, "evaluate this many test users (a fixed seeded subset); 0: all of them", lo=0)
+    run_dir: str = opt("", "where config.json and metrics.jsonl go; empty means runs/<timestamp>")
+    reader: str = opt("leaf", "data reader: built-in short name or module:Class")
+    model: str = opt("lstm", "model: built-in short name or module:Class")
+    trainer: str = opt("lm", "local trainer: built-in short name or module:Class")
+    flower_client: str = opt("", "run a Flower NumPyClient as every phone's trainer: module:client_fn (the "
+                             "function given to Flower's ClientApp); replaces --model and --trainer; needs the "
+                             "flwr extra")
+    private: tuple[str, ...] = opt((), "parameter name pattern (fnmatch) to keep private per user; repeatable, "
+                                   "e.g. 'decoder.bias'")
+    data_server: str = opt("memory", "where private parameters live on each rank: memory, or sqlite under the "
+                           "run dir", choices=("memory", "sqlite"))
+    shards: int = opt(0, "trainers per rank, each a thread with one torch thread (0: this node's cores / its "
+                      "ranks)", lo=0)
+    device: str = opt("auto", "where shards train: cuda when visible (auto), or cpu, or cuda; same-seed-same-"
+                      "metrics across rank counts is guaranteed on cpu", choices=("auto", "cpu", "cuda"))
+    scheduler_host: str = opt("127.0.0.1", "address the scheduler binds on rank 0 (loopback by default)")
+    round_timeout: float = opt(600.0, "seconds a rank waits for the other ranks to finish a round (or "
+                               "evaluation) before the job fails", lo=0, lo_open=True, hi=1e7)
+    log_level: str = opt("INFO", "DEBUG, INFO, WARNING or ERROR", choices=LOG_LEVELS)
+    quiet: bool = opt(False, "no per-round progress; warnings, errors and the final result only")
+    config: str = opt("", "read options from a TOML, YAML or JSON file (keys as the long option names; a run's "
+                      "saved config.json works too); options given on the command line win")
+    centralized: bool = opt(False, "the non-federated baseline: one process trains one model on the pooled "
+                            "training data, with the federated run's sample visits per round (run without "
+                            "mpirun or with -np 1)")
+    builtin_data: bool = opt(False, f"build DATA_DIR from the built-in popquotes corpus if it does not exist "
+                             f"(implied for the default name {BUILTIN_DATA!r})")
+    checkpoint_every: int = opt(10, "checkpoint the scheduler (and private params) every this many rounds; "
+                                "0: never", lo=0)
+    resume: str = opt("", "continue the run saved in this run directory from its last checkpoint (its "
+                      "config.json gives every option; DATA_DIR may point to the data's new place)")
+    token: str = opt("", "shared secret every scheduler call must carry (default: FLOCK_TOKEN, else a fresh "
+                     "random one per run, handed to the ranks over MPI); never written to the run directory")
+    tls_cert: str = opt("", "serve the scheduler over TLS with this certificate (PEM); with --tls-key")
+    tls_key: str = opt("", "the TLS certificate's private key (PEM)")
+    tls_ca: str = opt("", "certificate the ranks trust for the scheduler (default: --tls-cert)")
 
     def __post_init__(self) -> None:
-        positive = ("rounds", "clients_per_round", "local_epochs", "batch_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            check_value(f, getattr(self, f.name))
         if not self.data_dir and not self.resume:
             raise ConfigError("DATA_DIR is required (unless --resume RUN_DIR continues a saved run)")
-        for name in ("eval_every", "eval_users", "shards", "checkpoint_every", "finetune_epochs"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
-        if self.lr <= 0 or self.server_lr <= 0 or self.round_timeout <= 0:
-            raise ConfigError("--lr, --server-lr and --round-timeout must be positive")
-        if self.max_grad_norm < 0 or self.prox_mu < 0 or self.server_tau <= 0 or not 0 <= self.momentum < 1:
-            raise ConfigError("--max-grad-norm and --prox-mu must not be negative, --server-tau must be positive, "
-                              "--momentum must be in [0, 1)")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
         for name in ("tls_cert", "tls_key", "tls_ca"):
             if getattr(self, name) and not Path(getattr(self, name)).is_file():
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: file not found")
-        if self.data_server not in ("memory", "sqlite"):
-            raise ConfigError(f"--data-server must be 'memory' or 'sqlite', got {self.data_server!r}")
+                raise ConfigError(f"{_flag(name)} {getattr(self, name)}: file not found")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -86,95 +114,104 @@ class Config:
         return {**self.to_json(), "token": ""}
 
 
-HELP = {
-    "rounds": "training rounds (FL-mobile's Reddit benchmark: 100)",
-    "clients_per_round": "users sampled uniformly without replacement each round",
-    "local_epochs": "local epochs over each user's data (in order, unshuffled)",
-    "batch_size": "local batch size (sequences)",
-    "lr": "client SGD learning rate",
-    "server_lr": "server learning rate: theta += server_lr * weighted mean client delta",
-    "server_opt": "server optimizer: fedavg, fedavgm (server momentum), fedadam, fedyogi, fedadagrad (FedOpt)",
-    "server_momentum": "fedavgm's momentum",
-    "server_beta1": "fedadam/fedyogi/fedadagrad: first-moment decay",
-    "server_beta2": "fedadam/fedyogi: second-moment decay",
-    "server_tau": "fedadam/fedyogi/fedadagrad: adaptivity (epsilon) tau",
-    "momentum": "local SGD momentum (0: plain SGD, as FL-mobile)",
-    "finetune_epochs": "also report each user's accuracy after this many local epochs of fine-tuning on its "
-                       "training data (personalization; reported as top1_ft, top1_ft_user_mean); 0: off",
-    "prox_mu": "FedProx: weight mu of the local proximal term mu/2 ||w - w_global||^2 (0: FedAvg)",
-    "max_grad_norm": "clip each local step's gradient to this global norm (0: no clipping)",
-    "seed": "fixes initialisation, sampling and evaluation users; same seed, same metrics at any -np",
-    "eval_every": "evaluate on the test day every this many rounds (and after the last); 0: only at the end",
-    "eval_users": "evaluate this many test users (a fixed seeded subset); 0: all of them",
-    "run_dir": "where config.json and metrics.jsonl go; empty means runs/<timestamp>",
-    "reader": "data reader: built-in short name or module:Class",
-    "model": "model: built-in short name or module:Class",
-    "trainer": "local trainer: built-in short name or module:Class",
-    "flower_client": "run a Flower NumPyClient as every phone's trainer: module:client_fn (the function given "
-                     "to Flower's ClientApp); replaces --model and --trainer; needs the flwr extra",
-    "private": "parameter name pattern (fnmatch) to keep private per user; repeatable, e.g. 'decoder.bias'",
-    "data_server": "where private parameters live on each rank: memory, or sqlite under the run dir",
-    "device": "where shards train: cuda when visible (auto), or cpu, or cuda; same-seed-same-metrics across "
-              "rank counts is guaranteed on cpu",
-    "shards": "trainers per rank, each a thread with one torch thread (0: this node's cores / its ranks)",
-    "scheduler_host": "address the scheduler binds on rank 0 (loopback by default)",
-    "round_timeout": "seconds a rank waits for the other ranks to finish a round (or evaluation) before the job fails",
-    "log_level": "DEBUG, INFO, WARNING or ERROR",
-    "quiet": "no per-round progress; warnings, errors and the final result only",
-    "config": "read options from a TOML, YAML or JSON file (keys as the long option names; a run's saved "
-              "config.json works too); options given on the command line win",
-    "checkpoint_every": "checkpoint the scheduler (and private params) every this many rounds; 0: never",
-    "resume": "continue the run saved in this run directory from its last checkpoint (its config.json "
-              "gives every option; DATA_DIR may point to the data's new place)",
-    "token": "shared secret every scheduler call must carry (default: FLOCK_TOKEN, else a fresh random one "
-             "per run, handed to the ranks over MPI); never written to the run directory",
-    "tls_cert": "serve the scheduler over TLS with this certificate (PEM); with --tls-key",
-    "tls_key": "the TLS certificate's private key (PEM)",
-    "tls_ca": "certificate the ranks trust for the scheduler (default: --tls-cert)",
-    "centralized": "the non-federated baseline: one process trains one model on the pooled training data, "
-                   "with the federated run's sample visits per round (run without mpirun or with -np 1)",
-}
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
-CHOICES = {"device": ["auto", "cpu", "cuda"], "server_opt": ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"], "data_server": ["memory", "sqlite"],
-           "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"]}
+def check_value(f: dataclasses.Field, value: Any) -> None:
+    """The one rule set: `value` has the field's type, is finite, in its range and one of its choices."""
+    flag, rule, default = _flag(f.name), f.metadata, f.default
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, tuple):
+        ok = isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{flag} must be {type(default).__name__}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{flag} must be a finite number, got {value!r}")
+    lo, hi = rule.get("lo"), rule.get("hi")
+    if lo is not None and (value < lo or (rule["lo_open"] and value == lo)):
+        raise ConfigError(f"{flag} must be {'above' if rule['lo_open'] else 'at least'} {_num(lo)}"
+                          f"{_upper(rule)}, got {value!r}")
+    if hi is not None and (value > hi or (rule["hi_open"] and value == hi)):
+        raise ConfigError(f"{flag} must be {'below' if rule['hi_open'] else 'at most'} {_num(hi)}, got {value!r}")
+    if rule.get("choices") and value not in rule["choices"]:
+        raise ConfigError(f"{flag} must be one of {', '.join(rule['choices'])}; got {value!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError instead of printing and exiting (so that, under mpirun, one rank
+    prints the one message)."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def _upper(rule) -> str:
+    if rule.get("hi") is None:
+        return ""
+    return f" and {'below' if rule['hi_open'] else 'at most'} {_num(rule['hi'])}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _number(kind: type, flag: str):
+    """argparse type: an int or float that names the option when it does not parse (range checks are
+    Config's)."""
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="mpirun -np N python application.py",
         description="flock: federated learning device simulator. Rank 0 hosts the scheduler; every rank "
-                    "simulates phones. If DATA_DIR does not exist it is built from the popquotes corpus.",
+                    f"simulates phones. DATA_DIR {BUILTIN_DATA!r} is built from the popquotes corpus if missing.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("data_dir", metavar="DATA_DIR", nargs="?", default="",
-                   help="day folders (YYYYMMDD/train_data.json, ...) and vocab.json")
-    defaults = Config(data_dir="DATA_DIR")
+    p.add_argument("data_dir", metavar="DATA_DIR", nargs="?", default="", help=FIELDS["data_dir"].metadata["help"])
     for f in dataclasses.fields(Config):
         if f.name == "data_dir":
             continue
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
+        flag, default, help_ = _flag(f.name), f.default, f.metadata["help"]
         if f.name == "private":
-            p.add_argument(flag, action="append", default=[], help=HELP[f.name])
+            p.add_argument(flag, action="append", default=[], help=help_)
         elif isinstance(default, bool):
-            p.add_argument(flag, action="store_true", help=HELP[f.name])
+            p.add_argument(flag, action="store_true", help=help_)
+        elif isinstance(default, (int, float)):
+            p.add_argument(flag, type=_number(type(default), flag), default=default, help=help_)
         else:
-            p.add_argument(flag, type=type(default), default=default, help=HELP[f.name],
-                           **({"choices": CHOICES[f.name]} if f.name in CHOICES else {}))
+            # choices are checked by Config (one rule for the command line and files), shown in the help
+            p.add_argument(flag, default=default, help=help_,
+                           **({"metavar": "{" + ",".join(f.metadata["choices"]) + "}"} if f.metadata["choices"] else {}))
     return p
 
+
+DEFAULTS = Config(data_dir="DATA_DIR")
 
 # keys a run's config.json records beside the options (skipped when it is read back as a config file)
 RECORD_KEYS = {"world_size", "shards_per_rank", "run_id", "argv", "private_params", "shared_params", "versions"}
 
 
-def load_config_file(path: str) -> dict:
-    """Options from a .toml, .yaml/.yml or .json file; unknown keys and wrong types name the key and file."""
+def _read_table(path: str) -> dict:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"--config {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not UTF-8 text") from None
     try:
         if p.suffix == ".toml":
             import tomllib
@@ -194,58 +231,84 @@ def load_config_file(path: str) -> dict:
         raise ConfigError(f"--config {path}: not valid {p.suffix[1:].upper()} ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a table of option = value")
+    return raw
+
+
+def load_config_file(path: str) -> dict:
+    """Options from a .toml, .yaml/.yml or .json file, each checked by the same rules as the command line;
+    a fault names the key and the file."""
+    raw = _read_table(path)
     saved_run = "run_id" in raw
-    fields = {f.name: f for f in dataclasses.fields(Config)}
     values = {}
     for key, value in raw.items():
-        name = key.replace("-", "_")
+        name = str(key).replace("-", "_")
         if name in RECORD_KEYS or (saved_run and name in ("run_dir", "resume", "config", "token")):
             continue
-        if name not in fields or name == "config":
+        if name not in FIELDS or name == "config":
             raise ConfigError(f"--config {path}: unknown option {key!r}")
-        default = getattr(Config(data_dir="DATA_DIR"), name)
+        f = FIELDS[name]
         if name == "private":
             value = [value] if isinstance(value, str) else value
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"--config {path}: {key!r} must be a pattern or a list of patterns")
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ConfigError(f"--config {path}: {key!r} must be true or false")
-        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = tuple(value)
+        elif isinstance(f.default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        elif type(value) is not type(default):
-            raise ConfigError(f"--config {path}: {key!r} must be a {type(default).__name__}, got {value!r}")
+        elif name == "log_level" and isinstance(value, str):
+            value = value.upper()
+        try:
+            check_value(f, value)
+        except ConfigError as e:
+            raise ConfigError(f"--config {path}: {key!r}: {e}") from None
         values[name] = value
     return values
 
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:
-    """Options (a --config file, then the command line over it) -> Config. argparse exits with status 2 on
-    malformed options; invalid values raise ConfigError."""
-    pre = argparse.ArgumentParser(add_help=False)
+    """Options (a --config file, then the command line over it) -> Config. Malformed options and invalid
+    values raise ConfigError (the caller prints one message and exits with status 2)."""
+    pre = _Parser(add_help=False)
     pre.add_argument("--config", default="")
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()
-    if known.config:
-        parser.set_defaults(**load_config_file(known.config))
+    from_file = load_config_file(known.config) if known.config else {}
+    parser.set_defaults(**{k: list(v) if k == "private" else v for k, v in from_file.items()})
     values = vars(parser.parse_args(argv))
     values["private"] = tuple(values["private"])
+    values["log_level"] = values["log_level"].upper()
     return Config(**values)
 
 
 def resumed_config(config: Config) -> Config:
-    """The saved run's Config for `--resume RUN_DIR` (DATA_DIR from the command line if given)."""
+    """The saved run's Config for `--resume RUN_DIR` (DATA_DIR from the command line if given); the saved
+    values pass the same checks as any other."""
     path = Path(config.resume) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"--resume {config.resume}: no config.json there, not a flock run directory")
+    saved = _read_table(str(path))
+    values = {k: (tuple(v) if k == "private" and isinstance(v, list) else v) for k, v in saved.items() if k in FIELDS}
     try:
-        saved = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"--resume {config.resume}: no config.json there, not a flock run directory") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: unreadable ({e})") from None
-    names = {f.name for f in dataclasses.fields(Config)}
-    values = {k: (tuple(v) if k == "private" else v) for k, v in saved.items() if k in names}
-    return Config(**{**values, "data_dir": config.data_dir or values["data_dir"], "run_dir": config.resume,
-                     "resume": config.resume})
+        return Config(**{**values, "data_dir": config.data_dir or values.get("data_dir", ""),
+                         "run_dir": config.resume, "resume": config.resume, "token": config.token})
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def redact_argv(argv: Sequence[str]) -> list[str]:
+    """The command line as recorded in config.json: the value of --token is never written."""
+    out, hide = [], False
+    for arg in argv:
+        if hide:
+            out.append("***")
+            hide = False
+        elif arg == "--token":
+            out.append(arg)
+            hide = True
+        elif arg.startswith("--token="):
+            out.append("--token=***")
+        else:
+            out.append(arg)
+    return out
 
 
 def default_run_dir() -> str:

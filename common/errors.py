@@ -16,3 +16,13 @@ class ConfigError(FlockError):
 
 class RefusedError(FlockError):
     """The scheduler refused a call: a stale, duplicate or mis-shaped push, or an unknown rank."""
+
+
+class SharedError(FlockError):
+    """An error every rank of the job raised alike (a set-up error that the ranks agreed on, or the
+    scheduler's verdict): rank 0 reports it once and no rank aborts the others."""
+
+
+class RunFailed(SharedError):
+    """The scheduler stopped the run (a diverged round, non-finite parameters): every rank learns it from
+    its next plan, so all of them stop alike and rank 0 prints the one message."""

@@ -11,6 +11,8 @@ import numpy as np
 
 from common.errors import DataError
 
+META_KEYS = ("round", "version", "step", "seed", "rounds", "world_size", "data", "layout")
+
 
 def save_checkpoint(path: Path, *, params: np.ndarray, meta: dict[str, Any],
                     optimizer_state: dict[str, Any]) -> None:
@@ -39,11 +41,18 @@ def save_checkpoint(path: Path, *, params: np.ndarray, meta: dict[str, Any],
 def load_checkpoint(path: Path) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
     """(params, meta, optimizer_state); a damaged file is a DataError naming it."""
     try:
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             params = z["params"].astype(np.float32)
             state = {k[4:]: z[k] for k in z.files if k.startswith("opt/")}
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{path}: unreadable checkpoint ({e})") from None
-    state.update(meta.pop("optimizer_scalars", {}))
+        if not isinstance(meta, dict) or params.ndim != 1:
+            raise ValueError("malformed metadata or parameters")
+        missing = [k for k in META_KEYS if k not in meta]
+        if missing:
+            raise ValueError(f"metadata lacks {', '.join(missing)}")
+        state.update(meta.pop("optimizer_scalars", {}))
+    except Exception as e:     # zip, zlib, EOF, JSON and format errors alike: the file is damaged
+        raise DataError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); it is left as it is") from None
+    if not np.isfinite(params).all():
+        raise DataError(f"{path}: checkpoint holds non-finite parameters")
     return params, meta, state

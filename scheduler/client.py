@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 
 from common.domain import ParamLayout, Plan, RankMetrics, RankUpdate
-from common.errors import RefusedError
+from common.errors import RefusedError, RunFailed
 from protos import convert
 from protos import scheduler_pb2 as pb
 from protos import scheduler_pb2_grpc as pb_grpc
@@ -67,6 +67,8 @@ class SchedulerClient:
                                 attempt, self.retries, delay)
                     time.sleep(delay)
                     continue
+                if code == grpc.StatusCode.ABORTED:
+                    raise RunFailed(e.details()) from None
                 if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED):
                     raise RefusedError(f"scheduler refused {what}: {e.details()}") from None
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -7,7 +7,7 @@ import threading
 
 import grpc
 
-from common.errors import RefusedError
+from common.errors import RefusedError, RunFailed
 from protos import convert
 from protos import scheduler_pb2 as pb
 from protos import scheduler_pb2_grpc as pb_grpc
@@ -16,30 +16,38 @@ from scheduler.state import Scheduler
 log = logging.getLogger(__name__)
 
 
+def _abort_with_status(context, method_name: str, e: Exception) -> None:
+    """RunFailed -> ABORTED (the run is over), RefusedError -> FAILED_PRECONDITION, TimeoutError ->
+    DEADLINE_EXCEEDED, anything else -> INTERNAL (a bug on the scheduler side: logged where it runs)."""
+    if isinstance(e, RunFailed):
+        context.abort(grpc.StatusCode.ABORTED, str(e))
+    if isinstance(e, RefusedError):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+    if isinstance(e, TimeoutError):
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+    log.exception("scheduler call %s failed", method_name)
+    context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+
 def _statuses(method):
-    """RefusedError -> FAILED_PRECONDITION, TimeoutError -> DEADLINE_EXCEEDED, anything else -> INTERNAL."""
+    """Unary methods: errors mapped to statuses by _abort_with_status."""
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
             return method(self, request, context)
-        except RefusedError as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        except TimeoutError as e:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
-        except Exception as e:  # a bug on the scheduler side: log it where the scheduler runs, report it to the caller
-            log.exception("scheduler call %s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        except Exception as e:
+            _abort_with_status(context, method.__name__, e)
     return wrapper
 
 
 def _streaming(method):
-    """_statuses for server-streaming methods (generators)."""
+    """Server-streaming methods (generators): the same mapping."""
     @functools.wraps(method)
     def wrapper(self, request, context):
         try:
             yield from method(self, request, context)
-        except RefusedError as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except Exception as e:
+            _abort_with_status(context, method.__name__, e)
     return wrapper
 
 

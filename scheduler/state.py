@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -14,9 +15,10 @@ from typing import Callable
 import numpy as np
 
 from common.domain import DONE, EVAL, TRAIN, ParamLayout, Plan, RankMetrics, RankUpdate, assign_users
-from common.errors import ConfigError, RefusedError
+from common.errors import ConfigError, RefusedError, RunFailed
 from common.metrics import Ratios, add_sums, eval_record, train_record
 from reader.base import Reader
+from scheduler.aggregate import weighted_mean
 from scheduler.calendar import Calendar
 from scheduler.checkpoint import load_checkpoint, save_checkpoint
 from scheduler.optim.base import ServerOptimizer
@@ -66,13 +68,14 @@ class Scheduler:
     checkpoints are written in order."""
 
     def __init__(self, config: SchedulerConfig, *, reader: Reader, optimizer: ServerOptimizer,
-                 train_ratios: Ratios, eval_ratios: Ratios,
+                 train_ratios: Ratios, eval_ratios: Ratios, main_metric: str = "",
                  on_record: Callable[[dict], None] | None = None, checkpoint_path: Path | None = None) -> None:
         self.config = config
         self.reader = reader
         self.optimizer = optimizer
         self.train_ratios = dict(train_ratios)
         self.eval_ratios = dict(eval_ratios)
+        self.main_metric = main_metric or next(iter(self.eval_ratios), "")   # per-user values (eval_users.json)
         self.on_record = on_record or (lambda record: None)
         self.before_checkpoint: Callable[[], None] = lambda: None   # e.g. make the records durable first
         self.checkpoint_path = checkpoint_path
@@ -211,7 +214,7 @@ class Scheduler:
                                        f"{self._missing_ranks()})")
                 self._cond.wait(left)
             if self.failure is not None:
-                raise RefusedError(f"the scheduler failed: {self.failure}")
+                raise RunFailed(self.failure)
             if step != self.step:
                 raise RefusedError(f"rank {rank}: step {step} asked for, but the scheduler is at step {self.step}")
             return self._plans[rank]
@@ -240,12 +243,6 @@ class Scheduler:
             self._pushed[metrics.rank] = metrics
             self._maybe_finish()
 
-    def fail(self, message: str) -> None:
-        """Marks the run failed: every waiting and later `plan` call raises."""
-        with self._cond:
-            self.failure = message
-            self._cond.notify_all()
-
     @property
     def finished(self) -> bool:
         return self.steps[self.step][0] == DONE
@@ -270,50 +267,73 @@ class Scheduler:
 
     def _maybe_finish(self) -> None:
         """Called under the lock: when every rank pushed, applies the step, records it (and checkpoints),
-        and opens the next one."""
+        and opens the next one. A diverged training step fails the run instead (nothing recorded or
+        checkpointed for it)."""
         if len(self._pushed) < self.config.world_size:
             return
         kind, done = self.steps[self.step]
-        sums: dict[str, float] = {}
-        for pushed in self._pushed.values():
-            add_sums(sums, pushed.sums)
-        if kind == TRAIN:
-            weight = sum(u.weight for u in self._pushed.values())
-            if weight > 0:
-                parts = [u.delta_sum for u in sorted(self._pushed.values(), key=lambda u: u.rank) if u.weight > 0]
-                if self._total is None or self._total.shape != parts[0].shape:
-                    self._total = np.empty(self.layout.size, dtype=np.float64)   # reused: no 50 MB page-in a round
-                total = self._total
-                if len(parts) > 1:
-                    np.add(parts[0], parts[1], out=total)
-                else:
-                    np.copyto(total, parts[0])
-                for part in parts[2:]:        # in rank order: the same sum whenever the ranks push
-                    total += part
-                total /= weight
-                self.params = self.optimizer.step(self.params, total)
-            self.version += 1
-            # a step's time runs from the previous step's end to the end of its aggregation; recording and
-            # checkpointing count in the next step: every second of the run belongs to some step
-            finished = time.perf_counter()
-            seconds, self._step_started = finished - self._step_started, finished
-            # each rank's own time on the step's users (training and its local sum): stragglers show here
-            work = [round(float(u.sums.get("train_seconds", 0.0)), 4) for u in sorted(self._pushed.values(),
-                                                                                       key=lambda u: u.rank)]
-            self.on_record({**train_record(done + 1, sums, self.train_ratios, seconds), "rank_work_s": work})
-            if self._plans[0].checkpoint:     # after the record: a resumed run's metrics lose nothing
-                self.before_checkpoint()
-                self._write_checkpoint(done + 1)
-        else:
-            per_user = {}
-            for pushed in self._pushed.values():
-                per_user.update(pushed.per_user)
-            metric = next(iter(self.eval_ratios), "")
-            finished = time.perf_counter()
-            seconds, self._step_started = finished - self._step_started, finished
-            self.on_record({**eval_record(done, sums, self.eval_ratios, seconds),
-                            "_per_user": {"metric": metric, "users": dict(sorted(per_user.items()))}})
+        pushed = [self._pushed[r] for r in sorted(self._pushed)]      # rank order: the same whenever they pushed
         self._pushed = {}
-        self.step += 1
-        self._plans = self._make_plans(self.step)
+        failure = self._finish_train(done, pushed) if kind == TRAIN else self._finish_eval(done, pushed)
+        if failure is not None:
+            log.error("%s", failure)
+            self.failure = failure
+        else:
+            self.step += 1
+            self._plans = self._make_plans(self.step)
         self._cond.notify_all()
+
+    def _step_seconds(self) -> float:
+        """A step's time runs from the previous step's end to the end of its aggregation; recording and
+        checkpointing count in the next step: every second of the run belongs to some step."""
+        finished = time.perf_counter()
+        seconds, self._step_started = finished - self._step_started, finished
+        return seconds
+
+    def _finish_train(self, done: int, pushed: list[RankUpdate]) -> str | None:
+        """Applies the server step for training round `done` + 1; returns why the run must stop, if it must."""
+        sums: dict[str, float] = {}
+        for update in pushed:
+            add_sums(sums, update.sums)
+        where = f"round {done + 1}"
+        if sums.get("dropped", 0) and sums.get("dropped", 0) >= sums.get("clients", 0):
+            return (f"{where}: every client's local training gave non-finite parameters ({int(sums['dropped'])} "
+                    f"dropped): local training diverges (check --lr, --max-grad-norm and the data); the run stops")
+        mean = weighted_mean([(u.weight, u.delta_sum) for u in pushed], out=self._total)
+        if mean is not None:
+            self._total = mean            # reused: no 50 MB page-in a round
+            params = self.optimizer.step(self.params, mean)
+            if not np.isfinite(params).all():
+                return (f"{where}: the server step gave non-finite parameters (check --server-lr and the server "
+                        f"optimizer's options); the run stops, the last checkpoint is kept")
+            self.params = params
+        # each rank's own time on the step's users (training and its local sum): stragglers show here
+        work = [round(float(u.sums.get("train_seconds", 0.0)), 4) for u in pushed]
+        record = {**train_record(done + 1, sums, self.train_ratios, self._step_seconds()), "rank_work_s": work}
+        bad = nonfinite_keys(record)
+        if bad:
+            return f"{where}: {', '.join(bad)} not finite; the run stops, the last checkpoint is kept"
+        self.version += 1
+        self.on_record(record)
+        if self._plans[0].checkpoint:     # after the record: a resumed run's metrics lose nothing
+            self.before_checkpoint()
+            self._write_checkpoint(done + 1)
+        return None
+
+    def _finish_eval(self, done: int, pushed: list[RankMetrics]) -> str | None:
+        sums: dict[str, float] = {}
+        per_user: dict[str, float] = {}
+        for metrics in pushed:
+            add_sums(sums, metrics.sums)
+            per_user.update(metrics.per_user)
+        record = eval_record(done, sums, self.eval_ratios, self._step_seconds())
+        bad = nonfinite_keys(record)
+        if bad:
+            return f"evaluation after round {done}: {', '.join(bad)} not finite; the run stops"
+        self.on_record({**record, "_per_user": {"metric": self.main_metric, "users": dict(sorted(per_user.items()))}})
+        return None
+
+
+def nonfinite_keys(record: dict) -> list[str]:
+    """The record's numbers that are NaN or infinite (never written: metrics.jsonl holds strict JSON)."""
+    return [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
