@@ -16,8 +16,26 @@ BUILTINS = {
 }
 
 
+# what each plug-in kind must have (the Protocols in reader/base.py, model/base.py, trainer/base.py)
+REQUIRED = {
+    "reader": ("prepare", "days", "has_split", "index", "load", "spec"),
+    "model": ("build",),
+    "trainer": ("train", "evaluate", "train_ratios", "eval_ratios"),
+}
+
+
 def resolve(kind: str, name: str) -> type:
-    """The class named by `name` for option `--<kind>`; a ConfigError says what is wrong."""
+    """The class named by `name` for option `--<kind>`, checked against its Protocol when loaded; a
+    ConfigError says what is wrong (the module, the name, or the missing methods)."""
+    cls = _load(kind, name)
+    missing = [m for m in REQUIRED[kind] if not hasattr(cls, m)]
+    if missing:
+        raise ConfigError(f"--{kind} {name!r}: {getattr(cls, '__name__', cls)!s} lacks {', '.join(missing)} "
+                          f"(see {kind}/base.py for the interface)")
+    return cls
+
+
+def _load(kind: str, name: str) -> type:
     path = BUILTINS[kind].get(name, name)
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:

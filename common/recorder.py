@@ -8,7 +8,28 @@ import sys
 import time
 from pathlib import Path
 
+from common.errors import DataError
+
 log = logging.getLogger("flock")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl records, in order (the one reader of a run's results). A line cut short by a
+    crash at the end is skipped; a damaged line elsewhere is a DataError naming the file and line."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found (not a flock run directory, or the run wrote no record yet)") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):       # a line cut short by the crash
+                break
+            raise DataError(f"{path}: line {number} is not JSON") from None
+    return records
 
 
 def truncate_metrics(path: Path, rounds_done: int) -> None:
@@ -16,16 +37,10 @@ def truncate_metrics(path: Path, rounds_done: int) -> None:
     to it, evaluations before it. Rewritten atomically."""
     if not path.is_file():
         return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:      # a line cut short by the crash
-            continue
-        if (r.get("kind") == "train" and r["round"] <= rounds_done) or (r.get("kind") == "eval" and r["round"] < rounds_done):
-            keep.append(line)
+    keep = [r for r in read_metrics(path.parent)
+            if (r.get("kind") == "train" and r["round"] <= rounds_done) or (r.get("kind") == "eval" and r["round"] < rounds_done)]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -88,7 +103,7 @@ class Recorder:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("round", "time"):
                     self._tb.add_scalar(f"{record['kind']}/{key}", value, record["round"])
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")   # strict JSON: the scheduler stops on NaN
         self._file.flush()       # in the OS from here: a killed process loses nothing; see sync()
         if record["kind"] == "eval":
             self.last_eval = record
@@ -113,6 +128,12 @@ class Recorder:
                            for k, v in r.items() if isinstance(v, float) and (k.endswith("_user_mean") or
                                                                               f"{k}_user_mean" in r))
         return f"eval @ round {r['round']}: {ratios}  users {r['users']}  ({r['seconds']:.2f} s)"
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def sync(self) -> None:
         os.fsync(self._file.fileno())

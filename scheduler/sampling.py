@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
+from common import streams
 
 
 def sample_clients(seed: int, round_index: int, users: Sequence[str], k: int) -> list[str]:
     """k distinct users drawn uniformly without replacement."""
     if k > len(users):
         raise ValueError(f"cannot sample {k} clients from {len(users)} users")
-    rng = np.random.default_rng([seed, round_index])
+    rng = streams.sampling(seed, round_index)
     return [users[i] for i in rng.choice(len(users), size=k, replace=False)]
 
 
@@ -19,6 +19,6 @@ def evaluation_users(seed: int, users: Sequence[str], limit: int) -> list[str]:
     """All users (limit 0), or a fixed seeded subset of `limit` of them, in file order."""
     if limit <= 0 or limit >= len(users):
         return list(users)
-    rng = np.random.default_rng([seed, 2**31 - 1])
+    rng = streams.evaluation(seed)
     keep = set(rng.choice(len(users), size=limit, replace=False).tolist())
     return [u for i, u in enumerate(users) if i in keep]

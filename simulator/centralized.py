@@ -14,13 +14,13 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from common import streams
 from common.domain import EVAL, TRAIN
 from common.metrics import add_user_eval, eval_record, train_record
 from reader.base import Reader
 from scheduler.calendar import Calendar
 from scheduler.sampling import evaluation_users, sample_clients
 from scheduler.state import schedule
-from simulator.shard import user_seed
 from trainer.base import Trainer
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class PooledStream:
                         parts.setdefault(key, []).append(np.asarray(arr))
         self.data = {k: np.concatenate(v) for k, v in parts.items()}
         self.size = len(next(iter(self.data.values())))
-        self.rng = np.random.default_rng([seed, 7])
+        self.rng = streams.centralized(seed)
         self.order = self.rng.permutation(self.size)
         self.cursor = 0
 
@@ -72,7 +72,7 @@ def run_centralized(*, reader: Reader, model: torch.nn.Module, trainer: Trainer,
             day = calendar.train_day(done, rounds)
             eligible = [u for u, n in counts[day].items() if n]
             visits = local_epochs * sum(counts[day][u] for u in sample_clients(seed, done, eligible, clients_per_round))
-            rng = torch.Generator().manual_seed(user_seed(seed, done, "<centralized>"))
+            rng = torch.Generator().manual_seed(streams.user_seed(seed, done, "<centralized>"))
             sums = trainer.train(model, stream.take(visits), rng) if visits else {"samples": 0.0}
             on_record(train_record(done + 1, {**sums, "clients": clients_per_round}, trainer.train_ratios,
                                    time.perf_counter() - started))

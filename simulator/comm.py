@@ -14,6 +14,7 @@ class Comm(Protocol):
 
     def bcast(self, obj: Any, root: int = 0) -> Any: ...
     def gather(self, obj: Any, root: int = 0) -> list[Any] | None: ...
+    def allgather(self, obj: Any) -> list[Any]: ...
     def barrier(self) -> None: ...
     def abort(self, code: int) -> None: ...
 
@@ -27,6 +28,9 @@ class SingleComm:
         return obj
 
     def gather(self, obj: Any, root: int = 0) -> list[Any] | None:
+        return [obj]
+
+    def allgather(self, obj: Any) -> list[Any]:
         return [obj]
 
     def barrier(self) -> None:
@@ -53,6 +57,9 @@ class MPIComm:
 
     def gather(self, obj: Any, root: int = 0) -> list[Any] | None:
         return self._comm.gather(obj, root=root)
+
+    def allgather(self, obj: Any) -> list[Any]:
+        return self._comm.allgather(obj)
 
     def barrier(self) -> None:
         self._comm.Barrier()

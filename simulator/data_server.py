@@ -122,12 +122,14 @@ class MemoryStore:
 
 class SQLiteStore:
     """Rows (uid, round) -> the parameters' names and shapes as JSON and their values as one float32 blob.
-    One connection per thread (shards run in threads)."""
+    One connection per thread (shards run in threads); `close` closes every one of them."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._opened: list[sqlite3.Connection] = []
+        self._opened_lock = threading.Lock()
         self.round = 0
         with self._conn() as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS private (uid TEXT, round INTEGER, layout TEXT, data BLOB, "
@@ -137,7 +139,10 @@ class SQLiteStore:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=60)
+            # used by its thread alone; check_same_thread=False only so that close() can close it from another
+            conn = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
+            with self._opened_lock:
+                self._opened.append(conn)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
@@ -178,7 +183,9 @@ class SQLiteStore:
         return self._conn().execute("SELECT COUNT(DISTINCT uid) FROM private").fetchone()[0]
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        """Closes the connections of every thread that used the store (call it when they are done)."""
+        with self._opened_lock:
+            opened, self._opened = self._opened, []
+        for conn in opened:
             conn.close()
-            self._local.conn = None
+        self._local = threading.local()

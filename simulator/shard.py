@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import zlib
 from typing import Mapping
 
 import numpy as np
@@ -13,12 +12,6 @@ from simulator.data_server import PrivateStore
 from trainer.base import Trainer, simulating
 
 log = logging.getLogger(__name__)
-
-
-def user_seed(seed: int, round_index: int, uid: str, purpose: str = "train") -> int:
-    """A user's random seed for one round (and purpose): the same whichever rank, shard or thread uses it."""
-    words = [seed, round_index, zlib.crc32(uid.encode()), zlib.crc32(purpose.encode())]
-    return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
 class Shard:

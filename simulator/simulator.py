@@ -11,10 +11,11 @@ import torch
 
 from common.domain import DONE, TRAIN, Plan, RankMetrics, RankUpdate, assign_users
 from common.metrics import add_sums, add_user_eval
+from common.streams import user_seed
 from reader.base import Reader
 from scheduler.client import LocalSchedulerClient, SchedulerClient
 from simulator.data_server import PrivateStore
-from simulator.shard import Shard, user_seed
+from simulator.shard import Shard
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,12 @@ class Simulator:
         self._count_cache: dict[tuple[str, str], dict[str, int]] = {}
         self._delta: torch.Tensor | None = None     # the round's float64 update, reused
         self._pool = ThreadPoolExecutor(len(self.shards), thread_name_prefix="shard") if len(self.shards) > 1 else None
+
+    def close(self) -> None:
+        """Stops the shard threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def run(self, start_step: int = 0) -> int:
         """Runs steps until the scheduler says done; returns the number of steps run."""

@@ -41,3 +41,14 @@ class HangOnRank1(LanguageModelTrainer):
 
             time.sleep(3600)
         return super().train(model, samples, rng)
+
+
+class FailInRound2(LanguageModelTrainer):
+    """Every user fails in the second round (for the in-process resource tests)."""
+
+    def train(self, model, samples, rng=None):
+        from trainer.base import current_call
+
+        if current_call().round == 2:
+            raise RuntimeError("injected failure in round 2")
+        return super().train(model, samples, rng)

@@ -10,15 +10,15 @@ flwr = pytest.importorskip("flwr", reason="flwr is an optional extra: pip instal
 
 from flwr.client import ClientApp, NumPyClient  # noqa: E402
 
+from common.domain import ParamLayout  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from reader.arrays import ArrayReader, write_split  # noqa: E402
 from reader.mnist import build  # noqa: E402
 from simulator.data_server import MemoryStore  # noqa: E402
 from simulator.shard import Shard  # noqa: E402
+from tests.helpers import read_metrics, run_app  # noqa: E402
 from trainer.base import TrainConfig  # noqa: E402
 from trainer.flower import flower_plugins, load_client_fn, user_samples  # noqa: E402
-from common.domain import ParamLayout  # noqa: E402
-from tests.helpers import read_metrics, run_app  # noqa: E402
 
 SEEN: list[tuple] = []
 
@@ -130,6 +130,7 @@ def mnist_iid(tmp_path_factory):
     return out
 
 
+@pytest.mark.mpi
 def test_a_flower_tutorial_client_learns_under_mpirun_with_the_same_metrics_at_any_np(mnist_iid, tmp_path):
     args = ("--reader", "arrays", "--flower-client", "examples.flower_client:client_fn", "--server-lr", "1",
             "--lr", "0.05", "--batch-size", "32", "--clients-per-round", "6", "--rounds", "3", "--eval-every", "1",

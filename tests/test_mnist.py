@@ -64,6 +64,7 @@ CNN = ("--reader", "arrays", "--model", "cnn", "--trainer", "classifier", "--lr"
        "--clients-per-round", "6", "--rounds", "2", "--eval-every", "1")
 
 
+@pytest.mark.mpi
 def test_cnn_runs_and_dropout_does_not_depend_on_ranks(shards_data, tmp_path):
     results = {}
     for np_ in (1, 2):
@@ -115,6 +116,7 @@ def test_fedem_em_steps_move_pi_to_the_learner_that_fits():
     assert float(model.pi.sum()) == pytest.approx(1.0) and int(model.pi.argmax()) == 1 and float(model.pi[1]) > 0.9
 
 
+@pytest.mark.mpi
 def test_fedem_and_finetuning_end_to_end(shards_data, tmp_path):
     args = ("--reader", "arrays", "--lr", "0.05", "--local-epochs", "1", "--batch-size", "50", "--server-lr", "1",
             "--max-grad-norm", "0", "--clients-per-round", "6", "--rounds", "2", "--eval-every", "2")

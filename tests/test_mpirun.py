@@ -8,6 +8,8 @@ import pytest
 from common.domain import home_rank
 from tests.helpers import make_lm_data, read_metrics, run_app
 
+pytestmark = pytest.mark.mpi   # every test here starts mpirun
+
 ARGS = ("--rounds", "3", "--clients-per-round", "4", "--eval-every", "2", "--seed", "3")
 
 

@@ -5,7 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT, make_lm_data, mpirun, read_metrics
+
+pytestmark = pytest.mark.mpi   # every test here starts mpirun
 
 
 def test_two_hosts_tls_and_token(tmp_path):

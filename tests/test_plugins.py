@@ -2,8 +2,11 @@
 import json
 
 import numpy as np
+import pytest
 
 from tests.helpers import read_metrics, run_app
+
+pytestmark = pytest.mark.mpi   # every test here starts mpirun
 
 
 def write_csv_data(root):

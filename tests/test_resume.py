@@ -20,6 +20,7 @@ ARGS = ("--rounds", "6", "--clients-per-round", "4", "--eval-every", "2", "--che
         "--trainer", "tests.faulty:SlowTrainer", "--private", "decoder.bias", "--data-server", "sqlite")
 
 
+@pytest.mark.mpi
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     data = make_lm_data(tmp_path / "data")
     whole = tmp_path / "whole"
@@ -52,6 +53,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
                 assert y[key] == pytest.approx(x[key], rel=1e-6), (x["kind"], x["round"], key)
 
 
+@pytest.mark.mpi
 def test_a_finished_run_dir_is_not_overwritten(tmp_path):
     data = make_lm_data(tmp_path / "data")
     assert run_app(1, data, tmp_path / "run", "--rounds", "1", "--clients-per-round", "2").returncode == 0
@@ -61,6 +63,7 @@ def test_a_finished_run_dir_is_not_overwritten(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.mpi
 def test_resume_refuses_another_data_set(tmp_path):
     data = make_lm_data(tmp_path / "data")
     run_dir = tmp_path / "run"

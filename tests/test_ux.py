@@ -24,7 +24,7 @@ def test_config_file_then_command_line(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("roundz = 3\n", "unknown option 'roundz'"),
-    ('rounds = "many"\n', "'rounds' must be a int"),
+    ('rounds = "many"\n', "'rounds': --rounds must be int"),
     ("rounds = [\n", "not valid TOML"),
 ])
 def test_config_file_errors_name_the_key(tmp_path, content, message):

@@ -13,12 +13,15 @@ import json
 import sys
 from pathlib import Path
 
+from common.errors import DataError
+from common.recorder import read_metrics
+
 
 def load(run_dir: Path) -> tuple[list[dict], dict | None]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise SystemExit(f"error: {path} not found: not a run directory")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        records = read_metrics(run_dir)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
     users = run_dir / "eval_users.json"
     return records, json.loads(users.read_text()) if users.is_file() else None
 

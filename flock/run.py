@@ -1,0 +1,392 @@
+"""One simulation, from a Config to a History: the builders of a run's parts, and one owner (an ExitStack)
+that closes every resource they open (gRPC server, recorder, private store, shard threads, scheduler
+clients) on success, on error and on KeyboardInterrupt.
+
+The same function runs in a notebook (one process, no MPI) and on every rank of an MPI job (the CLI passes
+the MPI communicator). Set-up errors are agreed: every rank shares what any rank found, so all ranks stop
+alike with one message and no rank is left waiting in a collective.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import secrets
+import sys
+import uuid
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+import numpy as np
+
+from common.config import BUILTIN_DATA, DEFAULTS, Config, default_run_dir, redact_argv, resumed_config
+from common.errors import ConfigError, DataError, FlockError, RunFailed, SharedError
+from common.recorder import read_metrics
+from simulator.comm import Comm, SingleComm
+
+log = logging.getLogger("flock")
+T = TypeVar("T")
+
+
+@dataclass
+class History:
+    """What a simulation measured. `records`: the metrics.jsonl records in order (train rounds and
+    evaluations); `params`: the final shared parameters by name; `run_dir`: where the run's files are.
+    On an MPI job only rank 0 holds records and parameters."""
+
+    run_dir: Path
+    records: list[dict]
+    params: dict[str, np.ndarray] | None = None
+
+    @property
+    def train(self) -> list[dict]:
+        return [r for r in self.records if r["kind"] == "train"]
+
+    @property
+    def evals(self) -> list[dict]:
+        return [r for r in self.records if r["kind"] == "eval"]
+
+    def metric(self, name: str, kind: str = "eval") -> list[tuple[int, float]]:
+        """(round, value) of one metric over the run, e.g. `history.metric("top1")`."""
+        return [(r["round"], r[name]) for r in self.records if r["kind"] == kind and name in r]
+
+    def __repr__(self) -> str:
+        last = self.evals[-1] if self.evals else {}
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in last.items()
+                          if isinstance(v, float) and (k.endswith("_user_mean") or f"{k}_user_mean" in last))
+        return (f"History(run_dir={str(self.run_dir)!r}, {len(self.train)} rounds, {len(self.evals)} evaluations"
+                + (f", last evaluation @ round {last['round']}: {shown}" if last else "") + ")")
+
+
+def agreed(comm: Comm, fn: Callable[[], T]) -> T:
+    """Runs a set-up step on every rank and shares its outcome: if any rank raised a FlockError, every rank
+    raises the lowest such rank's message as a SharedError (no rank is left waiting; rank 0 reports it)."""
+    try:
+        value, error = fn(), None
+    except FlockError as e:
+        value, error = None, str(e)
+    for rank, message in enumerate(comm.allgather(error)):
+        if message is not None:
+            raise SharedError(message if rank == 0 else f"rank {rank}: {message}")
+    return value
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set for the run and restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def prepare_data(config: Config) -> None:
+    """Rank 0, before anyone reads: builds the built-in corpus when DATA_DIR is missing and named as the
+    README's default (a folder called lm_data), or --builtin-data says so; any other missing DATA_DIR is an
+    error (a mistyped path must not train on film quotes)."""
+    data_dir = Path(config.data_dir)
+    if data_dir.exists():
+        return
+    if not (config.builtin_data or data_dir.name == BUILTIN_DATA):
+        raise DataError(f"DATA_DIR {data_dir}: not found (the built-in corpus is built only for "
+                        f"{BUILTIN_DATA!r} or with --builtin-data)")
+    if config.reader != "leaf":
+        raise ConfigError(f"--builtin-data builds LEAF Reddit data; --reader is {config.reader!r}")
+    from reader import popquotes
+
+    log.info("%s does not exist: building it once from the popquotes corpus (speakers as users) ...", data_dir)
+    summary = popquotes.build(data_dir)
+    log.info("built %s: %d users, %d training and %d test comments, vocabulary %d",
+             data_dir, summary["users"], summary["train_comments"], summary["test_comments"], summary["vocab_size"])
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "grpcio", "protobuf", "mpi4py", "mpich"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def simulate(config: Config, *, comm: Comm | None = None, on_record: Callable[[dict], None] | None = None,
+             progress: str = "quiet") -> History:
+    """Runs one simulation and returns its History. In one process by default (no MPI, no gRPC server);
+    the CLI passes the MPI world. `on_record` gets each metrics record as it is written (rank 0);
+    `progress`: "bar", "lines" or "quiet". torch's thread count is restored and every resource the run
+    opened is closed when this returns or raises; logging is left as the caller configured it."""
+    comm = comm or SingleComm()
+    config = agreed(comm, lambda: resumed_config(config) if config.resume else config)
+    config = replace(config, run_dir=comm.bcast(config.run_dir or default_run_dir() if comm.rank == 0 else None))
+    records: list[dict] = []
+    with ExitStack() as stack:
+        stack.enter_context(torch_threads(1))
+        try:
+            params = _run(config, comm, stack, records, on_record, progress)
+        except RunFailed:
+            comm.barrier()     # every rank learns it from its plan; rank 0's server stays up until all have
+            raise
+    return History(run_dir=Path(config.run_dir), records=records, params=params)
+
+
+def _plugins(config: Config) -> tuple[type, type | None, type | None]:
+    from common.plugins import resolve
+
+    reader_cls = resolve("reader", config.reader)
+    if config.flower_client:
+        from trainer.flower import load_client_fn
+
+        load_client_fn(config.flower_client)   # fail early (every rank alike) when flwr or the function is missing
+        return reader_cls, None, None
+    return reader_cls, resolve("model", config.model), resolve("trainer", config.trainer)
+
+
+def _open_reader(config: Config, comm: Comm, reader_cls: type):
+    """Rank 0 builds missing built-in data and the reader's caches first; then every rank opens it."""
+    def first():
+        if comm.rank == 0:
+            prepare_data(config)
+            reader = reader_cls(Path(config.data_dir))
+            reader.prepare()
+            return reader
+        return None
+
+    reader = agreed(comm, first)
+    opened = agreed(comm, lambda: reader if comm.rank == 0 else reader_cls(Path(config.data_dir)))
+    return opened
+
+
+def _run(config: Config, comm: Comm, stack: ExitStack, records: list[dict],
+         on_record: Callable[[dict], None] | None, progress: str) -> dict[str, np.ndarray] | None:
+    import torch
+
+    from common.domain import ParamLayout
+    from model.base import private_names
+    from scheduler.client import LocalSchedulerClient, SchedulerClient
+    from simulator.data_server import MemoryStore, SQLiteStore
+    from simulator.shard import Shard
+    from simulator.simulator import Simulator
+    from trainer.base import TrainConfig
+
+    rank, world = comm.rank, comm.size
+    pids = comm.gather(f"{rank}={os.getpid()}@{platform.node()}")
+    if rank == 0 and world > 1:   # MPI reports a killed process by pid: this maps it to its rank
+        log.info("ranks: %s", " ".join(pids))
+    train_config = TrainConfig(lr=config.lr, batch_size=config.batch_size, local_epochs=config.local_epochs,
+                               max_grad_norm=config.max_grad_norm, prox_mu=config.prox_mu, momentum=config.momentum)
+    reader_cls, model_cls, trainer_cls = agreed(comm, lambda: _plugins(config))
+    reader = _open_reader(config, comm, reader_cls)
+
+    def build():
+        nonlocal model_cls, trainer_cls
+        spec = reader.spec()
+        if config.flower_client:
+            from trainer.flower import flower_plugins
+
+            model_cls, trainer_cls = flower_plugins(config.flower_client, reader, train_config)
+        cores = len(os.sched_getaffinity(0))
+        n_shards = config.shards or max(1, cores // comm.local_size)
+        if not getattr(trainer_cls, "thread_safe", True) and n_shards > 1:
+            if rank == 0:
+                log.info("%s uses process-wide state: one shard per rank (start more ranks to use more cores)",
+                         trainer_cls.__name__)
+            n_shards = 1
+        use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is visible")
+        if config.centralized and world != 1:
+            raise ConfigError("--centralized runs in one process: start it without mpirun (or with -np 1)")
+        torch.manual_seed(config.seed)
+        model = model_cls.build(spec)
+        return spec, n_shards, torch.device("cuda" if use_cuda else "cpu"), model
+
+    spec, n_shards, device, model = agreed(comm, build)
+    private = private_names(model, config.private)
+    named = dict(model.named_parameters())
+    shared = [n for n in named if n not in private]
+    layout = ParamLayout(names=tuple(shared), shapes=tuple(tuple(named[n].shape) for n in shared))
+    eval_ratios = dict(trainer_cls.eval_ratios)
+    if config.finetune_epochs:
+        eval_ratios.update({f"{k}_ft": (f"ft_{num}", f"ft_{den}") for k, (num, den) in trainer_cls.eval_ratios.items()})
+    run_dir = Path(config.run_dir)
+
+    def record(r: dict) -> None:
+        recorder(r)
+        records.append(r)
+        if on_record is not None:
+            on_record(r)
+
+    if config.centralized:
+        from common.recorder import Recorder
+        from simulator.centralized import run_centralized
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(
+            {**config.to_saved_json(), "world_size": 1, "argv": redact_argv(sys.argv)}, indent=1))
+        recorder = stack.enter_context(Recorder(run_dir, config.rounds, mode=progress))
+        log.info("centralized baseline: %d parameters; run dir %s", layout.size, run_dir)
+        run_centralized(reader=reader, model=model, trainer=trainer_cls(replace(train_config, local_epochs=1), spec),
+                        rounds=config.rounds, clients_per_round=config.clients_per_round,
+                        local_epochs=config.local_epochs, eval_every=config.eval_every,
+                        eval_users=config.eval_users, seed=config.seed, on_record=record)
+        return {n: named[n].detach().cpu().numpy().copy() for n in shared}
+
+    scheduler = None
+    run_id = uuid.uuid4().hex[:12] if rank == 0 else None
+    token = (config.token or os.environ.get("FLOCK_TOKEN") or secrets.token_hex(16)) if rank == 0 else None
+
+    def start_scheduler():
+        nonlocal scheduler, recorder
+        from common.recorder import Recorder, truncate_metrics
+        from scheduler.optim import make_server_optimizer
+        from scheduler.state import Scheduler, SchedulerConfig
+
+        checkpoint = run_dir / "checkpoint.npz"
+        if not config.resume and ((run_dir / "metrics.jsonl").exists() or checkpoint.exists()):
+            raise ConfigError(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, "
+                              f"or choose another --run-dir")
+        scheduler = Scheduler(
+            SchedulerConfig(world_size=world, rounds=config.rounds, clients_per_round=config.clients_per_round,
+                            eval_every=config.eval_every, eval_users=config.eval_users, seed=config.seed,
+                            pin_users=bool(private), checkpoint_every=config.checkpoint_every),
+            reader=reader, optimizer=make_server_optimizer(
+                config.server_opt, server_lr=config.server_lr, momentum=config.server_momentum,
+                beta1=config.server_beta1, beta2=config.server_beta2, tau=config.server_tau),
+            train_ratios=trainer_cls.train_ratios, eval_ratios=eval_ratios,
+            main_metric=getattr(trainer_cls, "main_metric", ""),
+            checkpoint_path=checkpoint if config.checkpoint_every else None)
+        resume_round = 0
+        if config.resume:
+            resume_round = scheduler.restore(checkpoint, layout) if checkpoint.exists() else 0
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if config.resume:
+            truncate_metrics(run_dir / "metrics.jsonl", resume_round)
+            log.info("resuming %s after round %d", run_dir, resume_round)
+        else:
+            (run_dir / "config.json").write_text(json.dumps(
+                {**config.to_saved_json(), "world_size": world, "shards_per_rank": n_shards, "run_id": run_id,
+                 "argv": redact_argv(sys.argv), "private_params": list(private), "shared_params": layout.size,
+                 "versions": package_versions()}, indent=1))
+        recorder = stack.enter_context(Recorder(run_dir, config.rounds, mode=progress, done=resume_round))
+        scheduler.on_record = record       # before rank 0's parameters arrive, no step can finish
+        scheduler.before_checkpoint = recorder.sync
+        return resume_round
+
+    recorder = None
+    resume_round = agreed(comm, start_scheduler if rank == 0 else lambda: None)
+    address = None
+    if rank == 0 and world > 1:         # one process calls its scheduler in-process: no server at all
+        address = agreed(comm, lambda: _serve(config, scheduler, stack, run_id, token))
+    elif world > 1:
+        agreed(comm, lambda: None)
+    address, run_id, resume_round, token = comm.bcast((address, run_id, resume_round, token))
+    if rank == 0:
+        log.info("%s%d rank(s) x %d shard(s) on %s; %d shared parameters (%.1f MB), private: %s; run dir %s",
+                 f"scheduler on {address}; " if address else "", world, n_shards, device, layout.size,
+                 layout.size * 4 / 1e6, ", ".join(private) or "none", run_dir)
+
+    tls_ca = config.tls_ca or config.tls_cert
+    if rank == 0:      # hosts the scheduler: calls it in-process; every other rank goes through gRPC
+        client = LocalSchedulerClient(scheduler, rank=0, run_id=run_id)
+    else:
+        client = SchedulerClient(address, rank=rank, world_size=world, run_id=run_id, token=token,
+                                 tls_ca=Path(tls_ca) if tls_ca else None)
+    stack.callback(client.close)
+    start_step = client.hello().step
+    if rank == 0 and resume_round == 0:
+        client.init_params(layout, layout.flatten({n: named[n].detach().numpy() for n in shared}))
+
+    if config.data_server == "sqlite":
+        store = SQLiteStore(run_dir / "private" / f"rank{rank}.sqlite")
+    else:
+        store = MemoryStore(run_dir / "private" / f"rank{rank}-memory" if private and config.checkpoint_every else None)
+    stack.callback(store.close)
+    if config.resume:
+        store.rollback(resume_round)
+    private_init = {n: named[n].detach().numpy().copy() for n in private}
+    models = [model.to(device)]
+    for _ in range(n_shards - 1):
+        replica = model_cls.build(spec).to(device)
+        replica.load_state_dict(model.state_dict())
+        models.append(replica)
+    finetune_config = replace(train_config, local_epochs=config.finetune_epochs) if config.finetune_epochs else None
+    shards = [Shard(m, trainer_cls(train_config, spec), layout, private, store, private_init,
+                    finetuner=trainer_cls(finetune_config, spec) if finetune_config else None) for m in models]
+    simulator = Simulator(rank=rank, client=client, reader=reader, shards=shards, store=store,
+                          eval_ratios=eval_ratios, seed=config.seed, round_timeout=config.round_timeout)
+    stack.callback(simulator.close)
+    simulator.run(start_step)
+    peak_mb = comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)   # Linux: KiB
+    comm.barrier()   # every rank has seen "done": the scheduler may stop
+    if rank != 0:
+        return None
+    (run_dir / "resources.json").write_text(json.dumps({"peak_rss_mb": [round(m, 1) for m in peak_mb]}))
+    log.info("done: metrics in %s; peak memory (RSS) per rank: %s", run_dir / "metrics.jsonl",
+             " ".join(f"{r}={m:.0f}MB" for r, m in enumerate(peak_mb)))
+    final = scheduler.params
+    return {n: v.copy() for n, v in layout.split(final).items()}
+
+
+def _serve(config: Config, scheduler, stack: ExitStack, run_id: str, token: str) -> str:
+    """Rank 0's gRPC server for the other ranks, stopped when the run ends; returns its address."""
+    from scheduler.server import create_server
+
+    tls = (Path(config.tls_cert), Path(config.tls_key)) if config.tls_cert else None
+    if tls is None and config.scheduler_host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("the scheduler listens on %s without TLS: its token and parameters travel in clear; "
+                    "give --tls-cert/--tls-key on a shared network", config.scheduler_host)
+    server, port = create_server(f"{config.scheduler_host}:0", scheduler, run_id=run_id, token=token, tls=tls)
+    stack.callback(server.stop, grace=2)
+    return f"{config.scheduler_host}:{port}"
+
+
+def launch(config: Config, *, np: int = 2, mpirun: str | None = None, timeout: float | None = None) -> History:
+    """Runs `config` as an MPI job of `np` ranks (`mpirun -np N python application.py --config ...`) and
+    returns its History, read back from the run directory (the final shared parameters come from the
+    checkpoint written after the last round: None with checkpoint_every=0). A failed job raises
+    RuntimeError with the job's output."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    run_dir = Path(config.run_dir or default_run_dir()).resolve()
+    found = mpirun or str(Path(sys.executable).parent / "mpirun")
+    if not Path(found).exists():
+        found = shutil.which("mpirun") or ""
+    if not found:
+        raise FileNotFoundError("mpirun not found: install flock's dependencies (./install.sh) in this environment")
+    values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.to_json().items()
+              if k not in ("config", "run_dir", "data_dir", "token") and v != getattr(DEFAULTS, k)}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "config.json"
+        cfg.write_text(json.dumps(values))
+        cmd = [found, "-np", str(np), sys.executable, str(root / "application.py"), *([config.data_dir] if config.data_dir else []),
+               "--config", str(cfg), "--run-dir", str(run_dir), "--quiet"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        if config.token:
+            env["FLOCK_TOKEN"] = config.token
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"mpirun -np {np} failed with status {proc.returncode}:\n{proc.stdout}{proc.stderr}")
+    params = None
+    checkpoint = run_dir / "checkpoint.npz"
+    if checkpoint.is_file():
+        from common.domain import ParamLayout
+        from scheduler.checkpoint import load_checkpoint
+
+        flat, meta, _ = load_checkpoint(checkpoint)
+        layout = ParamLayout(names=tuple(n for n, _ in meta["layout"]), shapes=tuple(tuple(s) for _, s in meta["layout"]))
+        params = {n: v.copy() for n, v in layout.split(flat).items()}
+    return History(run_dir=run_dir, records=read_metrics(run_dir), params=params)
