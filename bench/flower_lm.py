@@ -52,7 +52,6 @@ def main() -> None:
     args = p.parse_args()
     launched = time.time()
 
-    import numpy as np
     import torch
     from flwr.client import ClientApp, NumPyClient
     from flwr.common import Context, FitIns, ndarrays_to_parameters

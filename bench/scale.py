@@ -18,9 +18,8 @@ import random
 import time
 from pathlib import Path
 
-from launch import ROOT, app_command, run, write_table
-
 import numpy as np
+from launch import ROOT, app_command, run, write_table
 
 from common.domain import home_rank
 from reader.leaf_format import write_day

@@ -41,6 +41,7 @@ from launch import ROOT, app_command, run, write_table
 
 def floor_worker(data_dir: str, rounds: int, seed: int, out: "mp.Queue") -> None:
     from floor import PlainFedAvg
+
     from scheduler.sampling import sample_clients
 
     floor = PlainFedAvg(Path(data_dir))
