@@ -6,5 +6,7 @@ scheduler can call it and tests can drive it directly:
 - `streams`: the seeded random streams the phones use (device, on-line coins, candidate orders);
 - `safe_pickle`: a restricted unpickler for FedScale's pickled traces;
 - `files`: reading profile and trace files, and how a user finds its entry in them;
-- `devices`: each user's device profile (built-in seeded distributions or a profile file).
+- `devices`: each user's device profile (built-in seeded distributions or a profile file);
+- `availability`: when a user is on-line (always, per-round coin, daily curve, trace file);
+- `selection`: on-line candidates drawn lazily, without a scan of the population.
 """
