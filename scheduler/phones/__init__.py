@@ -8,5 +8,7 @@ scheduler can call it and tests can drive it directly:
 - `files`: reading profile and trace files, and how a user finds its entry in them;
 - `devices`: each user's device profile (built-in seeded distributions or a profile file);
 - `availability`: when a user is on-line (always, per-round coin, daily curve, trace file);
-- `selection`: on-line candidates drawn lazily, without a scan of the population.
+- `selection`: on-line candidates drawn lazily, without a scan of the population;
+- `clock`: a client's virtual duration (download + compute + upload + latencies);
+- `sync_round`: which candidates of a synchronous round count, decided before anyone trains.
 """
