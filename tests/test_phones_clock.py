@@ -1,10 +1,11 @@
-"""The virtual clock's arithmetic and synchronous round resolution."""
+"""The virtual clock's arithmetic, synchronous round resolution and the clock's records."""
 import math
 
 import pytest
 
 from scheduler.phones.clock import ClientTiming, client_timing, model_bytes
 from scheduler.phones.devices import DeviceProfile
+from scheduler.phones.report import sync_round_record
 from scheduler.phones.sync_round import RoundOutcome, over_selected, resolve_sync_round
 
 
@@ -100,3 +101,10 @@ def test_bad_round_arguments():
     with pytest.raises(ValueError, match="deadline"):
         resolve_sync_round(CANDS, DUR, ON, start_time=0.0, k=3, deadline_s=0)
 
+
+def test_sync_round_record():
+    off = (math.inf, 10.5, math.inf, 12.0, math.inf)     # off-line times are virtual times, not offsets
+    out = resolve_sync_round(CANDS, DUR, off, start_time=10.0, k=3)
+    record = sync_round_record(out, bytes_down=1000, bytes_up=400)
+    assert record == {"sim_time": 14.0, "round_s": 4.0, "selected": 5, "completed": 3, "dropped": 1, "stale": 1,
+                      "staleness_mean": 0.0, "staleness_max": 0, "bytes_down": 5000, "bytes_up": 1200, "failed": 0}

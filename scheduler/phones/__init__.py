@@ -10,5 +10,8 @@ scheduler can call it and tests can drive it directly:
 - `availability`: when a user is on-line (always, per-round coin, daily curve, trace file);
 - `selection`: on-line candidates drawn lazily, without a scan of the population;
 - `clock`: a client's virtual duration (download + compute + upload + latencies);
-- `sync_round`: which candidates of a synchronous round count, decided before anyone trains.
+- `sync_round`: which candidates of a synchronous round count, decided before anyone trains;
+- `fedbuff`: the asynchronous (FedBuff / FedAsync) event schedule, checkpointable, and the buffers
+  pending real results;
+- `report`: the per-round / per-update records (sim_time, counts, staleness, bytes).
 """
