@@ -260,3 +260,27 @@ def test_pending_buffers_refuse_unknown_and_duplicate_results_and_checkpoint_the
     assert pending.state_dict() == fresh.state_dict()
     with pytest.raises(ValueError, match="already applied"):
         pending.buffer(0)
+
+
+def test_old_versions_are_kept_as_long_as_a_task_needs_them_and_checkpoints_hold_them():
+    availability = RoundProbability(seed=4, probability=0.7)
+    pending = PendingBuffers(make_schedule(availability=availability, max_staleness=None))
+    done = set()
+    while pending.applied < 12:
+        for task in pending.trainable(3):
+            assert task.start_version >= pending.oldest_needed_version()
+            pending.complete(task.task_id, None)
+            done.add(task.task_id)
+        while pending.pop_ready() is not None:
+            pass
+    applied, kept = pending.applied, pending.checkpoint_versions()
+    assert kept.stop == applied + 1 and kept.start < applied   # without a staleness limit, older ones too
+    resumed = make_schedule(availability=availability, max_staleness=None)
+    resumed.load_state_dict(pending.state_dict())
+    old = 0
+    for _ in range(30):
+        for arrival in resumed.next_buffer().arrivals:
+            if arrival.task.start_version <= applied:      # tasks started before the checkpoint
+                assert arrival.task.start_version in kept
+                old += 1
+    assert old > 0

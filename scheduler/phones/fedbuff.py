@@ -153,6 +153,11 @@ class AsyncSchedule:
         """The tasks started and not yet arrived or dropped, by task id."""
         return tuple(f.task for _, f in sorted(self._in_flight.items()))
 
+    @property
+    def buffered(self) -> tuple[Arrival, ...]:
+        """The arrivals waiting in the buffer for the next version."""
+        return tuple(self._pending)
+
     # -- the event loop ---------------------------------------------------------------------------------
 
     def _start(self, uid: str, offline_at: float) -> None:
@@ -335,7 +340,22 @@ class PendingBuffers(Generic[Result]):
         self.applied, self._applied_state = buffer.version, state
         return buffer, results
 
+    def oldest_needed_version(self) -> int:
+        """The oldest version a task still to train starts from: parameters older than it can be freed."""
+        waiting = [a.task.start_version for buffer, _ in self._ahead for a in buffer.arrivals
+                   if a.task.task_id not in self._results]
+        waiting += [t.start_version for t in self.schedule.in_flight]
+        waiting += [a.task.start_version for a in self.schedule.buffered]
+        return min(waiting, default=self.applied)
+
+    def checkpoint_versions(self) -> range:
+        """The versions whose parameters a checkpoint at the applied version must hold: a resumed run
+        trains again every task in flight or buffered at that point, from its own start version."""
+        starts = [row[2] for row in self._applied_state["in_flight"]]
+        starts += [row[2] for row in self._applied_state["pending"]]
+        return range(min(starts, default=self.applied), self.applied + 1)
+
     def state_dict(self) -> dict[str, Any]:
-        """The schedule's state at the applied version (for a checkpoint taken with that version's
-        parameters)."""
+        """The schedule's state at the applied version (for a checkpoint that holds the parameters of
+        `checkpoint_versions()`)."""
         return copy.deepcopy(self._applied_state)
