@@ -85,6 +85,18 @@ class Config:
                             "mpirun or with -np 1)")
     builtin_data: bool = opt(False, f"build DATA_DIR from the built-in popquotes corpus if it does not exist "
                              f"(implied for the default name {BUILTIN_DATA!r})")
+    device_profiles: str = opt("", "phones' speeds and links: 'builtin' (seeded lognormal per user), or a file "
+                               "(FedScale's device-capacity pickle or JSON, or a per-user CSV/JSON table); starts "
+                               "the virtual clock (sim_time); empty: no clock, every sampled client trains")
+    availability: str = opt("always", "when phones are on-line (needs --device-profiles): always, round:P, "
+                            "daily:P0,...,P23 (hourly probabilities), daily:FILE, trace:FILE (FedScale's "
+                            "client_behave_trace or JSON)")
+    over_select: float = opt(1.0, "select this many times --clients-per-round on-line phones; the round ends at "
+                             "the K-th finisher (needs --device-profiles)", lo=1, hi=100)
+    deadline: float = opt(0.0, "virtual seconds a synchronous round waits at most; later results are "
+                          "discarded (0: no deadline; needs --device-profiles)", lo=0, hi=1e9)
+    min_clients: int = opt(1, "fewer results than this make a failed round (counted, nothing applied; needs "
+                           "--device-profiles)", lo=1)
     checkpoint_every: int = opt(10, "checkpoint the scheduler (and private params) every this many rounds; "
                                 "0: never", lo=0)
     resume: str = opt("", "continue the run saved in this run directory from its last checkpoint (its "
@@ -100,6 +112,14 @@ class Config:
             check_value(f, getattr(self, f.name))
         if not self.data_dir and not self.resume:
             raise ConfigError("DATA_DIR is required (unless --resume RUN_DIR continues a saved run)")
+        phone_options = [_flag(n) for n, default in (("availability", "always"), ("over_select", 1.0),
+                                                      ("deadline", 0.0), ("min_clients", 1))
+                         if getattr(self, n) != default]
+        if phone_options and not self.device_profiles:
+            raise ConfigError(f"{', '.join(phone_options)} need phones: give --device-profiles builtin (or a file)")
+        if self.min_clients > self.clients_per_round:
+            raise ConfigError(f"--min-clients {self.min_clients} is more than --clients-per-round "
+                              f"{self.clients_per_round}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
         for name in ("tls_cert", "tls_key", "tls_ca"):

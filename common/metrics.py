@@ -44,6 +44,6 @@ def eval_record(round_index: int, sums: Mapping[str, float], ratios: Ratios, sec
 def train_record(round_index: int, sums: Mapping[str, float], ratios: Ratios, seconds: float) -> dict:
     """The metrics.jsonl line of a training round."""
     return {"kind": "train", "round": round_index, **reduce_ratios(sums, ratios),
-            "clients": int(sums.get("clients", 0) - sums.get("dropped", 0)), "samples": int(sums.get("samples", 0)),
-            **({"dropped": int(sums["dropped"])} if sums.get("dropped") else {}),
+            "clients": int(sums.get("clients", 0) - sums.get("diverged", 0)), "samples": int(sums.get("samples", 0)),
+            **({"diverged": int(sums["diverged"])} if sums.get("diverged") else {}),
             "seconds": round(seconds, 4), "clients_per_s": round(sums.get("clients", 0) / max(seconds, 1e-9), 3)}

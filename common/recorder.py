@@ -122,8 +122,10 @@ class Recorder:
     def describe(self, r: dict) -> str:
         if r["kind"] == "train":
             loss = f"{r['loss']:.4f}" if "loss" in r else "n/a"
+            phones = (f"  sim {r['sim_time'] / 3600:.3f} h (+{r['round_s']:.0f} s, {r['dropped']} off-line, "
+                      f"{r['stale']} late{', FAILED' if r['failed'] else ''})" if "sim_time" in r else "")
             return (f"round {r['round']}/{self.rounds}  loss {loss}  clients {r['clients']}  "
-                    f"samples {r['samples']}  {r['seconds']:.2f} s  {r['clients_per_s']:.2f} clients/s")
+                    f"samples {r['samples']}  {r['seconds']:.2f} s  {r['clients_per_s']:.2f} clients/s{phones}")
         ratios = "  ".join(f"{k} {v:.4%}" if k.startswith("top") else f"{k} {v:.4f}"
                            for k, v in r.items() if isinstance(v, float) and (k.endswith("_user_mean") or
                                                                               f"{k}_user_mean" in r))

@@ -11,6 +11,16 @@ this module are kept as they were, so results are unchanged.
 | `evaluation(seed)` | [seed, 2**31 - 1] | the fixed subset of test users (`--eval-users`) |
 | `user_seed(seed, round, uid, purpose)` | [seed, round, crc32(uid), crc32(purpose)] | a user's local training, fine-tuning |
 | `centralized(seed)` | [seed, crc32("centralized"), 0, 1] | the centralized baseline's data order |
+| `device_rng(seed, uid)` | [seed, PHONES, crc32("device"), crc32(uid)] | a user's built-in device profile |
+| `online_coin(seed, draw, uid)` | [seed, PHONES, crc32("online"), draw, crc32(uid)] | `--availability round:P` |
+| `hourly_coin(seed, hour, uid)` | [seed, PHONES, crc32("daily"), hour, crc32(uid)] | `--availability daily:...` |
+| `candidate_rng(seed, purpose, index)` | [seed, PHONES, crc32("candidates/" + purpose), index] | on-line candidates of a round or start |
+
+PHONES (crc32 of "flock.phones") sits where the older streams put a round index or a small constant, which
+no round count reaches. SeedSequence pads short entropy with zeros (`[a, b]` draws what `[a, b, 0, 0]`
+draws), so every stream of one shape has its own purpose word. A user's streams depend on crc32(uid), so a
+phone is the same in every round and at any number of ranks; two ids with the same crc32 (about 320 pairs
+among 1.66 million) share their phone, as they share `user_seed`.
 """
 from __future__ import annotations
 
@@ -45,3 +55,32 @@ def centralized(seed: int) -> np.random.Generator:
     """The centralized baseline's shuffling of the pooled data (4 words: no other stream has that shape
     with this purpose word)."""
     return np.random.default_rng([seed, _word("centralized"), 0, 1])
+
+
+PHONES = _word("flock.phones")
+_TWO_32 = float(2**32)
+
+
+def _phone_sequence(seed: int, purpose: str, *words: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence([seed, PHONES, _word(purpose), *words])
+
+
+def device_rng(seed: int, uid: str) -> np.random.Generator:
+    """The generator that draws `uid`'s built-in device profile."""
+    return np.random.default_rng(_phone_sequence(seed, "device", _word(uid)))
+
+
+def online_coin(seed: int, draw: int, uid: str) -> float:
+    """A uniform number in [0, 1) for `uid` at draw `draw` (a round, or an asynchronous start)."""
+    return float(_phone_sequence(seed, "online", draw, _word(uid)).generate_state(1)[0]) / _TWO_32
+
+
+def hourly_coin(seed: int, hour: int, uid: str) -> float:
+    """A uniform number in [0, 1) for `uid` in virtual hour `hour` (the daily availability pattern)."""
+    return float(_phone_sequence(seed, "daily", hour, _word(uid)).generate_state(1)[0]) / _TWO_32
+
+
+def candidate_rng(seed: int, purpose: str, index: int) -> np.random.Generator:
+    """The generator of one candidate order: `purpose` names the caller ("sync" per round, "async" per
+    start), `index` the round or the start."""
+    return np.random.default_rng(_phone_sequence(seed, f"candidates/{purpose}", index))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import resource
@@ -264,7 +265,7 @@ def _run(config: Config, comm: Comm, stack: ExitStack, records: list[dict],
                 config.server_opt, server_lr=config.server_lr, momentum=config.server_momentum,
                 beta1=config.server_beta1, beta2=config.server_beta2, tau=config.server_tau),
             train_ratios=trainer_cls.train_ratios, eval_ratios=eval_ratios,
-            main_metric=getattr(trainer_cls, "main_metric", ""),
+            main_metric=getattr(trainer_cls, "main_metric", ""), phones=phone_rounds(config),
             checkpoint_path=checkpoint if config.checkpoint_every else None)
         resume_round = 0
         if config.resume:
@@ -336,6 +337,20 @@ def _run(config: Config, comm: Comm, stack: ExitStack, records: list[dict],
              " ".join(f"{r}={m:.0f}MB" for r, m in enumerate(peak_mb)))
     final = scheduler.params
     return {n: v.copy() for n, v in layout.split(final).items()}
+
+
+def phone_rounds(config: Config):
+    """The run's device model (--device-profiles and the options that need it), or None: no clock."""
+    if not config.device_profiles:
+        return None
+    from scheduler.phones.availability import availability_from_option
+    from scheduler.phones.devices import profiles_from_option
+    from scheduler.phones.rounds import PhoneRounds
+
+    return PhoneRounds(profiles=profiles_from_option(config.device_profiles, config.seed),
+                       availability=availability_from_option(config.availability, config.seed), seed=config.seed,
+                       local_epochs=config.local_epochs, over_select=config.over_select,
+                       deadline_s=config.deadline or math.inf, min_clients=config.min_clients)
 
 
 def _serve(config: Config, scheduler, stack: ExitStack, run_id: str, token: str) -> str:

@@ -22,6 +22,7 @@ from scheduler.aggregate import weighted_mean
 from scheduler.calendar import Calendar
 from scheduler.checkpoint import load_checkpoint, save_checkpoint
 from scheduler.optim.base import ServerOptimizer
+from scheduler.phones.rounds import PhoneRounds, PlannedRound
 from scheduler.sampling import evaluation_users, sample_clients
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class Scheduler:
     checkpoints are written in order."""
 
     def __init__(self, config: SchedulerConfig, *, reader: Reader, optimizer: ServerOptimizer,
-                 train_ratios: Ratios, eval_ratios: Ratios, main_metric: str = "",
+                 train_ratios: Ratios, eval_ratios: Ratios, main_metric: str = "", phones: PhoneRounds | None = None,
                  on_record: Callable[[dict], None] | None = None, checkpoint_path: Path | None = None) -> None:
         self.config = config
         self.reader = reader
@@ -79,6 +80,9 @@ class Scheduler:
         self.on_record = on_record or (lambda record: None)
         self.before_checkpoint: Callable[[], None] = lambda: None   # e.g. make the records durable first
         self.checkpoint_path = checkpoint_path
+        self.phones = phones              # None: every sampled client trains, and no virtual clock runs
+        self.sim_time = 0.0               # virtual seconds since the run began (with phones)
+        self._planned: PlannedRound | None = None    # the current training round's clock decisions
         self.calendar = Calendar.from_reader(reader)
         self.steps = schedule(config.rounds, config.eval_every)
         self._indexes: dict[tuple[str, str], tuple[list[str], dict[str, int]]] = {}
@@ -132,7 +136,12 @@ class Scheduler:
         if kind == TRAIN:
             day, split = self.calendar.train_day(done, self.config.rounds), "train"
             users, counts = self._eligible(day, split)
-            chosen = sample_clients(self.config.seed, done, users, self.config.clients_per_round)
+            if self.phones is None:
+                chosen = sample_clients(self.config.seed, done, users, self.config.clients_per_round)
+            else:        # decided in virtual time before anyone trains: late or off-line phones are not trained
+                self._planned = self.phones.plan_round(done, users, counts, self.config.clients_per_round,
+                                                       start_time=self.sim_time, shared_params=self.layout.size)
+                chosen = self._planned.trained
         else:
             day, split = self.calendar.test_day, "test"
             users, counts = self._eligible(day, split)
@@ -171,6 +180,7 @@ class Scheduler:
     def _write_checkpoint(self, rounds_done: int) -> None:
         meta = {"round": rounds_done, "version": self.version, "step": self.step + 1, "seed": self.config.seed,
                 "rounds": self.config.rounds, "world_size": self.config.world_size, "data": self.data_fingerprint,
+                "sim_time": self.sim_time,
                 "layout": [[n, list(s)] for n, s in zip(self.layout.names, self.layout.shapes)]}
         save_checkpoint(self.checkpoint_path, params=self.params, meta=meta,
                         optimizer_state=self.optimizer.state_dict())
@@ -193,6 +203,7 @@ class Scheduler:
                               f"rank run; resume with -np {meta['world_size']}")
         with self._cond:
             self.layout, self.params, self.version, self.step = layout, params, meta["version"], meta["step"]
+            self.sim_time = float(meta.get("sim_time", 0.0))
             self.optimizer.load_state_dict(opt_state)
             self._plans = self._make_plans(self.step)
             self._step_started = time.perf_counter()
@@ -296,8 +307,8 @@ class Scheduler:
         for update in pushed:
             add_sums(sums, update.sums)
         where = f"round {done + 1}"
-        if sums.get("dropped", 0) and sums.get("dropped", 0) >= sums.get("clients", 0):
-            return (f"{where}: every client's local training gave non-finite parameters ({int(sums['dropped'])} "
+        if sums.get("diverged", 0) and sums.get("diverged", 0) >= sums.get("clients", 0):
+            return (f"{where}: every client's local training gave non-finite parameters ({int(sums['diverged'])} "
                     f"dropped): local training diverges (check --lr, --max-grad-norm and the data); the run stops")
         mean = weighted_mean([(u.weight, u.delta_sum) for u in pushed], out=self._total)
         if mean is not None:
@@ -309,11 +320,18 @@ class Scheduler:
             self.params = params
         # each rank's own time on the step's users (training and its local sum): stragglers show here
         work = [round(float(u.sums.get("train_seconds", 0.0)), 4) for u in pushed]
-        record = {**train_record(done + 1, sums, self.train_ratios, self._step_seconds()), "rank_work_s": work}
+        record = {**train_record(done + 1, sums, self.train_ratios, self._step_seconds()), "rank_work_s": work,
+                  **(self._planned.record if self.phones is not None else {})}
         bad = nonfinite_keys(record)
         if bad:
             return f"{where}: {', '.join(bad)} not finite; the run stops, the last checkpoint is kept"
         self.version += 1
+        if self.phones is not None:
+            self.sim_time = self._planned.outcome.end_time
+            if self._planned.outcome.failed:
+                log.warning("%s failed: fewer than %d results in time (%d of %d phones off-line, %d late); "
+                            "nothing applied", where, self.phones.min_clients, record["dropped"], record["selected"],
+                            record["stale"])
         self.on_record(record)
         if self._plans[0].checkpoint:     # after the record: a resumed run's metrics lose nothing
             self.before_checkpoint()
@@ -327,6 +345,8 @@ class Scheduler:
             add_sums(sums, metrics.sums)
             per_user.update(metrics.per_user)
         record = eval_record(done, sums, self.eval_ratios, self._step_seconds())
+        if self.phones is not None:
+            record["sim_time"] = self.sim_time        # evaluation takes no virtual time
         bad = nonfinite_keys(record)
         if bad:
             return f"evaluation after round {done}: {', '.join(bad)} not finite; the run stops"

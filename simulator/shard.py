@@ -79,7 +79,7 @@ class Shard:
             if not bool(torch.isfinite(torch.stack(torch._foreach_norm(self.shared))).all()):
                 # one diverged phone must not poison the model: its update is dropped and counted
                 log.warning("user %r: non-finite update after local training; dropped from the round", uid)
-                return {"dropped": 1.0}
+                return {"diverged": 1.0}
             for acc, p in zip(self._sum_views, self.shared):
                 acc.add_(p, alpha=n)
         self.weight += n

@@ -52,3 +52,14 @@ class FailInRound2(LanguageModelTrainer):
         if current_call().round == 2:
             raise RuntimeError("injected failure in round 2")
         return super().train(model, samples, rng)
+
+
+class FailFromRound3IfAsked(LanguageModelTrainer):
+    """Fails from round 3 on while FLOCK_TEST_FAIL is set: a run that dies mid-way, then resumes cleanly."""
+
+    def train(self, model, samples, rng=None):
+        from trainer.base import current_call
+
+        if os.environ.get("FLOCK_TEST_FAIL") and current_call().round >= 3:
+            raise RuntimeError("injected failure from round 3")
+        return super().train(model, samples, rng)

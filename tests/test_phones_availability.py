@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 
 from common.errors import ConfigError, DataError
-from scheduler.phones.availability import (AlwaysOn, DailyPattern, RoundProbability, Sessions,
-                                           availability_from_option, load_trace)
+from scheduler.phones.availability import (
+    AlwaysOn,
+    DailyPattern,
+    RoundProbability,
+    Sessions,
+    availability_from_option,
+    load_trace,
+)
 from scheduler.phones.selection import candidate_order, default_max_probes, select_online
 
 H = 3600.0

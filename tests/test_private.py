@@ -126,5 +126,5 @@ def test_a_diverged_user_is_dropped_not_averaged():
     shard = Shard(model, Exploding(TrainConfig(), SPEC), layout, (), MemoryStore(), {})
     shard.set_global(layout.flatten({n: p.detach().numpy() for n, p in named.items()}))
     x = np.full((2, 10), 3, dtype=np.int32)
-    assert shard.train_user("ann", {"x": x, "y": x, "mask": np.ones_like(x, dtype=np.uint8)}) == {"dropped": 1.0}
+    assert shard.train_user("ann", {"x": x, "y": x, "mask": np.ones_like(x, dtype=np.uint8)}) == {"diverged": 1.0}
     assert shard.weight == 0 and not shard.weighted_sum.any()

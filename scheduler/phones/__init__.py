@@ -3,7 +3,6 @@
 Every module here is a plain function or class over plain values, with no gRPC, MPI or torch, so the
 scheduler can call it and tests can drive it directly:
 
-- `streams`: the seeded random streams the phones use (device, on-line coins, candidate orders);
 - `safe_pickle`: a restricted unpickler for FedScale's pickled traces;
 - `files`: reading profile and trace files, and how a user finds its entry in them;
 - `devices`: each user's device profile (built-in seeded distributions or a profile file);

@@ -16,7 +16,7 @@ from typing import Container, Iterator, Sequence
 
 import numpy as np
 
-from scheduler.phones import streams
+from common import streams
 from scheduler.phones.availability import Availability
 
 BLOCK = 64

@@ -1,0 +1,57 @@
+"""Synchronous rounds on phones: the scheduler's one entry point to the clock (`PhoneRounds.plan_round`),
+which picks the round's on-line candidates, times each one's download, training and upload on its device,
+and decides before anyone trains which results will count (over-selection, deadline, minimum quorum)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from scheduler.phones.availability import Availability
+from scheduler.phones.clock import client_timing, model_bytes
+from scheduler.phones.devices import ProfileSource
+from scheduler.phones.report import sync_round_record
+from scheduler.phones.selection import select_online
+from scheduler.phones.sync_round import RoundOutcome, over_selected, resolve_sync_round
+
+
+@dataclass(frozen=True)
+class PlannedRound:
+    """A round decided in virtual time: who trains, and the round's clock record (sim_time, counts, bytes,
+    compute_saved_s: the virtual compute of the candidates that are not trained because their result would
+    not count)."""
+
+    outcome: RoundOutcome
+    record: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def trained(self) -> list[str]:
+        return list(self.outcome.trained)
+
+
+@dataclass(frozen=True)
+class PhoneRounds:
+    """The device model of a run: profiles, availability and the synchronous round's rules."""
+
+    profiles: ProfileSource
+    availability: Availability
+    seed: int
+    local_epochs: int = 1
+    over_select: float = 1.0
+    deadline_s: float = math.inf       # virtual seconds from a round's start; inf: none
+    min_clients: int = 1
+
+    def plan_round(self, round_index: int, users: Sequence[str], counts: Mapping[str, int], k: int, *,
+                   start_time: float, shared_params: int) -> PlannedRound:
+        """Round `round_index` (0-based) of K clients among `users`, starting at virtual `start_time`."""
+        size = model_bytes(shared_params)
+        candidates = select_online(users, over_selected(k, self.over_select), seed=self.seed, purpose="sync",
+                                   index=round_index, availability=self.availability, t=start_time)
+        timings = {u: client_timing(self.profiles.profile(u), samples=self.local_epochs * counts[u],
+                                    bytes_down=size, bytes_up=size) for u in candidates.uids}
+        outcome = resolve_sync_round(candidates.uids, [timings[u].total_s for u in candidates.uids],
+                                     candidates.online_until, start_time=start_time, k=k,
+                                     deadline_s=self.deadline_s, min_clients=min(self.min_clients, k))
+        saved = sum(timings[u].compute_s for u in (*outcome.discarded,))
+        record = {**sync_round_record(outcome, bytes_down=size, bytes_up=size), "compute_saved_s": saved}
+        return PlannedRound(outcome=outcome, record=record)

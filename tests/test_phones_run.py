@@ -1,0 +1,95 @@
+"""The virtual clock in real runs: synchronous rounds on phones (profiles, availability, over-selection,
+deadline, quorum) give the same metrics at any -np, resume exactly, and fail rounds instead of hanging."""
+import json
+
+import pytest
+
+from flock import Config, simulate
+from tests.helpers import make_lm_data, read_metrics, run_app
+
+PHONES = dict(device_profiles="builtin", over_select=1.5, deadline=40.0, min_clients=2)
+SMALL = dict(rounds=6, clients_per_round=4, eval_every=3, seed=5, checkpoint_every=2)
+VOLATILE = ("seconds", "time", "clients_per_s", "rank_work_s")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """30 users, and a trace (FedScale's form, as JSON) of short on-line sessions: phones go off-line mid-task."""
+    root = make_lm_data(tmp_path_factory.mktemp("lm"), users=30)
+    trace = {str(c): {"active": [0, 35 + c], "inactive": [22 + 3 * c, 95 + c], "finish_time": 100}
+             for c in range(7)}
+    (root / "trace.json").write_text(json.dumps(trace))
+    PHONES["availability"] = f"trace:{root / 'trace.json'}"
+    return root
+
+
+def stable(records):
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+
+
+def test_a_synchronous_run_on_phones_reports_its_clock(data, tmp_path):
+    history = simulate(Config(data_dir=str(data), run_dir=str(tmp_path), **SMALL, **PHONES))
+    train = history.train
+    times = [r["sim_time"] for r in history.records]
+    assert times == sorted(times) and times[0] > 0
+    for r in train:
+        assert r["selected"] <= 6 and r["completed"] + r["dropped"] + r["stale"] == r["selected"]
+        assert r["clients"] == (0 if r["failed"] else r["completed"]) and r["round_s"] <= 40.0 + 1e-9
+        assert r["bytes_down"] == r["selected"] * 4 * json.loads((tmp_path / "config.json").read_text())["shared_params"]
+    assert sum(r["stale"] for r in train) > 0 and sum(r["compute_saved_s"] for r in train) > 0
+    assert sum(r["dropped"] for r in train) > 0 and sum(r["failed"] for r in train) < len(train)
+
+
+def test_no_phone_meets_the_deadline_every_round_fails_and_the_run_ends(data, tmp_path):
+    history = simulate(Config(data_dir=str(data), run_dir=str(tmp_path), **{**SMALL, "rounds": 3},
+                              device_profiles="builtin", deadline=0.01))
+    assert [r["failed"] for r in history.train] == [1, 1, 1]
+    assert [r["clients"] for r in history.train] == [0, 0, 0]
+    assert [round(r["sim_time"], 6) for r in history.train] == [0.01, 0.02, 0.03]
+
+
+def test_resume_continues_the_clock_exactly(data, tmp_path, monkeypatch):
+    trainer = dict(trainer="tests.faulty:FailFromRound3IfAsked")
+    whole = simulate(Config(data_dir=str(data), run_dir=str(tmp_path / "whole"), **SMALL, **PHONES, **trainer))
+    cut = tmp_path / "cut"
+    monkeypatch.setenv("FLOCK_TEST_FAIL", "1")
+    with pytest.raises(Exception, match="injected failure from round 3"):
+        simulate(Config(data_dir=str(data), run_dir=str(cut), **SMALL, **PHONES, **trainer))
+    monkeypatch.delenv("FLOCK_TEST_FAIL")
+    assert [r["round"] for r in read_metrics(cut)][:2] == [1, 2]
+    resumed = simulate(Config(resume=str(cut)))
+    assert stable(read_metrics(cut)) == stable(whole.records)
+    assert resumed.records[0]["round"] == 3 and resumed.records[0]["sim_time"] > whole.records[1]["sim_time"]
+
+
+@pytest.mark.mpi
+def test_phones_give_the_same_metrics_at_any_number_of_ranks(data, tmp_path):
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in {**SMALL, **PHONES}.items()]
+    runs = {}
+    for np_ in (1, 2):
+        proc = run_app(np_, data, tmp_path / f"np{np_}", *args, timeout=180)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        runs[np_] = stable(read_metrics(tmp_path / f"np{np_}"))
+    for a, b in zip(runs[1], runs[2], strict=True):
+        assert a.keys() == b.keys() and a["sim_time"] == b["sim_time"]    # the clock is the scheduler's alone
+        for key, value in a.items():      # sums over ranks add in another order: the last digits may move
+            assert b[key] == (pytest.approx(value, rel=1e-9) if isinstance(value, float) else value), key
+    assert sum(r.get("dropped", 0) for r in runs[1] if r["kind"] == "train") > 0, "no phone went off-line"
+
+
+@pytest.mark.mpi
+def test_a_broken_profile_file_is_one_message_at_np_2(data, tmp_path):
+    bad = tmp_path / "profiles.json"
+    bad.write_text('{"user00": {"seconds_per_sample": -1}}')
+    proc = run_app(2, data, tmp_path / "run", "--device-profiles", str(bad), timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and out.count("ERROR") == 1 and str(bad) in out, out
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("option", ["--over-select=1.5", "--deadline=30", "--min-clients=2", "--availability=round:0.5"])
+def test_phone_options_need_profiles(option, capsys):
+    from application import main
+
+    assert main(["data", option]) == 2
+    assert "need phones: give --device-profiles" in capsys.readouterr().err
