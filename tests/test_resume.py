@@ -21,15 +21,17 @@ ARGS = ("--rounds", "6", "--clients-per-round", "4", "--eval-every", "2", "--che
 
 
 @pytest.mark.mpi
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("server", [(), ("--server-opt", "fedadam", "--server-lr", "0.05")], ids=["fedavg", "fedadam"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, server):
+    """With FedAdam the optimizer's moments must come back from the checkpoint too."""
     data = make_lm_data(tmp_path / "data")
     whole = tmp_path / "whole"
-    proc = run_app(2, data, whole, *ARGS)
+    proc = run_app(2, data, whole, *ARGS, *server)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     cut = tmp_path / "cut"
     job = subprocess.Popen([mpirun(), "-np", "2", sys.executable, str(ROOT / "application.py"), str(data),
-                            "--run-dir", str(cut), *ARGS], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            "--run-dir", str(cut), *ARGS, *server], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
