@@ -78,6 +78,7 @@ def run(config: Config, comm) -> None:
     from common.plugins import resolve
     from model.base import private_names
     from scheduler.client import LocalSchedulerClient, SchedulerClient
+    from simulator.data_plane import make_data_plane
     from simulator.data_server import MemoryStore, SQLiteStore
     from simulator.shard import Shard
     from simulator.simulator import Simulator
@@ -207,6 +208,7 @@ def run(config: Config, comm) -> None:
     start_step = client.hello().step
     if rank == 0 and resume_round == 0:
         client.init_params(layout, layout.flatten({n: named[n].detach().numpy() for n in shared}))
+    data_plane = make_data_plane(config.data_plane, comm, client, layout.size)
 
     if config.data_server == "sqlite":
         store = SQLiteStore(run_dir / "private" / f"rank{rank}.sqlite")
@@ -224,8 +226,10 @@ def run(config: Config, comm) -> None:
     shards = [Shard(m, trainer_cls(train_config, spec), layout, private, store, private_init,
                     finetuner=trainer_cls(finetune_config, spec) if finetune_config else None) for m in models]
     simulator = Simulator(rank=rank, client=client, reader=reader, shards=shards, store=store,
-                          eval_ratios=eval_ratios, seed=config.seed, round_timeout=config.round_timeout)
+                          eval_ratios=eval_ratios, seed=config.seed, round_timeout=config.round_timeout,
+                          data_plane=data_plane)
     simulator.run(start_step)
+    data_plane.close()
     peak_mb = comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)   # Linux: KiB
     comm.barrier()   # every rank has seen "done": the scheduler may stop
     store.close()

@@ -40,6 +40,7 @@ class Config:
     flower_client: str = ""
     private: tuple[str, ...] = ()
     data_server: str = "memory"
+    data_plane: str = "mpi"
     shards: int = 0
     device: str = "auto"
     scheduler_host: str = "127.0.0.1"
@@ -77,6 +78,8 @@ class Config:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: file not found")
         if self.data_server not in ("memory", "sqlite"):
             raise ConfigError(f"--data-server must be 'memory' or 'sqlite', got {self.data_server!r}")
+        if self.data_plane not in ("mpi", "grpc"):
+            raise ConfigError(f"--data-plane must be 'mpi' or 'grpc', got {self.data_plane!r}")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -114,6 +117,9 @@ HELP = {
                      "to Flower's ClientApp); replaces --model and --trainer; needs the flwr extra",
     "private": "parameter name pattern (fnmatch) to keep private per user; repeatable, e.g. 'decoder.bias'",
     "data_server": "where private parameters live on each rank: memory, or sqlite under the run dir",
+    "data_plane": "how parameters and updates move between the ranks: mpi (node-shared memory, MPI between "
+                  "nodes; plans and metrics still go through the scheduler) or grpc (every rank through the "
+                  "scheduler's gRPC service)",
     "device": "where shards train: cuda when visible (auto), or cpu, or cuda; same-seed-same-metrics across "
               "rank counts is guaranteed on cpu",
     "shards": "trainers per rank, each a thread with one torch thread (0: this node's cores / its ranks)",
@@ -137,6 +143,7 @@ HELP = {
 
 
 CHOICES = {"device": ["auto", "cpu", "cuda"], "server_opt": ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"], "data_server": ["memory", "sqlite"],
+           "data_plane": ["mpi", "grpc"],
            "log_level": ["DEBUG", "INFO", "WARNING", "ERROR"]}
 
 

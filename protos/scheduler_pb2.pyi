@@ -93,7 +93,7 @@ class ParamsRequest(_message.Message):
     def __init__(self, version: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("step", "rank", "weight", "total", "sums")
+    __slots__ = ("step", "rank", "weight", "total", "sums", "reduced")
     class SumsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -106,12 +106,14 @@ class UpdateHeader(_message.Message):
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     SUMS_FIELD_NUMBER: _ClassVar[int]
+    REDUCED_FIELD_NUMBER: _ClassVar[int]
     step: int
     rank: int
     weight: float
     total: int
     sums: _containers.ScalarMap[str, float]
-    def __init__(self, step: _Optional[int] = ..., rank: _Optional[int] = ..., weight: _Optional[float] = ..., total: _Optional[int] = ..., sums: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    reduced: bool
+    def __init__(self, step: _Optional[int] = ..., rank: _Optional[int] = ..., weight: _Optional[float] = ..., total: _Optional[int] = ..., sums: _Optional[_Mapping[str, float]] = ..., reduced: _Optional[bool] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "offset", "data")

@@ -217,13 +217,19 @@ class Scheduler:
             return self._plans[rank]
 
     def push_update(self, update: RankUpdate) -> None:
-        """One rank's training update for the current step; completes the step when it is the last."""
+        """One rank's training update for the current step; completes the step when it is the last. A
+        `reduced` update brings only its weight and sums: its values are in another rank's delta_sum (a
+        data plane summed them there), which may then be non-empty with that rank's own weight 0. When one
+        update brings all the step's values, its (writable) delta_sum is the aggregation's work buffer and is
+        overwritten."""
         with self._cond:
             self._check_push(update.step, update.rank, TRAIN)
             size = self.layout.size
             if update.weight < 0 or not np.isfinite(update.weight):
                 raise RefusedError(f"rank {update.rank}: invalid weight {update.weight}")
-            if update.weight > 0 and update.delta_sum.shape != (size,):
+            if update.reduced and update.delta_sum.size:
+                raise RefusedError(f"rank {update.rank}: a reduced update with {update.delta_sum.size} values")
+            if update.weight > 0 and not update.reduced and update.delta_sum.shape != (size,):
                 raise RefusedError(f"rank {update.rank}: update has {update.delta_sum.size} values, "
                                    f"the model has {size}")
             if update.weight == 0 and update.delta_sum.size not in (0, size):
@@ -280,16 +286,19 @@ class Scheduler:
         if kind == TRAIN:
             weight = sum(u.weight for u in self._pushed.values())
             if weight > 0:
-                parts = [u.delta_sum for u in sorted(self._pushed.values(), key=lambda u: u.rank) if u.weight > 0]
-                if self._total is None or self._total.shape != parts[0].shape:
-                    self._total = np.empty(self.layout.size, dtype=np.float64)   # reused: no 50 MB page-in a round
-                total = self._total
-                if len(parts) > 1:
-                    np.add(parts[0], parts[1], out=total)
+                parts = [u.delta_sum for u in sorted(self._pushed.values(), key=lambda u: u.rank) if u.delta_sum.size]
+                if len(parts) == 1 and parts[0].flags.writeable:   # summed already: the work buffer, no 50 MB copy
+                    total = parts[0]
                 else:
-                    np.copyto(total, parts[0])
-                for part in parts[2:]:        # in rank order: the same sum whenever the ranks push
-                    total += part
+                    if self._total is None or self._total.shape != parts[0].shape:
+                        self._total = np.empty(self.layout.size, dtype=np.float64)   # reused: no 50 MB page-in
+                    total = self._total
+                    if len(parts) > 1:
+                        np.add(parts[0], parts[1], out=total)
+                    else:
+                        np.copyto(total, parts[0])
+                    for part in parts[2:]:        # in rank order: the same sum whenever the ranks push
+                        total += part
                 total /= weight
                 self.params = self.optimizer.step(self.params, total)
             self.version += 1

@@ -13,6 +13,7 @@ from common.domain import DONE, TRAIN, Plan, RankMetrics, RankUpdate, assign_use
 from common.metrics import add_sums, add_user_eval
 from reader.base import Reader
 from scheduler.client import LocalSchedulerClient, SchedulerClient
+from simulator.data_plane import DataPlane, SchedulerDataPlane
 from simulator.data_server import PrivateStore
 from simulator.shard import Shard, user_seed
 
@@ -26,17 +27,17 @@ class UserError(RuntimeError):
 class Simulator:
     def __init__(self, *, rank: int, client: SchedulerClient | LocalSchedulerClient, reader: Reader, shards: Sequence[Shard],
                  store: PrivateStore, eval_ratios: Mapping[str, tuple[str, str]], seed: int = 0,
-                 round_timeout: float = 600.0) -> None:
+                 round_timeout: float = 600.0, data_plane: DataPlane | None = None) -> None:
         self.rank = rank
         self.seed = seed
         self.store = store
         self.client = client
+        self.data_plane = data_plane or SchedulerDataPlane(client)
         self.reader = reader
         self.shards = list(shards)
         self.eval_ratios = dict(eval_ratios)
         self.round_timeout = round_timeout
         self._count_cache: dict[tuple[str, str], dict[str, int]] = {}
-        self._delta: torch.Tensor | None = None     # the round's float64 update, reused
         self._pool = ThreadPoolExecutor(len(self.shards), thread_name_prefix="shard") if len(self.shards) > 1 else None
 
     def run(self, start_step: int = 0) -> int:
@@ -48,14 +49,14 @@ class Simulator:
             if plan.kind == DONE:
                 return step - start_step
             t1 = time.perf_counter()
-            _, flat = self.client.get_params(plan.version)
+            flat = self.data_plane.params(plan.version, self.round_timeout)
             for shard in self.shards:
-                shard.set_global(flat)
+                shard.set_global(flat, plan.version)
             t2 = time.perf_counter()
             result = self.train_step(plan) if plan.kind == TRAIN else self.eval_step(plan)
             t3 = time.perf_counter()
             if plan.kind == TRAIN:
-                self.client.push_update(result)
+                self.data_plane.push_update(result, self.round_timeout)
             else:
                 self.client.push_metrics(result)
             log.debug("step %d (%s, %d users): waited %.3f s, params %.3f s, work %.3f s, push %.3f s", step,
@@ -103,9 +104,7 @@ class Simulator:
         weight = sum(s.weight for s in self.shards)
         if weight > 0:
             first = self.shards[0].weighted_sum
-            if self._delta is None or self._delta.shape != first.shape:   # reused: no 50 MB page-in a round
-                self._delta = torch.empty_like(first, device="cpu")
-            total = self._delta
+            total = torch.from_numpy(self.data_plane.update_buffer(first.numel()))
             total.copy_(first)
             for shard in self.shards[1:]:
                 total += shard.weighted_sum.cpu()
