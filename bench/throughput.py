@@ -21,8 +21,9 @@ model and hyper-parameters (one run, ratios printed at the end).
 - overhead: round time minus the slowest rank's work (plan, parameter fetch and push, aggregation, server
   step), in the default rounds, and in rounds of users holding one sequence each (the default-sized model).
 - fetch: GetParams of the 24.7 MB model over loopback gRPC from another process, MB/s: the first fetch of
-  a version (the scheduler serializes it) and the next ranks' fetches (served from those bytes). (The rank
-  that hosts the scheduler calls it in-process and fetches nothing.)
+  a version (the scheduler serializes it) and the next ranks' fetches (served from those bytes): the path of
+  `--data-plane grpc` and of a scheduler outside the job. (By default the ranks of a job get the parameters
+  through node-shared memory, and the rank that hosts the scheduler calls it in-process.)
 Every variant trains the same users (the same seeded sampler).
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,25 +41,31 @@ from pathlib import Path
 from launch import ROOT, app_command, run, write_table
 
 
-def floor_worker(data_dir: str, rounds: int, seed: int, out: "mp.Queue") -> None:
+def floor_worker(data_dir: str, rounds: int, seed: int, out: "mp.Queue", clients_per_round: int = 10,
+                 warmup: int = 0) -> None:
     from floor import PlainFedAvg
 
     from scheduler.sampling import sample_clients
 
     floor = PlainFedAvg(Path(data_dir))
-    started, clients = time.perf_counter(), 0
+    seconds, clients = 0.0, 0
     for r in range(rounds):
-        users = sample_clients(seed, r, floor.users, 10)
+        users = sample_clients(seed, r, floor.users, clients_per_round)
+        started = time.perf_counter()
         floor.round(users)
-        clients += len(users)
-    out.put((clients, time.perf_counter() - started))
+        if r >= warmup:
+            seconds += time.perf_counter() - started
+            clients += len(users)
+    out.put((clients, seconds))
 
 
-def floors(data_dir: str, rounds: int, n: int) -> float:
-    """Summed client updates/s of n floor processes running at once (all with seed 0: the same users)."""
+def floors(data_dir: str, rounds: int, n: int, clients_per_round: int = 10, warmup: int = 0) -> float:
+    """Summed client updates/s of n floor processes running at once (all with seed 0: the same users), over
+    the rounds after the first `warmup`."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=floor_worker, args=(data_dir, rounds, 0, q)) for _ in range(n)]
+    procs = [ctx.Process(target=floor_worker, args=(data_dir, rounds, 0, q, clients_per_round, warmup))
+             for _ in range(n)]
     for p in procs:
         p.start()
     results = [q.get() for _ in procs]
@@ -66,20 +74,24 @@ def floors(data_dir: str, rounds: int, n: int) -> float:
     return sum(c / s for c, s in results)
 
 
-def project(data_dir: str, rounds: int, np_: int, run_dir: Path, *extra: str) -> dict:
-    """A real job's client updates/s over its training rounds, mean round seconds, start-up seconds, and
-    from the ranks' work times: the overhead (round minus slowest rank) and the balance bound."""
+def project(data_dir: str, rounds: int, np_: int, run_dir: Path, *extra: str, warmup: int = 0) -> dict:
+    """A real job's client updates/s over its training rounds (after the first `warmup`), mean round seconds,
+    start-up seconds, and from the ranks' work times: the overhead (round minus slowest rank; mean and
+    median) and the balance bound."""
     launched = time.time()
     run(app_command(np_, data_dir, "--rounds", str(rounds), "--eval-every", "0", "--eval-users", "1",
                     "--checkpoint-every", "0", "--run-dir", str(run_dir), *extra), f"project -np {np_}", quiet=True)
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
+    startup_s = train[0]["time"] - train[0]["seconds"] - launched
+    train = train[warmup:]
     seconds = sum(r["seconds"] for r in train)
     slowest = sum(max(r["rank_work_s"]) for r in train)
     mean_work = sum(sum(r["rank_work_s"]) / len(r["rank_work_s"]) for r in train)
     return {"clients_per_s": sum(r["clients"] for r in train) / seconds, "round_s": seconds / len(train),
-            "startup_s": train[0]["time"] - train[0]["seconds"] - launched,
-            "overhead_s": (seconds - slowest) / len(train), "balance": mean_work / slowest}
+            "startup_s": startup_s, "overhead_s": (seconds - slowest) / len(train),
+            "overhead_median_s": statistics.median(r["seconds"] - max(r["rank_work_s"]) for r in train),
+            "balance": mean_work / slowest}
 
 
 def flower(data_dir: str, rounds: int, out: Path, name: str = "flower") -> dict | None:
@@ -150,8 +162,6 @@ def balanced_data(out: Path, data_dir: Path, comments: int = 15) -> Path:
 def fetch_mb_per_s(data_dir: str, versions: int = 8) -> tuple[float, float]:
     """Median MB/s of (the first fetch of each new version, which the scheduler serializes; a second
     fetch of it, as the next ranks get it), client and server in two processes, on a warm channel."""
-    import statistics
-
     import numpy as np
 
     from common.domain import RankUpdate

@@ -69,6 +69,9 @@ class Config:
                                    "e.g. 'decoder.bias'")
     data_server: str = opt("memory", "where private parameters live on each rank: memory, or sqlite under the "
                            "run dir", choices=("memory", "sqlite"))
+    data_plane: str = opt("mpi", "how parameters and updates move between the ranks: mpi (node-shared memory, "
+                          "MPI between nodes; plans and metrics still go through the scheduler) or grpc (every "
+                          "rank through the scheduler's gRPC service)", choices=("mpi", "grpc"))
     shards: int = opt(0, "trainers per rank, each a thread with one torch thread (0: this node's cores / its "
                       "ranks)", lo=0)
     device: str = opt("auto", "where shards train: cuda when visible (auto), or cpu, or cuda; same-seed-same-"

@@ -79,8 +79,11 @@ class RankUpdate:
     step: int
     rank: int
     weight: float
-    delta_sum: np.ndarray      # float64, the layout's size
+    delta_sum: np.ndarray      # float64, the layout's size (empty when weight is 0 or `reduced`)
     sums: Mapping[str, float] = field(default_factory=dict)
+    # the rank's sum travelled over the job's data plane (simulator/data_plane.py) into rank 0's delta_sum,
+    # which then holds every rank's: this update carries only the weight and metric sums
+    reduced: bool = False
 
 
 @dataclass(frozen=True)

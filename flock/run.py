@@ -175,6 +175,7 @@ def _run(config: Config, comm: Comm, stack: ExitStack, records: list[dict],
     from common.domain import ParamLayout
     from model.base import private_names
     from scheduler.client import LocalSchedulerClient, SchedulerClient
+    from simulator.data_plane import make_data_plane
     from simulator.data_server import MemoryStore, SQLiteStore
     from simulator.shard import Shard
     from simulator.simulator import Simulator
@@ -307,6 +308,7 @@ def _run(config: Config, comm: Comm, stack: ExitStack, records: list[dict],
     start_step = client.hello().step
     if rank == 0 and resume_round == 0:
         client.init_params(layout, layout.flatten({n: named[n].detach().numpy() for n in shared}))
+    data_plane = make_data_plane(config.data_plane, comm, client, layout.size)
 
     if config.data_server == "sqlite":
         store = SQLiteStore(run_dir / "private" / f"rank{rank}.sqlite")
@@ -325,9 +327,12 @@ def _run(config: Config, comm: Comm, stack: ExitStack, records: list[dict],
     shards = [Shard(m, trainer_cls(train_config, spec), layout, private, store, private_init,
                     finetuner=trainer_cls(finetune_config, spec) if finetune_config else None) for m in models]
     simulator = Simulator(rank=rank, client=client, reader=reader, shards=shards, store=store,
-                          eval_ratios=eval_ratios, seed=config.seed, round_timeout=config.round_timeout)
+                          eval_ratios=eval_ratios, seed=config.seed, round_timeout=config.round_timeout,
+                          data_plane=data_plane)
     stack.callback(simulator.close)
     simulator.run(start_step)
+    # freeing MPI shared memory is collective: only on success (a failing rank aborts the job, which frees it)
+    data_plane.close()
     peak_mb = comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)   # Linux: KiB
     comm.barrier()   # every rank has seen "done": the scheduler may stop
     if rank != 0:

@@ -122,7 +122,7 @@ def update_chunks(update: RankUpdate, chunk_bytes: int = CHUNK_BYTES) -> Iterato
     """A rank's update as serialized UpdateChunk messages: the header, then float64 chunks (none for an
     empty update). Sent with `raw_or_serialize`."""
     header = pb.UpdateHeader(step=update.step, rank=update.rank, weight=update.weight,
-                             total=update.delta_sum.size, sums=dict(update.sums))
+                             total=update.delta_sum.size, sums=dict(update.sums), reduced=update.reduced)
     yield pb.UpdateChunk(header=header).SerializeToString()
     for offset, payload in _byte_slices(update.delta_sum, "<f8", chunk_bytes):
         yield with_bytes_field(pb.UpdateChunk(offset=offset), 3, payload)
@@ -201,7 +201,8 @@ def update_from_chunks(chunks: Iterable[pb.UpdateChunk | bytes], expected_size: 
         filled += values.size
     if filled != h.total:
         raise RefusedError(f"rank {h.rank}: update stream ended after {filled} of {h.total} values")
-    return RankUpdate(step=h.step, rank=h.rank, weight=h.weight, delta_sum=delta, sums=dict(h.sums))
+    return RankUpdate(step=h.step, rank=h.rank, weight=h.weight, delta_sum=delta, sums=dict(h.sums),
+                      reduced=h.reduced)
 
 
 def metrics_to_proto(m: RankMetrics) -> pb.MetricsPush:

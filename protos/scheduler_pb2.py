@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/scheduler.proto\x12\x05\x66lock\"@\n\x0cHelloRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x0e\n\x06run_id\x18\x03 \x01(\t\")\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"a\n\nHelloReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12!\n\x06layout\x18\x04 \x03(\x0b\x32\x11.flock.TensorSpec\"m\n\nParamChunk\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12!\n\x06layout\x18\x05 \x03(\x0b\x32\x11.flock.TensorSpec\"<\n\x0bPlanRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\"\xa9\x01\n\x04Plan\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x0b\n\x03\x64\x61y\x18\x04 \x01(\t\x12\r\n\x05split\x18\x05 \x01(\t\x12\r\n\x05users\x18\x06 \x03(\t\x12\x0f\n\x07version\x18\x07 \x01(\x03\x12\x13\n\x0btotal_users\x18\x08 \x01(\x03\x12\x12\n\ncheckpoint\x18\t \x01(\x08\x12\x11\n\ttrain_day\x18\n \x01(\t\"5\n\rParamsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x05\"\xa3\x01\n\x0cUpdateHeader\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\r\n\x05total\x18\x04 \x01(\x03\x12+\n\x04sums\x18\x05 \x03(\x0b\x32\x1d.flock.UpdateHeader.SumsEntry\x1a+\n\tSumsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"P\n\x0bUpdateChunk\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.flock.UpdateHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xa6\x01\n\x0bMetricsPush\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12*\n\x04sums\x18\x03 \x03(\x0b\x32\x1c.flock.MetricsPush.SumsEntry\x12\r\n\x05users\x18\x04 \x03(\t\x12\x13\n\x0buser_values\x18\x05 \x03(\x01\x1a+\n\tSumsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\"\n\x03\x41\x63k\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2\xae\x02\n\tScheduler\x12/\n\x05Hello\x12\x13.flock.HelloRequest\x1a\x11.flock.HelloReply\x12-\n\nInitParams\x12\x11.flock.ParamChunk\x1a\n.flock.Ack(\x01\x12*\n\x07GetPlan\x12\x12.flock.PlanRequest\x1a\x0b.flock.Plan\x12\x36\n\tGetParams\x12\x14.flock.ParamsRequest\x1a\x11.flock.ParamChunk0\x01\x12.\n\nPushUpdate\x12\x12.flock.UpdateChunk\x1a\n.flock.Ack(\x01\x12-\n\x0bPushMetrics\x12\x12.flock.MetricsPush\x1a\n.flock.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/scheduler.proto\x12\x05\x66lock\"@\n\x0cHelloRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x0e\n\x06run_id\x18\x03 \x01(\t\")\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"D\n\nHelloReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03J\x04\x08\x04\x10\x05\"m\n\nParamChunk\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12!\n\x06layout\x18\x05 \x03(\x0b\x32\x11.flock.TensorSpec\"<\n\x0bPlanRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\"\xa9\x01\n\x04Plan\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x0b\n\x03\x64\x61y\x18\x04 \x01(\t\x12\r\n\x05split\x18\x05 \x01(\t\x12\r\n\x05users\x18\x06 \x03(\t\x12\x0f\n\x07version\x18\x07 \x01(\x03\x12\x13\n\x0btotal_users\x18\x08 \x01(\x03\x12\x12\n\ncheckpoint\x18\t \x01(\x08\x12\x11\n\ttrain_day\x18\n \x01(\t\"5\n\rParamsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x05\"\xb4\x01\n\x0cUpdateHeader\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\r\n\x05total\x18\x04 \x01(\x03\x12+\n\x04sums\x18\x05 \x03(\x0b\x32\x1d.flock.UpdateHeader.SumsEntry\x12\x0f\n\x07reduced\x18\x06 \x01(\x08\x1a+\n\tSumsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"P\n\x0bUpdateChunk\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.flock.UpdateHeader\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xa6\x01\n\x0bMetricsPush\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12*\n\x04sums\x18\x03 \x03(\x0b\x32\x1c.flock.MetricsPush.SumsEntry\x12\r\n\x05users\x18\x04 \x03(\t\x12\x13\n\x0buser_values\x18\x05 \x03(\x01\x1a+\n\tSumsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x11\n\x03\x41\x63kJ\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03\x32\xae\x02\n\tScheduler\x12/\n\x05Hello\x12\x13.flock.HelloRequest\x1a\x11.flock.HelloReply\x12-\n\nInitParams\x12\x11.flock.ParamChunk\x1a\n.flock.Ack(\x01\x12*\n\x07GetPlan\x12\x12.flock.PlanRequest\x1a\x0b.flock.Plan\x12\x36\n\tGetParams\x12\x14.flock.ParamsRequest\x1a\x11.flock.ParamChunk0\x01\x12.\n\nPushUpdate\x12\x12.flock.UpdateChunk\x1a\n.flock.Ack(\x01\x12-\n\x0bPushMetrics\x12\x12.flock.MetricsPush\x1a\n.flock.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,27 +40,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORSPEC']._serialized_start=99
   _globals['_TENSORSPEC']._serialized_end=140
   _globals['_HELLOREPLY']._serialized_start=142
-  _globals['_HELLOREPLY']._serialized_end=239
-  _globals['_PARAMCHUNK']._serialized_start=241
-  _globals['_PARAMCHUNK']._serialized_end=350
-  _globals['_PLANREQUEST']._serialized_start=352
-  _globals['_PLANREQUEST']._serialized_end=412
-  _globals['_PLAN']._serialized_start=415
-  _globals['_PLAN']._serialized_end=584
-  _globals['_PARAMSREQUEST']._serialized_start=586
-  _globals['_PARAMSREQUEST']._serialized_end=639
-  _globals['_UPDATEHEADER']._serialized_start=642
-  _globals['_UPDATEHEADER']._serialized_end=805
-  _globals['_UPDATEHEADER_SUMSENTRY']._serialized_start=762
-  _globals['_UPDATEHEADER_SUMSENTRY']._serialized_end=805
-  _globals['_UPDATECHUNK']._serialized_start=807
-  _globals['_UPDATECHUNK']._serialized_end=887
-  _globals['_METRICSPUSH']._serialized_start=890
-  _globals['_METRICSPUSH']._serialized_end=1056
-  _globals['_METRICSPUSH_SUMSENTRY']._serialized_start=762
-  _globals['_METRICSPUSH_SUMSENTRY']._serialized_end=805
-  _globals['_ACK']._serialized_start=1058
-  _globals['_ACK']._serialized_end=1092
-  _globals['_SCHEDULER']._serialized_start=1095
-  _globals['_SCHEDULER']._serialized_end=1397
+  _globals['_HELLOREPLY']._serialized_end=210
+  _globals['_PARAMCHUNK']._serialized_start=212
+  _globals['_PARAMCHUNK']._serialized_end=321
+  _globals['_PLANREQUEST']._serialized_start=323
+  _globals['_PLANREQUEST']._serialized_end=383
+  _globals['_PLAN']._serialized_start=386
+  _globals['_PLAN']._serialized_end=555
+  _globals['_PARAMSREQUEST']._serialized_start=557
+  _globals['_PARAMSREQUEST']._serialized_end=610
+  _globals['_UPDATEHEADER']._serialized_start=613
+  _globals['_UPDATEHEADER']._serialized_end=793
+  _globals['_UPDATEHEADER_SUMSENTRY']._serialized_start=750
+  _globals['_UPDATEHEADER_SUMSENTRY']._serialized_end=793
+  _globals['_UPDATECHUNK']._serialized_start=795
+  _globals['_UPDATECHUNK']._serialized_end=875
+  _globals['_METRICSPUSH']._serialized_start=878
+  _globals['_METRICSPUSH']._serialized_end=1044
+  _globals['_METRICSPUSH_SUMSENTRY']._serialized_start=750
+  _globals['_METRICSPUSH_SUMSENTRY']._serialized_end=793
+  _globals['_ACK']._serialized_start=1046
+  _globals['_ACK']._serialized_end=1063
+  _globals['_SCHEDULER']._serialized_start=1066
+  _globals['_SCHEDULER']._serialized_end=1368
 # @@protoc_insertion_point(module_scope)

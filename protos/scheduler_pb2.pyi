@@ -25,16 +25,14 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("run_id", "world_size", "step", "layout")
+    __slots__ = ("run_id", "world_size", "step")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
-    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     world_size: int
     step: int
-    layout: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    def __init__(self, run_id: _Optional[str] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., layout: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
 
 class ParamChunk(_message.Message):
     __slots__ = ("version", "offset", "total", "data", "layout")
@@ -93,7 +91,7 @@ class ParamsRequest(_message.Message):
     def __init__(self, version: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("step", "rank", "weight", "total", "sums")
+    __slots__ = ("step", "rank", "weight", "total", "sums", "reduced")
     class SumsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -106,12 +104,14 @@ class UpdateHeader(_message.Message):
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     SUMS_FIELD_NUMBER: _ClassVar[int]
+    REDUCED_FIELD_NUMBER: _ClassVar[int]
     step: int
     rank: int
     weight: float
     total: int
     sums: _containers.ScalarMap[str, float]
-    def __init__(self, step: _Optional[int] = ..., rank: _Optional[int] = ..., weight: _Optional[float] = ..., total: _Optional[int] = ..., sums: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    reduced: bool
+    def __init__(self, step: _Optional[int] = ..., rank: _Optional[int] = ..., weight: _Optional[float] = ..., total: _Optional[int] = ..., sums: _Optional[_Mapping[str, float]] = ..., reduced: _Optional[bool] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "offset", "data")
@@ -145,9 +145,5 @@ class MetricsPush(_message.Message):
     def __init__(self, step: _Optional[int] = ..., rank: _Optional[int] = ..., sums: _Optional[_Mapping[str, float]] = ..., users: _Optional[_Iterable[str]] = ..., user_values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("ok", "message")
-    OK_FIELD_NUMBER: _ClassVar[int]
-    MESSAGE_FIELD_NUMBER: _ClassVar[int]
-    ok: bool
-    message: str
-    def __init__(self, ok: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -70,7 +70,7 @@ class SchedulerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Hello(self, request, context):
-        """A simulator announces itself; answers the run's identity and the parameter layout once known.
+        """A simulator announces itself; answers the run's identity and the step the scheduler is at.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -8,23 +8,25 @@ from typing import Sequence
 import numpy as np
 
 
-def weighted_mean(parts: Sequence[tuple[float, np.ndarray]], *, out: np.ndarray | None = None) -> np.ndarray | None:
-    """sum(weighted sums) / sum(weights), in float64, summing the parts in the order given (the callers
-    give rank order, so the result does not depend on when the parts arrived). `parts` are
-    (weight, sum of n_k * delta_k); parts of weight 0 are skipped. `out`, when given, is the float64 work
-    buffer reused across rounds. Returns None when the total weight is 0 (no client contributed)."""
-    used = [(w, s) for w, s in parts if w > 0]
-    total_weight = float(sum(w for w, _ in used))
-    if total_weight <= 0:
+def weighted_mean(parts: Sequence[np.ndarray], total_weight: float, *,
+                  out: np.ndarray | None = None) -> np.ndarray | None:
+    """sum(parts) / total_weight in float64, summing the parts in the order given (the callers give rank
+    order, so the result does not depend on when the parts arrived). Each part is a sum of n_k * delta_k
+    (one rank's, or several ranks' that a data plane summed already); `total_weight` is sum n_k over all of
+    them. A single writable part is divided in place (it is the caller's work buffer: no 50 MB copy);
+    otherwise the sum goes into `out` (a float64 work buffer reused across rounds) or a new array. Returns
+    None when no client contributed (total weight 0 or no part)."""
+    if total_weight <= 0 or not parts:
         return None
-    size = used[0][1].shape
-    if out is None or out.shape != size:
-        out = np.empty(size, dtype=np.float64)
-    if len(used) > 1:
-        np.add(used[0][1], used[1][1], out=out)
+    if len(parts) == 1 and parts[0].flags.writeable:
+        total = parts[0]
     else:
-        np.copyto(out, used[0][1])
-    for _, part in used[2:]:
-        out += part
-    out /= total_weight
-    return out
+        total = out if out is not None and out.shape == parts[0].shape else np.empty(parts[0].shape, np.float64)
+        if len(parts) > 1:
+            np.add(parts[0], parts[1], out=total)
+        else:
+            np.copyto(total, parts[0])
+        for part in parts[2:]:
+            total += part
+    total /= total_weight
+    return total

@@ -89,14 +89,13 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                                f"the scheduler expects {s.config.world_size}")
         if request.run_id and request.run_id != self.run_id:
             raise RefusedError(f"rank {request.rank} belongs to run {request.run_id!r}, this is {self.run_id!r}")
-        layout = convert.layout_to_proto(s.layout) if s.layout is not None else []
-        return pb.HelloReply(run_id=self.run_id, world_size=s.config.world_size, step=s.step, layout=layout)
+        return pb.HelloReply(run_id=self.run_id, world_size=s.config.world_size, step=s.step)
 
     @_statuses
     def InitParams(self, request_iterator, context):
         _, layout, flat = convert.params_from_chunks(request_iterator)
         self.scheduler.init_params(layout, flat)
-        return pb.Ack(ok=True)
+        return pb.Ack()
 
     @_statuses
     def GetPlan(self, request, context):
@@ -123,9 +122,9 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         layout = self.scheduler.layout
         update = convert.update_from_chunks(request_iterator, layout.size if layout is not None else 0)
         self.scheduler.push_update(update)
-        return pb.Ack(ok=True)
+        return pb.Ack()
 
     @_statuses
     def PushMetrics(self, request, context):
         self.scheduler.push_metrics(convert.metrics_from_proto(request))
-        return pb.Ack(ok=True)
+        return pb.Ack()

@@ -231,13 +231,19 @@ class Scheduler:
             return self._plans[rank]
 
     def push_update(self, update: RankUpdate) -> None:
-        """One rank's training update for the current step; completes the step when it is the last."""
+        """One rank's training update for the current step; completes the step when it is the last. A
+        `reduced` update brings only its weight and sums: its values are in another rank's delta_sum (a
+        data plane summed them there), which may then be non-empty with that rank's own weight 0. When one
+        update brings all the step's values, its (writable) delta_sum is the aggregation's work buffer and is
+        overwritten."""
         with self._cond:
             self._check_push(update.step, update.rank, TRAIN)
             size = self.layout.size
             if update.weight < 0 or not np.isfinite(update.weight):
                 raise RefusedError(f"rank {update.rank}: invalid weight {update.weight}")
-            if update.weight > 0 and update.delta_sum.shape != (size,):
+            if update.reduced and update.delta_sum.size:
+                raise RefusedError(f"rank {update.rank}: a reduced update with {update.delta_sum.size} values")
+            if update.weight > 0 and not update.reduced and update.delta_sum.shape != (size,):
                 raise RefusedError(f"rank {update.rank}: update has {update.delta_sum.size} values, "
                                    f"the model has {size}")
             if update.weight == 0 and update.delta_sum.size not in (0, size):
@@ -310,9 +316,11 @@ class Scheduler:
         if sums.get("diverged", 0) and sums.get("diverged", 0) >= sums.get("clients", 0):
             return (f"{where}: every client's local training gave non-finite parameters ({int(sums['diverged'])} "
                     f"dropped): local training diverges (check --lr, --max-grad-norm and the data); the run stops")
-        mean = weighted_mean([(u.weight, u.delta_sum) for u in pushed], out=self._total)
+        parts = [u.delta_sum for u in pushed if u.delta_sum.size]    # a data plane may have summed them already
+        mean = weighted_mean(parts, sum(u.weight for u in pushed), out=self._total)
         if mean is not None:
-            self._total = mean            # reused: no 50 MB page-in a round
+            if len(parts) > 1:
+                self._total = mean        # reused: no 50 MB page-in a round
             params = self.optimizer.step(self.params, mean)
             if not np.isfinite(params).all():
                 return (f"{where}: the server step gave non-finite parameters (check --server-lr and the server "

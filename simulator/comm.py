@@ -4,7 +4,29 @@ imports mpi4py."""
 from __future__ import annotations
 
 import os
+import sys
+import time
 from typing import Any, Protocol
+
+import numpy as np
+
+
+class Request(Protocol):
+    def test(self) -> bool:
+        """Whether the operation has completed (drives MPI's progress; never blocks)."""
+
+
+class SharedArrays(Protocol):
+    """One array per rank of a node, all in memory every rank of the node reads and writes directly."""
+
+    def of(self, node_rank: int) -> np.ndarray:
+        """The array of the node's rank `node_rank`."""
+
+    def sync(self) -> None:
+        """A memory fence: this rank's writes are visible to the node's ranks before its next ones."""
+
+    def free(self) -> None:
+        """Releases the memory (collective over the node's ranks)."""
 
 
 class Comm(Protocol):
@@ -17,6 +39,18 @@ class Comm(Protocol):
     def allgather(self, obj: Any) -> list[Any]: ...
     def barrier(self) -> None: ...
     def abort(self, code: int) -> None: ...
+
+    # numpy buffers, not pickles: the data plane's bulk bytes
+    def Bcast(self, buf: np.ndarray, root: int = 0) -> None: ...
+    def Isend(self, buf: np.ndarray, dest: int) -> Request: ...
+    def Irecv(self, buf: np.ndarray, source: int) -> Request: ...
+
+    def split_node(self) -> tuple["Comm", "Comm | None"]:
+        """(the ranks of this node, ordered as in this world; the first rank of every node, or None on the
+        others). This world's rank 0 is the first rank of its node. Collective."""
+
+    def allocate_shared(self, count: int, dtype: np.dtype) -> SharedArrays:
+        """`count` elements of `dtype` for this rank in node-shared memory (on a node's comm). Collective."""
 
 
 class SingleComm:
@@ -39,16 +73,45 @@ class SingleComm:
     def abort(self, code: int) -> None:
         os._exit(code)
 
+    def Bcast(self, buf: np.ndarray, root: int = 0) -> None:
+        pass
+
+    def Isend(self, buf: np.ndarray, dest: int) -> Request:
+        raise ValueError("a world of one process has no other rank")
+
+    def Irecv(self, buf: np.ndarray, source: int) -> Request:
+        raise ValueError("a world of one process has no other rank")
+
+    def split_node(self) -> tuple["SingleComm", "SingleComm"]:
+        return self, self
+
+    def allocate_shared(self, count: int, dtype: np.dtype) -> SharedArrays:
+        return _PrivateArrays(np.zeros(count, dtype=dtype))
+
+
+class _PrivateArrays:
+    def __init__(self, array: np.ndarray) -> None:
+        self._array = array
+
+    def of(self, node_rank: int) -> np.ndarray:
+        return self._array
+
+    def sync(self) -> None:
+        pass
+
+    def free(self) -> None:
+        pass
+
 
 class MPIComm:
-    def __init__(self) -> None:
+    def __init__(self, comm=None) -> None:
         from mpi4py import MPI
 
         self._mpi = MPI
-        self._comm = MPI.COMM_WORLD
+        self._comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
-        node = self._comm.Split_type(MPI.COMM_TYPE_SHARED)
+        node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_size = node.Get_size()
         node.Free()
 
@@ -65,8 +128,64 @@ class MPIComm:
         self._comm.Barrier()
 
     def abort(self, code: int) -> None:
-        """Ends every rank of the job (a raising rank must not leave the others waiting forever)."""
+        """Ends every rank of the job (a raising rank must not leave the others waiting forever), once
+        mpirun has had a moment to pass on what this rank printed (the abort kills its forwarders too)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(0.25)
         self._comm.Abort(code)
+
+    def Bcast(self, buf: np.ndarray, root: int = 0) -> None:
+        self._comm.Bcast(buf, root=root)
+
+    def Isend(self, buf: np.ndarray, dest: int) -> Request:
+        return _MPIRequest(self._comm.Isend(buf, dest=dest))
+
+    def Irecv(self, buf: np.ndarray, source: int) -> Request:
+        return _MPIRequest(self._comm.Irecv(buf, source=source))
+
+    def split_node(self) -> tuple["MPIComm", "MPIComm | None"]:
+        MPI = self._mpi
+        node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        leaders = self._comm.Split(0 if node.Get_rank() == 0 else MPI.UNDEFINED, key=self.rank)
+        return MPIComm(node), (MPIComm(leaders) if leaders != MPI.COMM_NULL else None)
+
+    def allocate_shared(self, count: int, dtype: np.dtype) -> SharedArrays:
+        return _MPISharedArrays(self._mpi, self._comm, count, np.dtype(dtype))
+
+
+class _MPIRequest:
+    def __init__(self, request) -> None:
+        self._request = request
+
+    def test(self) -> bool:
+        return self._request.Test()
+
+
+class _MPISharedArrays:
+    """An MPI-3 shared-memory window (`MPI_Win_allocate_shared`) of one array per rank of a node."""
+
+    def __init__(self, MPI, node, count: int, dtype: np.dtype) -> None:
+        info = MPI.Info.Create()
+        info.Set("alloc_shared_noncontig", "true")    # each rank's array on its own pages
+        self._win = MPI.Win.Allocate_shared(count * dtype.itemsize, dtype.itemsize, info=info, comm=node)
+        info.Free()
+        self._win.Lock_all(MPI.MODE_NOCHECK)            # a passive epoch for the whole run: sync() is Win_sync
+        self._arrays = []
+        for r in range(node.Get_size()):
+            memory, _ = self._win.Shared_query(r)
+            self._arrays.append(np.frombuffer(memory, dtype=dtype, count=len(memory) // dtype.itemsize))
+
+    def of(self, node_rank: int) -> np.ndarray:
+        return self._arrays[node_rank]
+
+    def sync(self) -> None:
+        self._win.Sync()
+
+    def free(self) -> None:
+        self._arrays = []
+        self._win.Unlock_all()
+        self._win.Free()
 
 
 def world() -> Comm:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Mapping
 
 import numpy as np
@@ -40,18 +41,26 @@ class Shard:
         self._global: torch.Tensor | None = None
         self._global_views: list[torch.Tensor] = []
         self._global_src: np.ndarray | None = None
+        self._global_version: int | None = None
 
-    def set_global(self, flat: np.ndarray) -> None:
-        """The round's global parameters (kept as one tensor; copied into the model per user)."""
-        if self._global_src is not flat:
-            self._global = torch.from_numpy(np.array(flat, dtype=np.float32)).to(self.device)
+    def set_global(self, flat: np.ndarray, version: int | None = None) -> None:
+        """The step's global parameters (float32; copied into the model per user). On the CPU the shard
+        reads `flat` itself, which must stay unchanged while `version` is current: every shard of every
+        rank of a node may share one array."""
+        if self._global_src is not flat or self._global_version != version:
+            if flat.dtype != np.float32 or flat.shape != (self.layout.size,):
+                raise ValueError(f"global parameters: expected {self.layout.size} float32 values")
+            with warnings.catch_warnings():    # a read-only array: the shard only ever reads it
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                self._global = torch.from_numpy(flat).to(self.device)
             self._global_views = [v.view(shape) for v, shape in
                                   zip(self._global.split(self.layout.sizes), self.layout.shapes)]
-            self._global_src = flat
+            self._global_src, self._global_version = flat, version
 
-    def global_flat(self) -> torch.Tensor:
-        """The round's global shared parameters as one float32 vector."""
-        return self._global
+    def contribution(self) -> tuple[float, torch.Tensor]:
+        """This step's (sum of n_k, sum of n_k * theta_k over the shared parameters, float64) of the users
+        it trained; the rank turns the shards' parts into sum n_k * delta_k."""
+        return self.weight, self.weighted_sum
 
     def reset_sum(self) -> None:
         self.weighted_sum.zero_()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping, Sequence
 
@@ -14,6 +15,7 @@ from common.metrics import add_sums, add_user_eval
 from common.streams import user_seed
 from reader.base import Reader
 from scheduler.client import LocalSchedulerClient, SchedulerClient
+from simulator.data_plane import DataPlane, SchedulerDataPlane
 from simulator.data_server import PrivateStore
 from simulator.shard import Shard
 
@@ -27,17 +29,18 @@ class UserError(RuntimeError):
 class Simulator:
     def __init__(self, *, rank: int, client: SchedulerClient | LocalSchedulerClient, reader: Reader, shards: Sequence[Shard],
                  store: PrivateStore, eval_ratios: Mapping[str, tuple[str, str]], seed: int = 0,
-                 round_timeout: float = 600.0) -> None:
+                 round_timeout: float = 600.0, data_plane: DataPlane | None = None) -> None:
         self.rank = rank
         self.seed = seed
         self.store = store
         self.client = client
+        self.data_plane = data_plane or SchedulerDataPlane(client)
+        self._global: np.ndarray | None = None      # the step's global parameters (read-only, maybe shared)
         self.reader = reader
         self.shards = list(shards)
         self.eval_ratios = dict(eval_ratios)
         self.round_timeout = round_timeout
         self._count_cache: dict[tuple[str, str], dict[str, int]] = {}
-        self._delta: torch.Tensor | None = None     # the round's float64 update, reused
         self._pool = ThreadPoolExecutor(len(self.shards), thread_name_prefix="shard") if len(self.shards) > 1 else None
 
     def close(self) -> None:
@@ -55,14 +58,15 @@ class Simulator:
             if plan.kind == DONE:
                 return step - start_step
             t1 = time.perf_counter()
-            _, flat = self.client.get_params(plan.version)
+            flat = self.data_plane.params(plan.version, self.round_timeout)
+            self._global = flat
             for shard in self.shards:
-                shard.set_global(flat)
+                shard.set_global(flat, plan.version)
             t2 = time.perf_counter()
             result = self.train_step(plan) if plan.kind == TRAIN else self.eval_step(plan)
             t3 = time.perf_counter()
             if plan.kind == TRAIN:
-                self.client.push_update(result)
+                self.data_plane.push_update(result, self.round_timeout)
             else:
                 self.client.push_metrics(result)
             log.debug("step %d (%s, %d users): waited %.3f s, params %.3f s, work %.3f s, push %.3f s", step,
@@ -107,16 +111,16 @@ class Simulator:
             for _, user_sums in group:
                 sums["clients"] += 1
                 add_sums(sums, user_sums)
-        weight = sum(s.weight for s in self.shards)
+        parts = [shard.contribution() for shard in self.shards]
+        weight = sum(w for w, _ in parts)
         if weight > 0:
-            first = self.shards[0].weighted_sum
-            if self._delta is None or self._delta.shape != first.shape:   # reused: no 50 MB page-in a round
-                self._delta = torch.empty_like(first, device="cpu")
-            total = self._delta
-            total.copy_(first)
-            for shard in self.shards[1:]:
-                total += shard.weighted_sum.cpu()
-            total.sub_(self.shards[0].global_flat().cpu(), alpha=weight)     # sum n_k (theta_k - theta), in float64
+            total = torch.from_numpy(self.data_plane.update_buffer(parts[0][1].numel()))
+            total.copy_(parts[0][1])
+            for _, part in parts[1:]:
+                total += part.cpu()
+            with warnings.catch_warnings():    # a read-only array: only read here
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                total.sub_(torch.from_numpy(self._global), alpha=weight)     # sum n_k (theta_k - theta), in float64
             delta = total.numpy()      # pushed before the next round reuses the buffer
         else:
             delta = np.zeros(0, dtype=np.float64)

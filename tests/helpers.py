@@ -13,6 +13,10 @@ from reader.leaf_format import write_day
 from reader.vocab import BOS, EOS, build_vocab, save_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
+# mpirun options that place the ranks on two "hosts" of this machine in turn (one hydra proxy each, started
+# through a stand-in for ssh): a multi-node job on one machine
+FAKE_HOSTS = ("-launcher", "ssh", "-launcher-exec", str(ROOT / "tests" / "fake_ssh.sh"),
+              "-hosts", "127.0.0.2,127.0.0.3")
 WORDS = [f"w{i}" for i in range(40)]
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, make_lm_data, mpirun, read_metrics
+from tests.helpers import FAKE_HOSTS, ROOT, make_lm_data, mpirun, read_metrics
 
 pytestmark = pytest.mark.mpi   # every test here starts mpirun
 
@@ -18,8 +18,7 @@ def test_two_hosts_tls_and_token(tmp_path):
                     "-days", "1", "-subj", "/CN=nodeA", "-addext", "subjectAltName=IP:127.0.0.2"],
                    check=True, capture_output=True)
     data = make_lm_data(tmp_path / "data")
-    cmd = [mpirun(), "-launcher", "ssh", "-launcher-exec", str(ROOT / "tests" / "fake_ssh.sh"),
-           "-hosts", "127.0.0.2,127.0.0.3", "-np", "4", sys.executable, str(ROOT / "application.py"), str(data),
+    cmd = [mpirun(), *FAKE_HOSTS, "-np", "4", sys.executable, str(ROOT / "application.py"), str(data),
            "--run-dir", str(tmp_path / "run"), "--rounds", "2", "--clients-per-round", "4",
            "--scheduler-host", "127.0.0.2", "--tls-cert", str(cert), "--tls-key", str(key)]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,

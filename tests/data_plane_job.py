@@ -1,0 +1,98 @@
+"""MPIDataPlane in a real MPI job, with a stand-in for the scheduler: `mpirun -np N python
+tests/data_plane_job.py OUT_DIR [--hang-rank R --timeout S]`.
+
+Every step brings a new parameter version, which every rank checks; every rank whose turn it is pushes a
+known float64 update (values spread over 16 orders of magnitude, so the order of the sum shows in its
+bits; some ranks, rank 0 included, bring nothing in some steps). Rank 0 saves each step's total as its
+scheduler would get it (OUT_DIR/total<step>.npy) and what the other ranks pushed over the control plane
+(OUT_DIR/headers.json). With --hang-rank, that rank stalls in step 1 and the others must time out."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common.domain import RankUpdate  # noqa: E402
+from simulator.comm import MPIComm  # noqa: E402
+from simulator.data_plane import EMPTY, MPIDataPlane  # noqa: E402
+
+SIZE = 3 * (1 << 19) + 12345      # several messages between nodes, slices of unequal length
+STEPS = 4
+
+
+def params(version: int) -> np.ndarray:
+    return np.arange(SIZE, dtype=np.float32) * np.float32(version + 1)
+
+
+def brings_values(rank: int, step: int) -> bool:
+    return (rank + step) % 4 != 3      # all in step 0, then one rank out (rank 0 in step 3)
+
+
+def delta(rank: int, step: int) -> np.ndarray:
+    rng = np.random.default_rng([rank, step])
+    return rng.normal(size=SIZE) * 10.0 ** rng.integers(-8, 8, size=SIZE)
+
+
+class StandIn:
+    """What the data plane asks of the scheduler client."""
+
+    def __init__(self) -> None:
+        self.pushed: list[RankUpdate] = []
+
+    def get_params(self, version: int):
+        return None, params(version)
+
+    def push_update(self, update: RankUpdate) -> None:
+        self.pushed.append(RankUpdate(step=update.step, rank=update.rank, weight=update.weight,
+                                      delta_sum=update.delta_sum.copy(), sums=dict(update.sums),
+                                      reduced=update.reduced))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--hang-rank", type=int, default=-1)
+    p.add_argument("--timeout", type=float, default=60.0)
+    args = p.parse_args()
+    comm = MPIComm()
+    client = StandIn()
+    plane = MPIDataPlane(comm, client, SIZE)
+    try:
+        for step in range(STEPS):
+            got = plane.params(step, args.timeout)
+            if not np.array_equal(got, params(step)) or got.flags.writeable:
+                raise AssertionError(f"rank {comm.rank}: wrong parameters of version {step}")
+            if step == 1 and comm.rank == args.hang_rank:
+                time.sleep(60)
+            present = brings_values(comm.rank, step)
+            buffer = plane.update_buffer(SIZE)
+            if present:
+                buffer[:] = delta(comm.rank, step)
+            plane.push_update(RankUpdate(step=step, rank=comm.rank, weight=float(present),
+                                         delta_sum=buffer if present else EMPTY, sums={"rank": comm.rank}),
+                              args.timeout)
+    except TimeoutError as e:
+        print(f"timeout: {e}", flush=True)
+        comm.abort(3)
+    except Exception:
+        traceback.print_exc()
+        comm.abort(1)
+    out = Path(args.out)
+    if comm.rank == 0:
+        for update in client.pushed:
+            np.save(out / f"total{update.step}.npy", update.delta_sum)
+    headers = comm.gather([(u.step, u.rank, u.weight, u.delta_sum.size, u.reduced) for u in client.pushed])
+    if comm.rank == 0:
+        (out / "headers.json").write_text(json.dumps(headers))
+    plane.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The data plane: the scheduler's side of pre-reduced updates, the plane in one process (SingleComm), and
+MPIDataPlane in real MPI jobs on one node and over two "hosts" (bitwise against a hand-made sum in the
+plane's documented order), and a stalled rank timing out by name. Whole runs: tests/test_mpirun.py."""
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from common.domain import ParamLayout, RankUpdate
+from common.errors import RefusedError
+from protos import convert
+from reader.leaf import LeafRedditReader
+from scheduler.client import LocalSchedulerClient
+from scheduler.optim import make_server_optimizer
+from scheduler.state import Scheduler, SchedulerConfig
+from simulator.comm import SingleComm
+from simulator.data_plane import EMPTY, MPIDataPlane, SchedulerDataPlane, slice_bounds, sum_in_rank_order
+from tests.data_plane_job import STEPS, brings_values, delta
+from tests.helpers import FAKE_HOSTS, ROOT, make_lm_data, mpirun
+
+LAYOUT = ParamLayout(names=("w",), shapes=((1000,),))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_lm_data(tmp_path_factory.mktemp("lm_data"))
+
+
+def scheduler(data, world: int) -> Scheduler:
+    s = Scheduler(SchedulerConfig(world_size=world, rounds=2, clients_per_round=3, eval_every=0),
+                  reader=LeafRedditReader(data), optimizer=make_server_optimizer("fedavg", server_lr=1.85),
+                  train_ratios={}, eval_ratios={})
+    s.init_params(LAYOUT, np.linspace(-1, 1, LAYOUT.size, dtype=np.float32))
+    return s
+
+
+def test_slices_cover_the_vector_on_page_boundaries():
+    for size, parts in ((10, 3), (6_182_672, 8), (3 * (1 << 19) + 12345, 2), (100, 1)):
+        bounds = slice_bounds(size, parts)
+        assert bounds[0] == 0 and bounds[-1] == size and bounds == sorted(bounds) and len(bounds) == parts + 1
+        assert all(b % 512 == 0 for b in bounds[:-1])
+
+
+def test_sum_in_rank_order_is_the_left_fold():
+    parts = [delta(rank, 0) for rank in range(4)]
+    expected = functools.reduce(np.add, parts)
+    for out_is_first in (False, True):
+        out = parts[0].copy() if out_is_first else np.empty_like(parts[0])
+        sum_in_rank_order(out, parts, out_is_first=out_is_first)
+        assert np.array_equal(out, expected)
+    out = np.empty_like(parts[0])
+    sum_in_rank_order(out, parts[2:3], out_is_first=False)
+    assert np.array_equal(out, parts[2])
+
+
+def test_reduced_updates_and_a_pre_reduced_total_give_the_plain_result(data):
+    rng = np.random.default_rng(1)
+    parts = [rng.normal(size=LAYOUT.size) for _ in range(3)]
+    weights = [0.0, 2.0, 5.0]         # rank 0 brings nothing: its update holds the others' sum all the same
+    plain, reduced = scheduler(data, 3), scheduler(data, 3)
+    for rank in range(3):
+        plain.push_update(RankUpdate(step=0, rank=rank, weight=weights[rank],
+                                     delta_sum=parts[rank] if weights[rank] else EMPTY))
+    for rank in (2, 1):
+        reduced.push_update(RankUpdate(step=0, rank=rank, weight=weights[rank], delta_sum=EMPTY, reduced=True))
+    reduced.push_update(RankUpdate(step=0, rank=0, weight=0.0, delta_sum=parts[1] + parts[2]))
+    assert plain.version == reduced.version == 1
+    assert np.array_equal(plain.params, reduced.params)
+    with pytest.raises(RefusedError, match="a reduced update with 1000 values"):
+        reduced.push_update(RankUpdate(step=1, rank=1, weight=1.0, delta_sum=parts[1], reduced=True))
+    header = RankUpdate(step=3, rank=2, weight=4.0, delta_sum=EMPTY, sums={"loss": 1.0}, reduced=True)
+    back = convert.update_from_chunks(convert.update_chunks(header), expected_size=LAYOUT.size)
+    assert back.reduced and back.weight == 4.0 and back.delta_sum.size == 0
+
+
+def test_mpi_plane_in_one_process_matches_the_scheduler_plane(data):
+    results = []
+    for make_plane in (SchedulerDataPlane, lambda client: MPIDataPlane(SingleComm(), client, LAYOUT.size)):
+        s = scheduler(data, 1)
+        plane = make_plane(LocalSchedulerClient(s, rank=0))
+        for step in range(2):
+            flat = plane.params(s.version, timeout=5)
+            assert np.array_equal(flat, s.params) and not flat.flags.writeable
+            buffer = plane.update_buffer(LAYOUT.size)
+            buffer[:] = np.cos(np.arange(LAYOUT.size) + step)
+            plane.push_update(RankUpdate(step=step, rank=0, weight=3.0, delta_sum=buffer), timeout=5)
+        plane.close()
+        results.append(s.params)
+    assert np.array_equal(*results)
+
+
+def job(out, np_: int, *extra: str, hosts: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
+    cmd = [mpirun(), *(FAKE_HOSTS if hosts else ()), "-np", str(np_), sys.executable,
+           str(ROOT / "tests" / "data_plane_job.py"), str(out), *extra]
+    return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def fold(ranks: list[int], step: int) -> np.ndarray | None:
+    """The left fold of the given ranks' updates (those that bring values), in the given order."""
+    parts = [delta(r, step) for r in ranks if brings_values(r, step)]
+    return functools.reduce(np.add, parts) if parts else None
+
+
+@pytest.mark.parametrize("np_, hosts, nodes", [
+    (3, False, [[0, 1, 2]]),                  # one node: the ranks' sum in rank order, the scheduler's own
+    (4, True, [[0, 2], [1, 3]]),              # mpirun places ranks on the two "hosts" in turn
+    (3, True, [[0, 2], [1]]),
+])
+def test_mpi_plane_sums_in_its_documented_order(tmp_path, np_, hosts, nodes):
+    proc = job(tmp_path, np_, hosts=hosts)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for step in range(STEPS):
+        node_sums = [s for s in (fold(ranks, step) for ranks in nodes) if s is not None]
+        expected = functools.reduce(np.add, node_sums) if node_sums else np.zeros(0)   # nodes: a binomial tree
+        assert np.array_equal(np.load(tmp_path / f"total{step}.npy"), expected), step
+    headers = json.loads((tmp_path / "headers.json").read_text())
+    assert headers[0] == [[step, 0, float(brings_values(0, step)), np.load(tmp_path / f"total{step}.npy").size,
+                           False] for step in range(STEPS)]
+    for rank in range(1, np_):     # the other ranks' weights went over the control plane, without values
+        assert headers[rank] == [[step, rank, float(brings_values(rank, step)), 0, True] for step in range(STEPS)]
+
+
+@pytest.mark.parametrize("hosts", [False, True])
+def test_a_stalled_rank_times_out_by_name(tmp_path, hosts):
+    proc = job(tmp_path, 3, "--hang-rank", "2", "--timeout", "2", hosts=hosts, timeout=60)
+    assert proc.returncode != 0
+    assert "step 1 did not complete within 2 s (--round-timeout): waiting for ranks [2]" in proc.stdout
