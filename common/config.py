@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from common.errors import ConfigError
+from common.run_config import format_run_config, parse_run_config
 from scheduler.optim import SERVER_OPTIMIZERS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -65,6 +66,14 @@ class Config:
     flower_client: str = opt("", "run a Flower NumPyClient as every phone's trainer: module:client_fn (the "
                              "function given to Flower's ClientApp); replaces --model and --trainer; needs the "
                              "flwr extra")
+    flower_app: str = opt("", "run a Flower ClientApp (Message API: @app.train, @app.evaluate) as every phone's "
+                          "trainer: module:app; with --flower-server; replaces --model and --trainer")
+    flower_server: str = opt("", "the Flower ServerApp (module:app) of --flower-app: its strategy.start(...) gives "
+                             "the initial model, the round config and the server step (FedAvg, FedAvgM, FedProx, "
+                             "FedAdam, FedYogi, FedAdagrad)")
+    run_config: str = opt("", "a Flower app's run config (context.run_config): 'key=value ...' with TOML values, "
+                          "or a [run-config] table in a config file; it updates the keys flock fills from its "
+                          "options: num-server-rounds, local-epochs, lr, batch-size")
     private: tuple[str, ...] = opt((), "parameter name pattern (fnmatch) to keep private per user; repeatable, "
                                    "e.g. 'decoder.bias'")
     data_server: str = opt("memory", "where private parameters live on each rank: memory, or sqlite under the "
@@ -123,6 +132,17 @@ class Config:
         if self.min_clients > self.clients_per_round:
             raise ConfigError(f"--min-clients {self.min_clients} is more than --clients-per-round "
                               f"{self.clients_per_round}")
+        parse_run_config(self.run_config)
+        if self.flower_app and self.flower_client:
+            raise ConfigError("--flower-app (a ClientApp) and --flower-client (a client_fn) exclude each other")
+        if bool(self.flower_app) != bool(self.flower_server):
+            raise ConfigError("--flower-app and --flower-server go together: the ServerApp gives the initial model, "
+                              "the round config and the strategy")
+        server_options = [_flag(n) for n in ("server_opt", "server_lr", "server_momentum", "server_beta1",
+                                             "server_beta2", "server_tau") if getattr(self, n) != FIELDS[n].default]
+        if self.flower_server and server_options:
+            raise ConfigError(f"{', '.join(server_options)}: with --flower-server the ServerApp's strategy is the "
+                              f"server step (set its options in the ServerApp)")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
         for name in ("tls_cert", "tls_key", "tls_ca"):
@@ -275,6 +295,11 @@ def load_config_file(path: str) -> dict:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"--config {path}: {key!r} must be a pattern or a list of patterns")
             value = tuple(value)
+        elif name == "run_config" and isinstance(value, dict):
+            try:
+                value = format_run_config(value)
+            except ConfigError as e:
+                raise ConfigError(f"--config {path}: {key!r}: {e}") from None
         elif isinstance(f.default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         elif name == "log_level" and isinstance(value, str):

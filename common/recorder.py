@@ -32,6 +32,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return records
 
 
+def train_loss(record: dict) -> float | None:
+    """A training record's loss: flock's `loss`, else a Flower app's `train_loss`; None when it has neither."""
+    return record.get("loss", record.get("train_loss"))
+
+
 def truncate_metrics(path: Path, rounds_done: int) -> None:
     """Keeps the records a run resumed after `rounds_done` rounds would not write again: training rounds up
     to it, evaluations before it. Rewritten atomically."""
@@ -111,7 +116,8 @@ class Recorder:
             log.info(self.describe(record))
         elif self._bar is not None:
             if record["kind"] == "train":
-                shown = {"loss": f"{record.get('loss', float('nan')):.3f}", "clients/s": f"{record['clients_per_s']:.2f}"}
+                loss = train_loss(record)
+                shown = {"loss": f"{float('nan') if loss is None else loss:.3f}", "clients/s": f"{record['clients_per_s']:.2f}"}
                 if self.last_eval and "top1" in self.last_eval:
                     shown["top1"] = f"{self.last_eval['top1']:.2%}"
                 self._bar.set_postfix(shown, refresh=False)
@@ -121,7 +127,7 @@ class Recorder:
 
     def describe(self, r: dict) -> str:
         if r["kind"] == "train":
-            loss = f"{r['loss']:.4f}" if "loss" in r else "n/a"
+            loss = "n/a" if train_loss(r) is None else f"{train_loss(r):.4f}"
             phones = (f"  sim {r['sim_time'] / 3600:.3f} h (+{r['round_s']:.0f} s, {r['dropped']} off-line, "
                       f"{r['stale']} late{', FAILED' if r['failed'] else ''})" if "sim_time" in r else "")
             return (f"round {r['round']}/{self.rounds}  loss {loss}  clients {r['clients']}  "

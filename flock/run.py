@@ -145,10 +145,13 @@ def _plugins(config: Config) -> tuple[type, type | None, type | None]:
     from common.plugins import resolve
 
     reader_cls = resolve("reader", config.reader)
-    if config.flower_client:
-        from trainer.flower import load_client_fn
+    if config.flower_client or config.flower_app:
+        from trainer.flower import load_client_app, load_client_fn
 
-        load_client_fn(config.flower_client)   # fail early (every rank alike) when flwr or the function is missing
+        if config.flower_client:    # fail early (every rank alike) when flwr or the client is missing
+            load_client_fn(config.flower_client)
+        else:
+            load_client_app(config.flower_app)
         return reader_cls, None, None
     return reader_cls, resolve("model", config.model), resolve("trainer", config.trainer)
 
@@ -193,10 +196,11 @@ def _run(config: Config, comm: Comm, stack: ExitStack, records: list[dict],
     def build():
         nonlocal model_cls, trainer_cls
         spec = reader.spec()
-        if config.flower_client:
+        torch.manual_seed(config.seed)     # before a Flower app builds its model
+        if config.flower_client or config.flower_app:
             from trainer.flower import flower_plugins
 
-            model_cls, trainer_cls = flower_plugins(config.flower_client, reader, train_config)
+            model_cls, trainer_cls = flower_plugins(config, reader, train_config, rank=rank)
         cores = len(os.sched_getaffinity(0))
         n_shards = config.shards or max(1, cores // comm.local_size)
         if not getattr(trainer_cls, "thread_safe", True) and n_shards > 1:
@@ -209,7 +213,6 @@ def _run(config: Config, comm: Comm, stack: ExitStack, records: list[dict],
             raise ConfigError("--device cuda: no CUDA device is visible")
         if config.centralized and world != 1:
             raise ConfigError("--centralized runs in one process: start it without mpirun (or with -np 1)")
-        torch.manual_seed(config.seed)
         model = model_cls.build(spec)
         return spec, n_shards, torch.device("cuda" if use_cuda else "cpu"), model
 
@@ -262,7 +265,7 @@ def _run(config: Config, comm: Comm, stack: ExitStack, records: list[dict],
             SchedulerConfig(world_size=world, rounds=config.rounds, clients_per_round=config.clients_per_round,
                             eval_every=config.eval_every, eval_users=config.eval_users, seed=config.seed,
                             pin_users=bool(private), checkpoint_every=config.checkpoint_every),
-            reader=reader, optimizer=make_server_optimizer(
+            reader=reader, optimizer=trainer_cls.server_step(layout) if config.flower_server else make_server_optimizer(
                 config.server_opt, server_lr=config.server_lr, momentum=config.server_momentum,
                 beta1=config.server_beta1, beta2=config.server_beta2, tau=config.server_tau),
             train_ratios=trainer_cls.train_ratios, eval_ratios=eval_ratios,

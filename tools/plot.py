@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from common.errors import DataError
-from common.recorder import read_metrics
+from common.recorder import read_metrics, train_loss
 
 
 def load(run_dir: Path) -> tuple[list[dict], dict | None]:
@@ -45,8 +45,8 @@ def plot(run_dirs: list[Path], out: Path) -> Path:
                            label=f"{label}")
             ax_metric.plot(rounds, [100 * r.get(f"{metric}_user_mean", float("nan")) for r in evals], "--",
                            color=color, label=f"{label} (user mean)")
-        train = [r for r in records if r["kind"] == "train" and "loss" in r]
-        ax_loss.plot([r["round"] for r in train], [r["loss"] for r in train], color=color, lw=1, label=label)
+        train = [r for r in records if r["kind"] == "train" and train_loss(r) is not None]
+        ax_loss.plot([r["round"] for r in train], [train_loss(r) for r in train], color=color, lw=1, label=label)
         if users and users.get("users"):
             values = [100 * v for v in users["users"].values()]
             ax_users.hist(values, bins=20, range=(0, 100), alpha=0.5, color=color,

@@ -1,0 +1,217 @@
+"""The server half of a Flower app inside flock: what a Message-API `ServerApp` declares, and its strategy as
+flock's server step.
+
+A Flower 1.2x `ServerApp` is a `main(grid, context)` that builds the model and a strategy and hands the
+rounds to `strategy.start(grid=..., initial_arrays=..., num_rounds=..., train_config=..., ...)`. flock runs
+that main once per process with a Grid of its own and stops it at `start`, keeping what it was given: the
+strategy, the initial arrays, the number of rounds and the train/evaluate configs (the code after `start`,
+e.g. saving the final model, does not run; neither does a centralized `evaluate_fn`).
+
+flock's ranks push one pre-reduced update each (sum n_k * delta_k, sum n_k), never per-client replies, so a
+strategy can be flock's server step exactly when its step depends on the clients only through their
+weighted mean: FedAvg, FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad (and subclasses that keep their
+`aggregate_train`). `StrategyStep` hands such a strategy the round's weighted mean as a single reply
+weighted 1, after `configure_train` (which sets FedOpt's reference arrays), so the strategy's own code
+(FedAdam's bias correction included) makes the step.
+
+This module imports flwr (an optional extra): trainer/flower.py loads it once flwr is known to be there.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import strategy as strategies
+from flwr.supercore.task_identity import TaskIdentity
+
+from common.domain import ParamLayout
+from common.errors import ConfigError, FlockError
+
+log = logging.getLogger(__name__)
+
+MEAN_STRATEGIES = ("FedAvg", "FedAvgM", "FedProx", "FedAdam", "FedYogi", "FedAdagrad")
+STRATEGY_STATE = ("m_t", "v_t", "momentum_vector")     # FedOpt's moments, FedAvgM's momentum
+
+
+@contextmanager
+def flower_calls() -> Iterator[None]:
+    """Around flock's calls into Flower's server code: Flower's INFO lines (one per sampling and aggregation)
+    stay quiet, Python's global random generator (which Flower samples nodes with) is left as it was, and
+    messages can be made (Flower wants a task identity in the process, which its runtime would set)."""
+    flwr_log = logging.getLogger("flwr")
+    level, state = flwr_log.level, random.getstate()
+    flwr_log.setLevel(logging.WARNING)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 0, 1   # as flwr.server.compat does
+    try:
+        yield
+    finally:
+        flwr_log.setLevel(level)
+        random.setstate(state)
+
+
+class FlockGrid(Grid):
+    """A Flower Grid with `num_nodes` nodes to sample from; anything else a ServerApp asks of it is an error
+    that says flock runs the rounds."""
+
+    def __init__(self, num_nodes: int, ref: str = "") -> None:
+        self.num_nodes, self.ref = num_nodes, ref
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, self.num_nodes + 1))
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConfigError(f"--flower-server {self.ref}: flock runs the rounds; its ServerApp must hand them to a "
+                          f"strategy's start(grid=..., initial_arrays=..., ...) and use the grid no further")
+
+    set_run = create_message = push_messages = pull_messages = send_and_receive = _refuse
+    run = property(_refuse)
+
+
+def instruction(strategy: Any, kind: str, server_round: int, arrays: Mapping[str, np.ndarray],
+                config: Mapping[str, Any], num_nodes: int) -> Message:
+    """The Message `strategy` sends a node for `kind` ("train"/"evaluate") in `server_round`, from its
+    `configure_train`/`configure_evaluate` (so a strategy's own keys, e.g. FedProx's "proximal-mu", and
+    "server-round" are in its config). Call it inside `flower_calls()`."""
+    record = ArrayRecord({k: Array(np.asarray(a)) for k, a in arrays.items()})
+    configure = strategy.configure_train if kind == "train" else strategy.configure_evaluate
+    message = next(iter(configure(server_round, record, ConfigRecord(copy.deepcopy(dict(config))),
+                                  FlockGrid(num_nodes))), None)
+    if message is None:     # e.g. fraction_evaluate=0: Flower would skip the call; flock's schedule makes it
+        content = RecordDict({strategy.arrayrecord_key: record, strategy.configrecord_key:
+                              ConfigRecord({**copy.deepcopy(dict(config)), "server-round": server_round})})
+        message = Message(content=content, dst_node_id=1, message_type=kind, group_id=str(server_round))
+    return message
+
+
+class _Started(Exception):
+    """Stops a ServerApp's main at `strategy.start` (nothing after it runs)."""
+
+
+@dataclass
+class ServerPlan:
+    """What a ServerApp handed `strategy.start`."""
+
+    strategy: Any                            # a flwr.serverapp.strategy.Strategy
+    initial: dict[str, np.ndarray]           # the initial arrays by key, in the ArrayRecord's order
+    num_rounds: int
+    train_config: dict[str, Any]
+    evaluate_config: dict[str, Any]
+    evaluate_fn: Callable | None
+
+
+def capture_server_app(app: Any, ref: str, run_config: Mapping[str, Any], num_nodes: int) -> ServerPlan:
+    """Runs the ServerApp `app`'s main up to its `strategy.start(...)` and returns what it was given; a
+    ConfigError says why a ServerApp cannot run in flock (not a Message-API ServerApp, no start, a strategy
+    that needs every client's reply)."""
+    if not isinstance(app, ServerApp):
+        raise ConfigError(f"--flower-server {ref!r}: not a ServerApp (got {type(app).__name__})")
+    started: dict[str, Any] = {}
+    signature = inspect.signature(strategies.Strategy.start)
+
+    def start(*args: Any, **kwargs: Any):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        started.update(bound.arguments)
+        raise _Started
+
+    context = Context(run_id=0, node_id=1, node_config={}, state=RecordDict(), run_config=dict(run_config))
+    original = strategies.Strategy.start
+    strategies.Strategy.start = start       # restored below: only this call of the app's main sees it
+    try:
+        with flower_calls():
+            app(FlockGrid(num_nodes, ref), context)
+    except _Started:
+        pass
+    except FlockError:
+        raise
+    except Exception as e:       # the user's main: its KeyError for a missing run-config key, ...
+        raise ConfigError(f"--flower-server {ref}: its main raised {type(e).__name__}: {e}"
+                          + (" (give the app's run config with --run-config 'key=value ...')"
+                             if isinstance(e, KeyError) else "")) from None
+    finally:
+        strategies.Strategy.start = original
+    if not started:
+        raise ConfigError(f"--flower-server {ref}: its main returned without calling strategy.start(...); flock "
+                          f"runs ServerApps that hand their rounds to a strategy")
+    strategy, initial = started["self"], started["initial_arrays"]
+    check_mean_strategy(strategy, ref)
+    if not isinstance(initial, ArrayRecord) or not len(initial):
+        raise ConfigError(f"--flower-server {ref}: strategy.start got no initial_arrays (an ArrayRecord of the "
+                          f"model, e.g. ArrayRecord(Net().state_dict()))")
+    return ServerPlan(strategy=strategy, initial={k: a.numpy() for k, a in initial.items()},
+                      num_rounds=int(started["num_rounds"]), train_config=dict(started["train_config"] or {}),
+                      evaluate_config=dict(started["evaluate_config"] or {}), evaluate_fn=started["evaluate_fn"])
+
+
+def check_mean_strategy(strategy: Any, ref: str) -> None:
+    """A ConfigError unless `strategy` aggregates as one of MEAN_STRATEGIES does (its step depends on the
+    clients only through their weighted mean, which is all flock's ranks send)."""
+    allowed = {getattr(strategies, name).aggregate_train for name in MEAN_STRATEGIES}
+    if getattr(type(strategy), "aggregate_train", None) not in allowed:
+        raise ConfigError(f"--flower-server {ref}: strategy {type(strategy).__name__} aggregates the clients' "
+                          f"replies one by one; flock's ranks send their weighted sum only, so it runs strategies "
+                          f"that step from the weighted mean: {', '.join(MEAN_STRATEGIES)}")
+
+
+class StrategyStep:
+    """A Flower strategy as flock's server step (a ServerOptimizer, see scheduler/optim/base.py): each step
+    is the strategy's `configure_train` then `aggregate_train` on one reply that holds the round's weighted
+    mean model (params + mean_delta). Array keys and dtypes are the ServerApp's initial ArrayRecord's;
+    `server_round` counts the applied steps (a round that failed on phones is not one)."""
+
+    def __init__(self, strategy: Any, *, keys: list[str], dtypes: list[np.dtype], layout: ParamLayout,
+                 num_nodes: int) -> None:
+        if len(keys) != len(layout.names):
+            raise ValueError(f"{len(keys)} array keys for {len(layout.names)} parameters")
+        self.strategy, self.keys, self.dtypes, self.layout = strategy, keys, dtypes, layout
+        self.num_nodes = num_nodes
+        self.rounds = 0
+
+    def _arrays(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """flat -> {key: array}, floating arrays in their own dtype (others stay float64, as Flower's mean
+        of integer arrays is)."""
+        parts = self.layout.split(flat)
+        return {k: (parts[n].astype(dt) if np.issubdtype(dt, np.floating) else parts[n].astype(np.float64))
+                for k, n, dt in zip(self.keys, self.layout.names, self.dtypes)}
+
+    def step(self, params: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
+        self.rounds += 1
+        mean_delta += params            # the weighted mean model, in float64 (the scheduler's work buffer)
+        with flower_calls():
+            sent = instruction(self.strategy, "train", self.rounds, self._arrays(params), {}, self.num_nodes)
+            mean = ArrayRecord({k: Array(a) for k, a in self._arrays(mean_delta).items()})
+            reply = Message(RecordDict({"arrays": mean, "metrics": MetricRecord({self.strategy.weighted_by_key: 1})}),
+                            reply_to=sent)
+            arrays, _ = self.strategy.aggregate_train(self.rounds, [reply])
+        if arrays is None:
+            raise ConfigError(f"round {self.rounds}: strategy {type(self.strategy).__name__} aggregated nothing")
+        return self.layout.flatten({n: arrays[k].numpy() for k, n in zip(self.keys, self.layout.names)})
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step count and the strategy's moment arrays (FedOpt's m_t/v_t, FedAvgM's momentum), flat in
+        float64 with their dtypes."""
+        state: dict[str, Any] = {"flower_rounds": self.rounds}
+        for name in STRATEGY_STATE:
+            value = getattr(self.strategy, name, None)
+            if value:
+                arrays = list(value.values()) if isinstance(value, dict) else list(value)
+                state[name] = np.concatenate([np.asarray(a, np.float64).reshape(-1) for a in arrays])
+                state[f"{name}_dtypes"] = [str(np.asarray(a).dtype) for a in arrays]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rounds = int(state.get("flower_rounds", 0))
+        for name in STRATEGY_STATE:
+            if name not in state:
+                continue
+            parts = self.layout.split(np.asarray(state[name], np.float64))
+            arrays = [parts[n].astype(dt) for n, dt in zip(self.layout.names, state[f"{name}_dtypes"])]
+            setattr(self.strategy, name, dict(zip(self.keys, arrays)) if name != "momentum_vector" else arrays)
