@@ -313,7 +313,7 @@ def flock_round(step, layout, keys, params_flat, clients, ranks=2):
         deltas = [n * (layout.flatten(dict(zip(layout.names, (arrays[k] for k in keys))), np.float64) - params_flat)
                   for n, arrays in mine]
         parts.append((float(sum(n for n, _ in mine)), np.sum(deltas, axis=0)))
-    return step.step(params_flat, weighted_mean(parts))
+    return step.step(params_flat, weighted_mean([s for _, s in parts], sum(w for w, _ in parts)))
 
 
 @pytest.mark.parametrize("make", [FedAvg, lambda: FedAvgM(server_learning_rate=0.7, server_momentum=0.9),

@@ -93,3 +93,11 @@ def test_phone_options_need_profiles(option, capsys):
 
     assert main(["data", option]) == 2
     assert "need phones: give --device-profiles" in capsys.readouterr().err
+
+
+def test_plot_draws_accuracy_against_simulated_hours(data, tmp_path):
+    from tools.plot import main as plot_main
+
+    simulate(Config(data_dir=str(data), run_dir=str(tmp_path / "run"), **{**SMALL, "rounds": 3}, **PHONES))
+    assert plot_main([str(tmp_path / "run"), "--x", "hours", "--out", str(tmp_path / "h.png")]) == 0
+    assert (tmp_path / "h.png").stat().st_size > 10_000

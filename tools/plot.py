@@ -26,7 +26,16 @@ def load(run_dir: Path) -> tuple[list[dict], dict | None]:
     return records, json.loads(users.read_text()) if users.is_file() else None
 
 
-def plot(run_dirs: list[Path], out: Path) -> Path:
+def x_of(record: dict, x: str) -> float:
+    """The record's place on the x axis: its round, or its simulated hours (runs with phones)."""
+    if x == "round":
+        return record["round"]
+    if "sim_time" not in record:
+        raise SystemExit("error: --x hours needs runs with a virtual clock (--device-profiles): no sim_time")
+    return record["sim_time"] / 3600
+
+
+def plot(run_dirs: list[Path], out: Path, x: str = "round") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,19 +49,20 @@ def plot(run_dirs: list[Path], out: Path) -> Path:
         evals = [r for r in records if r["kind"] == "eval"]
         metric = (users or {}).get("metric") or next((k for k in ("top1", "accuracy") if evals and k in evals[0]), None)
         if metric and evals:
-            rounds = [r["round"] for r in evals]
+            rounds = [x_of(r, x) for r in evals]
             ax_metric.plot(rounds, [100 * r.get(metric, float("nan")) for r in evals], "-o", ms=3, color=color,
                            label=f"{label}")
             ax_metric.plot(rounds, [100 * r.get(f"{metric}_user_mean", float("nan")) for r in evals], "--",
                            color=color, label=f"{label} (user mean)")
         train = [r for r in records if r["kind"] == "train" and train_loss(r) is not None]
-        ax_loss.plot([r["round"] for r in train], [train_loss(r) for r in train], color=color, lw=1, label=label)
+        ax_loss.plot([x_of(r, x) for r in train], [train_loss(r) for r in train], color=color, lw=1, label=label)
         if users and users.get("users"):
             values = [100 * v for v in users["users"].values()]
             ax_users.hist(values, bins=20, range=(0, 100), alpha=0.5, color=color,
                           label=f"{label}, round {users['round']} ({len(values)} users)")
-    ax_metric.set(xlabel="round", ylabel="test metric (%)", title="evaluation")
-    ax_loss.set(xlabel="round", ylabel="training loss", title="local training loss")
+    xlabel = "round" if x == "round" else "simulated hours"
+    ax_metric.set(xlabel=xlabel, ylabel="test metric (%)", title="evaluation")
+    ax_loss.set(xlabel=xlabel, ylabel="training loss", title="local training loss")
     ax_users.set(xlabel="per-user metric (%)", ylabel="users", title="per-user metric, last evaluation")
     for ax in (ax_metric, ax_loss, ax_users):
         ax.grid(alpha=0.3)
@@ -68,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN_DIR/plot.png of the first run)")
+    p.add_argument("--x", choices=["round", "hours"], default="round",
+                   help="x axis: rounds, or simulated hours (runs with --device-profiles)")
     args = p.parse_args(argv)
-    print(plot(args.run_dirs, args.out or args.run_dirs[0] / "plot.png"))
+    print(plot(args.run_dirs, args.out or args.run_dirs[0] / "plot.png", args.x))
     return 0
 
 
