@@ -20,6 +20,7 @@ from pathlib import Path
 
 from launch import ROOT, app_command, run, write_table
 
+from common.recorder import read_metrics
 from reader.mnist import build
 
 COMMON = ["--reader", "arrays", "--clients-per-round", "10", "--local-epochs", "1", "--batch-size", "50",
@@ -60,7 +61,7 @@ def main() -> None:
         run_dir = out / f"method{i}"
         wall = run(app_command(args.np, str(data), *COMMON, "--rounds", str(args.rounds),
                                "--eval-every", str(max(1, args.rounds // 5)), *extra, "--run-dir", str(run_dir)), name)
-        final = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+        final = read_metrics(run_dir)[-1]
         key = "top1_ft" if "top1_ft" in final else "top1"
         rows.append(f"| {name} | {final[key + '_user_mean']:.2%} | {final[key]:.2%} | {wall / 60:.1f} min |")
     lines = [f"# {args.suite.capitalize()} on non-IID MNIST (2 shards per user), after {args.rounds} rounds", "",

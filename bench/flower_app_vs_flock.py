@@ -24,7 +24,6 @@ flock: the steps' seconds in metrics.jsonl) and the whole command, start-up incl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from launch import ROOT, app_command, run
 
+from common.recorder import read_metrics
 from reader.mnist import build
 
 APPS = ["--flower-app", "examples.flower_app.client_app:app", "--flower-server", "examples.flower_app.server_app:app"]
@@ -47,7 +47,7 @@ def flock_run(data_dir: Path, run_dir: Path, rounds: int, np_: int) -> tuple[lis
             "--local-epochs", str(EPOCHS), "--eval-every", "1", "--eval-users", "0", "--seed", str(SEED),
             "--run-dir", str(run_dir), "--quiet"]
     wall = run(app_command(np_, *args), "flock", quiet=True)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     return ["mpirun", "-np", str(np_), "python", "application.py", *args], wall, records
 
 

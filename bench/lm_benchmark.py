@@ -22,10 +22,11 @@ from pathlib import Path
 
 from launch import app_command, run, split_extra, write_table
 
+from common.recorder import read_metrics
+
 
 def evals(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == "eval"]
+    return [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
 
 
 def table(fed: list[dict], cen: list[dict]) -> list[str]:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from launch import ROOT, app_command, run, split_extra, write_table
 
+from common.recorder import read_metrics
 from reader.mnist import build
 
 REFERENCE = {"iid": {10: None, 50: 0.9848}, "shards": {10: 0.7772, 50: 0.9381}}
@@ -48,8 +49,7 @@ def main() -> None:
             print(json.dumps(build(data, scheme=scheme, users=100, seed=0)))
         walls[scheme] = run(app_command(args.np, str(data), "--model", args.model, "--rounds", str(args.rounds),
                                         *SETTINGS, "--run-dir", str(out / scheme), *extra), scheme)
-        lines = (out / scheme / "metrics.jsonl").read_text().splitlines()
-        results[scheme] = {r["round"]: r for r in map(json.loads, lines) if r["kind"] == "eval"}
+        results[scheme] = {r["round"]: r for r in read_metrics(out / scheme) if r["kind"] == "eval"}
 
     def first_99(scheme):
         hits = [r for r, rec in sorted(results[scheme].items()) if rec["top1"] >= 0.99]

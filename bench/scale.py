@@ -22,6 +22,7 @@ import numpy as np
 from launch import ROOT, app_command, run, write_table
 
 from common.domain import home_rank
+from common.recorder import read_metrics
 from reader.leaf_format import write_day
 from simulator.data_server import SQLiteStore
 
@@ -72,7 +73,7 @@ def main() -> None:
     wall = run(app_command(args.np, str(data), "--private", "decoder.bias", "--data-server", "sqlite",
                            "--clients-per-round", str(args.clients), "--rounds", str(args.rounds), "--eval-every", "0",
                            "--eval-users", "200", "--checkpoint-every", "0", "--run-dir", str(out)), "scale")
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     rounds = [r for r in records if r["kind"] == "train"]
     peak = json.loads((out / "resources.json").read_text())["peak_rss_mb"]
     round_s = sum(r["seconds"] for r in rounds) / len(rounds)

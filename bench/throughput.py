@@ -40,6 +40,8 @@ from pathlib import Path
 
 from launch import ROOT, app_command, run, write_table
 
+from common.recorder import read_metrics
+
 
 def floor_worker(data_dir: str, rounds: int, seed: int, out: "mp.Queue", clients_per_round: int = 10,
                  warmup: int = 0) -> None:
@@ -81,7 +83,7 @@ def project(data_dir: str, rounds: int, np_: int, run_dir: Path, *extra: str, wa
     launched = time.time()
     run(app_command(np_, data_dir, "--rounds", str(rounds), "--eval-every", "0", "--eval-users", "1",
                     "--checkpoint-every", "0", "--run-dir", str(run_dir), *extra), f"project -np {np_}", quiet=True)
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     train = [r for r in records if r["kind"] == "train"]
     startup_s = train[0]["time"] - train[0]["seconds"] - launched
     train = train[warmup:]

@@ -1,7 +1,6 @@
 """Tiny generated data and a real mpirun launcher for the tests."""
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -9,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common.recorder import read_metrics  # noqa: F401  (re-exported: the tests' one reader of a run)
 from reader.leaf_format import write_day
 from reader.vocab import BOS, EOS, build_vocab, save_json_atomic
 
@@ -52,6 +52,3 @@ def run_app(np_: int, data_dir: Path, run_dir: Path, *extra: str, timeout: float
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -101,6 +101,8 @@ def simulating(user: str, round_index: int) -> Iterator[None]:
 class Trainer(Protocol):
     train_ratios: ClassVar[Mapping[str, tuple[str, str]]]
     eval_ratios: ClassVar[Mapping[str, tuple[str, str]]]
+    # Optional: `main_metric = "top1"`, the eval ratio reported per user (eval_users.json, plots); default:
+    # the first of eval_ratios.
     # Optional: `thread_safe = False` for trainers that use process-global state (torch's global RNG, a
     # framework's singletons); the application then runs one shard per rank (use more ranks instead).
 

@@ -23,6 +23,7 @@ def as_inputs(x: np.ndarray, device: torch.device) -> torch.Tensor:
 
 class ClassifierTrainer:
     train_ratios: ClassVar[Mapping[str, tuple[str, str]]] = {"loss": ("loss_sum", "samples")}
+    main_metric: ClassVar[str] = "top1"     # reported per user too (eval_users.json)
     eval_ratios: ClassVar[Mapping[str, tuple[str, str]]] = {"top1": ("correct", "samples"),
                                                             "loss": ("loss_sum", "samples")}
 

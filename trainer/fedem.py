@@ -19,6 +19,7 @@ from trainer.classifier import ClassifierTrainer, as_inputs
 
 class FedEMTrainer:
     train_ratios: ClassVar[Mapping[str, tuple[str, str]]] = {"loss": ("loss_sum", "samples")}
+    main_metric: ClassVar[str] = ClassifierTrainer.main_metric
     eval_ratios: ClassVar[Mapping[str, tuple[str, str]]] = ClassifierTrainer.eval_ratios
 
     def __init__(self, config: TrainConfig, spec: Mapping[str, int]) -> None:

@@ -28,6 +28,7 @@ def _fit_state(state, batch: int):
 
 class LanguageModelTrainer:
     train_ratios: ClassVar[Mapping[str, tuple[str, str]]] = {"loss": ("loss_sum", "tokens")}
+    main_metric: ClassVar[str] = "top1"     # FL-mobile's number: reported per user too
     eval_ratios: ClassVar[Mapping[str, tuple[str, str]]] = {"top1": ("correct", "tokens"),
                                                             "loss": ("loss_sum", "tokens")}
 
