@@ -20,7 +20,7 @@ import uuid
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import numpy as np
 
@@ -130,15 +130,15 @@ def simulate(config: Config, *, comm: Comm | None = None, on_record: Callable[[d
     comm = comm or SingleComm()
     config = agreed(comm, lambda: resumed_config(config) if config.resume else config)
     config = replace(config, run_dir=comm.bcast(config.run_dir or default_run_dir() if comm.rank == 0 else None))
-    records: list[dict] = []
+    sink = _Sink(on_record)
     with ExitStack() as stack:
         stack.enter_context(torch_threads(1))
         try:
-            params = _run(config, comm, stack, records, on_record, progress)
+            params = _run(config, comm, stack, sink, progress)
         except RunFailed:
             comm.barrier()     # every rank learns it from its plan; rank 0's server stays up until all have
             raise
-    return History(run_dir=Path(config.run_dir), records=records, params=params)
+    return History(run_dir=Path(config.run_dir), records=sink.records, params=params)
 
 
 def _plugins(config: Config) -> tuple[type, type | None, type | None]:
@@ -167,21 +167,88 @@ def _open_reader(config: Config, comm: Comm, reader_cls: type):
         return None
 
     reader = agreed(comm, first)
-    opened = agreed(comm, lambda: reader if comm.rank == 0 else reader_cls(Path(config.data_dir)))
-    return opened
+    return agreed(comm, lambda: reader if comm.rank == 0 else reader_cls(Path(config.data_dir)))
 
 
-def _run(config: Config, comm: Comm, stack: ExitStack, records: list[dict],
-         on_record: Callable[[dict], None] | None, progress: str) -> dict[str, np.ndarray] | None:
+@dataclass
+class _Built:
+    """The run's model and what follows from it, the same on every rank."""
+
+    spec: Mapping[str, int]
+    model_cls: type
+    trainer_cls: type
+    model: Any
+    n_shards: int
+    device: Any
+    private: tuple[str, ...]
+    layout: Any                 # ParamLayout of the shared parameters
+    eval_ratios: dict[str, tuple[str, str]]
+
+    def tensors(self, names) -> dict[str, np.ndarray]:
+        named = dict(self.model.named_parameters())
+        return {n: named[n].detach().cpu().numpy().copy() for n in names}
+
+
+class _Sink:
+    """Where each metrics record goes: the recorder (once it exists), the History's list, the caller."""
+
+    def __init__(self, on_record: Callable[[dict], None] | None) -> None:
+        self.records: list[dict] = []
+        self.recorder = None
+        self.on_record = on_record
+
+    def __call__(self, record: dict) -> None:
+        self.recorder(record)
+        self.records.append(record)
+        if self.on_record is not None:
+            self.on_record(record)
+
+
+def _build(config: Config, comm: Comm, reader, plugins: tuple, train_config) -> _Built:
+    """Every rank builds the model (seeded), decides its shards and device; agreed set-up errors."""
     import torch
 
     from common.domain import ParamLayout
     from model.base import private_names
+
+    def build():
+        _, model_cls, trainer_cls = plugins
+        spec = reader.spec()
+        torch.manual_seed(config.seed)     # before a Flower app builds its model
+        if config.flower_client or config.flower_app:
+            from trainer.flower import flower_plugins
+
+            model_cls, trainer_cls = flower_plugins(config, reader, train_config, rank=comm.rank)
+        cores = len(os.sched_getaffinity(0))
+        n_shards = config.shards or max(1, cores // comm.local_size)
+        if not getattr(trainer_cls, "thread_safe", True) and n_shards > 1:
+            if comm.rank == 0:
+                log.info("%s uses process-wide state: one shard per rank (start more ranks to use more cores)",
+                         trainer_cls.__name__)
+            n_shards = 1
+        use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is visible")
+        if config.centralized and comm.size != 1:
+            raise ConfigError("--centralized runs in one process: start it without mpirun (or with -np 1)")
+        return spec, model_cls, trainer_cls, model_cls.build(spec), n_shards, torch.device("cuda" if use_cuda else "cpu")
+
+    spec, model_cls, trainer_cls, model, n_shards, device = agreed(comm, build)
+    private = private_names(model, config.private)
+    named = dict(model.named_parameters())
+    shared = [n for n in named if n not in private]
+    eval_ratios = dict(trainer_cls.eval_ratios)
+    if config.finetune_epochs:
+        eval_ratios.update({f"{k}_ft": (f"ft_{num}", f"ft_{den}") for k, (num, den) in trainer_cls.eval_ratios.items()})
+    return _Built(spec=spec, model_cls=model_cls, trainer_cls=trainer_cls, model=model, n_shards=n_shards,
+                  device=device, private=private, eval_ratios=eval_ratios,
+                  layout=ParamLayout(names=tuple(shared), shapes=tuple(tuple(named[n].shape) for n in shared)))
+
+
+def _run(config: Config, comm: Comm, stack: ExitStack, sink: _Sink, progress: str) -> dict[str, np.ndarray] | None:
+    """Builds every part of the run (each owned by `stack`), runs it, returns rank 0's final shared parameters."""
     from scheduler.client import LocalSchedulerClient, SchedulerClient
     from simulator.data_plane import make_data_plane
-    from simulator.data_server import MemoryStore, SQLiteStore
-    from simulator.shard import Shard
-    from simulator.simulator import Simulator
     from trainer.base import TrainConfig
 
     rank, world = comm.rank, comm.size
@@ -190,116 +257,25 @@ def _run(config: Config, comm: Comm, stack: ExitStack, records: list[dict],
         log.info("ranks: %s", " ".join(pids))
     train_config = TrainConfig(lr=config.lr, batch_size=config.batch_size, local_epochs=config.local_epochs,
                                max_grad_norm=config.max_grad_norm, prox_mu=config.prox_mu, momentum=config.momentum)
-    reader_cls, model_cls, trainer_cls = agreed(comm, lambda: _plugins(config))
-    reader = _open_reader(config, comm, reader_cls)
-
-    def build():
-        nonlocal model_cls, trainer_cls
-        spec = reader.spec()
-        torch.manual_seed(config.seed)     # before a Flower app builds its model
-        if config.flower_client or config.flower_app:
-            from trainer.flower import flower_plugins
-
-            model_cls, trainer_cls = flower_plugins(config, reader, train_config, rank=rank)
-        cores = len(os.sched_getaffinity(0))
-        n_shards = config.shards or max(1, cores // comm.local_size)
-        if not getattr(trainer_cls, "thread_safe", True) and n_shards > 1:
-            if rank == 0:
-                log.info("%s uses process-wide state: one shard per rank (start more ranks to use more cores)",
-                         trainer_cls.__name__)
-            n_shards = 1
-        use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-        if config.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is visible")
-        if config.centralized and world != 1:
-            raise ConfigError("--centralized runs in one process: start it without mpirun (or with -np 1)")
-        model = model_cls.build(spec)
-        return spec, n_shards, torch.device("cuda" if use_cuda else "cpu"), model
-
-    spec, n_shards, device, model = agreed(comm, build)
-    private = private_names(model, config.private)
-    named = dict(model.named_parameters())
-    shared = [n for n in named if n not in private]
-    layout = ParamLayout(names=tuple(shared), shapes=tuple(tuple(named[n].shape) for n in shared))
-    eval_ratios = dict(trainer_cls.eval_ratios)
-    if config.finetune_epochs:
-        eval_ratios.update({f"{k}_ft": (f"ft_{num}", f"ft_{den}") for k, (num, den) in trainer_cls.eval_ratios.items()})
-    run_dir = Path(config.run_dir)
-
-    def record(r: dict) -> None:
-        recorder(r)
-        records.append(r)
-        if on_record is not None:
-            on_record(r)
-
+    plugins = agreed(comm, lambda: _plugins(config))
+    reader = _open_reader(config, comm, plugins[0])
+    built = _build(config, comm, reader, plugins, train_config)
     if config.centralized:
-        from common.recorder import Recorder
-        from simulator.centralized import run_centralized
+        return _centralized(config, built, reader, train_config, stack, sink, progress)
 
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(
-            {**config.to_saved_json(), "world_size": 1, "argv": redact_argv(sys.argv)}, indent=1))
-        recorder = stack.enter_context(Recorder(run_dir, config.rounds, mode=progress))
-        log.info("centralized baseline: %d parameters; run dir %s", layout.size, run_dir)
-        run_centralized(reader=reader, model=model, trainer=trainer_cls(replace(train_config, local_epochs=1), spec),
-                        rounds=config.rounds, clients_per_round=config.clients_per_round,
-                        local_epochs=config.local_epochs, eval_every=config.eval_every,
-                        eval_users=config.eval_users, seed=config.seed, on_record=record)
-        return {n: named[n].detach().cpu().numpy().copy() for n in shared}
-
-    scheduler = None
     run_id = uuid.uuid4().hex[:12] if rank == 0 else None
     token = (config.token or os.environ.get("FLOCK_TOKEN") or secrets.token_hex(16)) if rank == 0 else None
-
-    def start_scheduler():
-        nonlocal scheduler, recorder
-        from common.recorder import Recorder, truncate_metrics
-        from scheduler.optim import make_server_optimizer
-        from scheduler.state import Scheduler, SchedulerConfig
-
-        checkpoint = run_dir / "checkpoint.npz"
-        if not config.resume and ((run_dir / "metrics.jsonl").exists() or checkpoint.exists()):
-            raise ConfigError(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, "
-                              f"or choose another --run-dir")
-        scheduler = Scheduler(
-            SchedulerConfig(world_size=world, rounds=config.rounds, clients_per_round=config.clients_per_round,
-                            eval_every=config.eval_every, eval_users=config.eval_users, seed=config.seed,
-                            pin_users=bool(private), checkpoint_every=config.checkpoint_every),
-            reader=reader, optimizer=trainer_cls.server_step(layout) if config.flower_server else make_server_optimizer(
-                config.server_opt, server_lr=config.server_lr, momentum=config.server_momentum,
-                beta1=config.server_beta1, beta2=config.server_beta2, tau=config.server_tau),
-            train_ratios=trainer_cls.train_ratios, eval_ratios=eval_ratios,
-            main_metric=getattr(trainer_cls, "main_metric", ""), phones=phone_rounds(config),
-            checkpoint_path=checkpoint if config.checkpoint_every else None)
-        resume_round = 0
-        if config.resume:
-            resume_round = scheduler.restore(checkpoint, layout) if checkpoint.exists() else 0
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if config.resume:
-            truncate_metrics(run_dir / "metrics.jsonl", resume_round)
-            log.info("resuming %s after round %d", run_dir, resume_round)
-        else:
-            (run_dir / "config.json").write_text(json.dumps(
-                {**config.to_saved_json(), "world_size": world, "shards_per_rank": n_shards, "run_id": run_id,
-                 "argv": redact_argv(sys.argv), "private_params": list(private), "shared_params": layout.size,
-                 "versions": package_versions()}, indent=1))
-        recorder = stack.enter_context(Recorder(run_dir, config.rounds, mode=progress, done=resume_round))
-        scheduler.on_record = record       # before rank 0's parameters arrive, no step can finish
-        scheduler.before_checkpoint = recorder.sync
-        return resume_round
-
-    recorder = None
-    resume_round = agreed(comm, start_scheduler if rank == 0 else lambda: None)
+    started = agreed(comm, lambda: _start_scheduler(config, built, reader, world, run_id, stack, sink, progress)
+                     if rank == 0 else None)
+    scheduler, resume_round = started if rank == 0 else (None, None)
     address = None
-    if rank == 0 and world > 1:         # one process calls its scheduler in-process: no server at all
-        address = agreed(comm, lambda: _serve(config, scheduler, stack, run_id, token))
-    elif world > 1:
-        agreed(comm, lambda: None)
+    if world > 1:         # one process calls its scheduler in-process: no server at all
+        address = agreed(comm, lambda: _serve(config, scheduler, stack, run_id, token) if rank == 0 else None)
     address, run_id, resume_round, token = comm.bcast((address, run_id, resume_round, token))
     if rank == 0:
         log.info("%s%d rank(s) x %d shard(s) on %s; %d shared parameters (%.1f MB), private: %s; run dir %s",
-                 f"scheduler on {address}; " if address else "", world, n_shards, device, layout.size,
-                 layout.size * 4 / 1e6, ", ".join(private) or "none", run_dir)
+                 f"scheduler on {address}; " if address else "", world, built.n_shards, built.device,
+                 built.layout.size, built.layout.size * 4 / 1e6, ", ".join(built.private) or "none", config.run_dir)
 
     tls_ca = config.tls_ca or config.tls_cert
     if rank == 0:      # hosts the scheduler: calls it in-process; every other rank goes through gRPC
@@ -310,29 +286,9 @@ def _run(config: Config, comm: Comm, stack: ExitStack, records: list[dict],
     stack.callback(client.close)
     start_step = client.hello().step
     if rank == 0 and resume_round == 0:
-        client.init_params(layout, layout.flatten({n: named[n].detach().numpy() for n in shared}))
-    data_plane = make_data_plane(config.data_plane, comm, client, layout.size)
-
-    if config.data_server == "sqlite":
-        store = SQLiteStore(run_dir / "private" / f"rank{rank}.sqlite")
-    else:
-        store = MemoryStore(run_dir / "private" / f"rank{rank}-memory" if private and config.checkpoint_every else None)
-    stack.callback(store.close)
-    if config.resume:
-        store.rollback(resume_round)
-    private_init = {n: named[n].detach().numpy().copy() for n in private}
-    models = [model.to(device)]
-    for _ in range(n_shards - 1):
-        replica = model_cls.build(spec).to(device)
-        replica.load_state_dict(model.state_dict())
-        models.append(replica)
-    finetune_config = replace(train_config, local_epochs=config.finetune_epochs) if config.finetune_epochs else None
-    shards = [Shard(m, trainer_cls(train_config, spec), layout, private, store, private_init,
-                    finetuner=trainer_cls(finetune_config, spec) if finetune_config else None) for m in models]
-    simulator = Simulator(rank=rank, client=client, reader=reader, shards=shards, store=store,
-                          eval_ratios=eval_ratios, seed=config.seed, round_timeout=config.round_timeout,
-                          data_plane=data_plane)
-    stack.callback(simulator.close)
+        client.init_params(built.layout, built.layout.flatten(built.tensors(built.layout.names)))
+    data_plane = make_data_plane(config.data_plane, comm, client, built.layout.size)
+    simulator = _simulator(config, built, comm, reader, client, data_plane, train_config, resume_round, stack)
     simulator.run(start_step)
     # freeing MPI shared memory is collective: only on success (a failing rank aborts the job, which frees it)
     data_plane.close()
@@ -340,11 +296,105 @@ def _run(config: Config, comm: Comm, stack: ExitStack, records: list[dict],
     comm.barrier()   # every rank has seen "done": the scheduler may stop
     if rank != 0:
         return None
+    run_dir = Path(config.run_dir)
     (run_dir / "resources.json").write_text(json.dumps({"peak_rss_mb": [round(m, 1) for m in peak_mb]}))
     log.info("done: metrics in %s; peak memory (RSS) per rank: %s", run_dir / "metrics.jsonl",
              " ".join(f"{r}={m:.0f}MB" for r, m in enumerate(peak_mb)))
-    final = scheduler.params
-    return {n: v.copy() for n, v in layout.split(final).items()}
+    return {n: v.copy() for n, v in built.layout.split(scheduler.params).items()}
+
+
+def _centralized(config: Config, built: _Built, reader, train_config, stack: ExitStack, sink: _Sink,
+                 progress: str) -> dict[str, np.ndarray]:
+    """The non-federated baseline in this process; returns its final shared parameters."""
+    from common.recorder import Recorder
+    from simulator.centralized import run_centralized
+
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(
+        {**config.to_saved_json(), "world_size": 1, "argv": redact_argv(sys.argv)}, indent=1))
+    sink.recorder = stack.enter_context(Recorder(run_dir, config.rounds, mode=progress))
+    log.info("centralized baseline: %d parameters; run dir %s", built.layout.size, run_dir)
+    run_centralized(reader=reader, model=built.model,
+                    trainer=built.trainer_cls(replace(train_config, local_epochs=1), built.spec),
+                    rounds=config.rounds, clients_per_round=config.clients_per_round,
+                    local_epochs=config.local_epochs, eval_every=config.eval_every,
+                    eval_users=config.eval_users, seed=config.seed, on_record=sink)
+    return built.tensors(built.layout.names)
+
+
+def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: str, stack: ExitStack, sink: _Sink,
+                     progress: str):
+    """Rank 0: the scheduler (restored on --resume), config.json and the recorder; returns (scheduler, rounds
+    already done)."""
+    from common.recorder import Recorder, truncate_metrics
+    from scheduler.optim import make_server_optimizer
+    from scheduler.state import Scheduler, SchedulerConfig
+
+    run_dir = Path(config.run_dir)
+    checkpoint = run_dir / "checkpoint.npz"
+    if not config.resume and ((run_dir / "metrics.jsonl").exists() or checkpoint.exists()):
+        raise ConfigError(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, "
+                          f"or choose another --run-dir")
+    trainer_cls, layout = built.trainer_cls, built.layout
+    scheduler = Scheduler(
+        SchedulerConfig(world_size=world, rounds=config.rounds, clients_per_round=config.clients_per_round,
+                        eval_every=config.eval_every, eval_users=config.eval_users, seed=config.seed,
+                        pin_users=bool(built.private), checkpoint_every=config.checkpoint_every),
+        reader=reader, optimizer=trainer_cls.server_step(layout) if config.flower_server else make_server_optimizer(
+            config.server_opt, server_lr=config.server_lr, momentum=config.server_momentum,
+            beta1=config.server_beta1, beta2=config.server_beta2, tau=config.server_tau),
+        train_ratios=trainer_cls.train_ratios, eval_ratios=built.eval_ratios,
+        main_metric=getattr(trainer_cls, "main_metric", ""), phones=phone_rounds(config),
+        checkpoint_path=checkpoint if config.checkpoint_every else None)
+    resume_round = 0
+    if config.resume:
+        resume_round = scheduler.restore(checkpoint, layout) if checkpoint.exists() else 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.resume:
+        truncate_metrics(run_dir / "metrics.jsonl", resume_round)
+        log.info("resuming %s after round %d", run_dir, resume_round)
+    else:
+        (run_dir / "config.json").write_text(json.dumps(
+            {**config.to_saved_json(), "world_size": world, "shards_per_rank": built.n_shards, "run_id": run_id,
+             "argv": redact_argv(sys.argv), "private_params": list(built.private), "shared_params": layout.size,
+             "versions": package_versions()}, indent=1))
+    sink.recorder = stack.enter_context(Recorder(run_dir, config.rounds, mode=progress, done=resume_round))
+    scheduler.on_record = sink       # before rank 0's parameters arrive, no step can finish
+    scheduler.before_checkpoint = sink.recorder.sync
+    return scheduler, resume_round
+
+
+def _simulator(config: Config, built: _Built, comm: Comm, reader, client, data_plane, train_config,
+               resume_round: int, stack: ExitStack):
+    """This rank's simulator: its private store (rolled back on --resume), shards with model replicas."""
+    from simulator.data_server import MemoryStore, SQLiteStore
+    from simulator.shard import Shard
+    from simulator.simulator import Simulator
+
+    run_dir, rank = Path(config.run_dir), comm.rank
+    if config.data_server == "sqlite":
+        store = SQLiteStore(run_dir / "private" / f"rank{rank}.sqlite")
+    else:
+        keep = built.private and config.checkpoint_every
+        store = MemoryStore(run_dir / "private" / f"rank{rank}-memory" if keep else None)
+    stack.callback(store.close)
+    if config.resume:
+        store.rollback(resume_round)
+    private_init = built.tensors(built.private)
+    models = [built.model.to(built.device)]
+    for _ in range(built.n_shards - 1):
+        replica = built.model_cls.build(built.spec).to(built.device)
+        replica.load_state_dict(built.model.state_dict())
+        models.append(replica)
+    finetune = replace(train_config, local_epochs=config.finetune_epochs) if config.finetune_epochs else None
+    shards = [Shard(m, built.trainer_cls(train_config, built.spec), built.layout, built.private, store, private_init,
+                    finetuner=built.trainer_cls(finetune, built.spec) if finetune else None) for m in models]
+    simulator = Simulator(rank=rank, client=client, reader=reader, shards=shards, store=store,
+                          eval_ratios=built.eval_ratios, seed=config.seed, round_timeout=config.round_timeout,
+                          data_plane=data_plane)
+    stack.callback(simulator.close)
+    return simulator
 
 
 def phone_rounds(config: Config):
