@@ -124,9 +124,8 @@ class Config:
             check_value(f, getattr(self, f.name))
         if not self.data_dir and not self.resume:
             raise ConfigError("DATA_DIR is required (unless --resume RUN_DIR continues a saved run)")
-        phone_options = [_flag(n) for n, default in (("availability", "always"), ("over_select", 1.0),
-                                                      ("deadline", 0.0), ("min_clients", 1))
-                         if getattr(self, n) != default]
+        phone_options = [_flag(n) for n in ("availability", "over_select", "deadline", "min_clients")
+                         if getattr(self, n) != self.__dataclass_fields__[n].default]
         if phone_options and not self.device_profiles:
             raise ConfigError(f"{', '.join(phone_options)} need phones: give --device-profiles builtin (or a file)")
         if self.min_clients > self.clients_per_round:

@@ -424,22 +424,29 @@ def _serve(config: Config, scheduler, stack: ExitStack, run_id: str, token: str)
     return f"{config.scheduler_host}:{port}"
 
 
+def find_mpirun() -> str:
+    """The mpirun of this Python's environment (the mpich wheel puts it beside the interpreter), else the
+    one on PATH; a clear error when there is none."""
+    import shutil
+
+    here = Path(sys.executable).parent / "mpirun"
+    found = str(here) if here.exists() else shutil.which("mpirun")
+    if not found:
+        raise FileNotFoundError("mpirun not found: install flock's dependencies (./install.sh) in this environment")
+    return found
+
+
 def launch(config: Config, *, np: int = 2, mpirun: str | None = None, timeout: float | None = None) -> History:
     """Runs `config` as an MPI job of `np` ranks (`mpirun -np N python application.py --config ...`) and
     returns its History, read back from the run directory (the final shared parameters come from the
     checkpoint written after the last round: None with checkpoint_every=0). A failed job raises
     RuntimeError with the job's output."""
-    import shutil
     import subprocess
     import tempfile
 
     root = Path(__file__).resolve().parent.parent
     run_dir = Path(config.run_dir or default_run_dir()).resolve()
-    found = mpirun or str(Path(sys.executable).parent / "mpirun")
-    if not Path(found).exists():
-        found = shutil.which("mpirun") or ""
-    if not found:
-        raise FileNotFoundError("mpirun not found: install flock's dependencies (./install.sh) in this environment")
+    found = mpirun or find_mpirun()
     values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.to_json().items()
               if k not in ("config", "run_dir", "data_dir", "token") and v != getattr(DEFAULTS, k)}
     with tempfile.TemporaryDirectory() as tmp:

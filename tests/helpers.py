@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from common.recorder import read_metrics  # noqa: F401  (re-exported: the tests' one reader of a run)
+from flock.run import find_mpirun
 from reader.leaf_format import write_day
 from reader.vocab import BOS, EOS, build_vocab, save_json_atomic
 
@@ -37,12 +37,7 @@ def make_lm_data(data_dir: Path, *, users: int = 12, seed: int = 0) -> Path:
     return data_dir
 
 
-def mpirun() -> str:
-    here = Path(sys.executable).parent / "mpirun"
-    found = str(here) if here.exists() else shutil.which("mpirun")
-    if not found:
-        raise RuntimeError("mpirun not found: run ./install.sh in the active venv")
-    return found
+mpirun = find_mpirun      # the tests' name for it
 
 
 def run_app(np_: int, data_dir: Path, run_dir: Path, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:

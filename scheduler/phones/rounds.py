@@ -52,6 +52,6 @@ class PhoneRounds:
         outcome = resolve_sync_round(candidates.uids, [timings[u].total_s for u in candidates.uids],
                                      candidates.online_until, start_time=start_time, k=k,
                                      deadline_s=self.deadline_s, min_clients=min(self.min_clients, k))
-        saved = sum(timings[u].compute_s for u in (*outcome.discarded,))
+        saved = sum(timings[u].compute_s for u in outcome.discarded)
         record = {**sync_round_record(outcome, bytes_down=size, bytes_up=size), "compute_saved_s": saved}
         return PlannedRound(outcome=outcome, record=record)
