@@ -44,7 +44,7 @@ from common.recorder import read_metrics
 
 
 def floor_worker(data_dir: str, rounds: int, seed: int, out: "mp.Queue", clients_per_round: int = 10,
-                 warmup: int = 0) -> None:
+                 warmup: int = 0, given: list[list[str]] | None = None) -> None:
     from floor import PlainFedAvg
 
     from scheduler.sampling import sample_clients
@@ -52,7 +52,7 @@ def floor_worker(data_dir: str, rounds: int, seed: int, out: "mp.Queue", clients
     floor = PlainFedAvg(Path(data_dir))
     seconds, clients = 0.0, 0
     for r in range(rounds):
-        users = sample_clients(seed, r, floor.users, clients_per_round)
+        users = given[r] if given else sample_clients(seed, r, floor.users, clients_per_round)
         started = time.perf_counter()
         floor.round(users)
         if r >= warmup:
@@ -61,12 +61,13 @@ def floor_worker(data_dir: str, rounds: int, seed: int, out: "mp.Queue", clients
     out.put((clients, seconds))
 
 
-def floors(data_dir: str, rounds: int, n: int, clients_per_round: int = 10, warmup: int = 0) -> float:
-    """Summed client updates/s of n floor processes running at once (all with seed 0: the same users), over
-    the rounds after the first `warmup`."""
+def floors(data_dir: str, rounds: int, n: int, clients_per_round: int = 10, warmup: int = 0,
+           given: list[list[str]] | None = None) -> float:
+    """Summed client updates/s of n floor processes running at once (all with seed 0: the same users, or the
+    rounds of users `given`), over the rounds after the first `warmup`."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=floor_worker, args=(data_dir, rounds, 0, q, clients_per_round, warmup))
+    procs = [ctx.Process(target=floor_worker, args=(data_dir, rounds, 0, q, clients_per_round, warmup, given))
              for _ in range(n)]
     for p in procs:
         p.start()
@@ -94,6 +95,32 @@ def project(data_dir: str, rounds: int, np_: int, run_dir: Path, *extra: str, wa
             "startup_s": startup_s, "overhead_s": (seconds - slowest) / len(train),
             "overhead_median_s": statistics.median(r["seconds"] - max(r["rank_work_s"]) for r in train),
             "balance": mean_work / slowest}
+
+
+def async_users(data_dir: str, updates: int, buffer: int, concurrency: int, shared_params: int = 6_182_672):
+    """The users an asynchronous run (seed 0, built-in phones, always on-line) trains for each of its server
+    updates: the same tasks, computed by the scheduler's own schedule, for the floor to train."""
+    from reader.leaf import LeafRedditReader
+    from scheduler.phones.asynchronous import AsyncRounds
+    from scheduler.phones.availability import AlwaysOn
+    from scheduler.phones.clock import model_bytes
+    from scheduler.phones.devices import profiles_from_option
+    from scheduler.phones.fedbuff import AsyncConfig
+    from scheduler.phones.rounds import PhoneRounds
+
+    index = LeafRedditReader(Path(data_dir)).index("20200101", "train")
+    counts = index.count_of()
+    size = model_bytes(shared_params)
+    plan = AsyncRounds(phones=PhoneRounds(profiles=profiles_from_option("builtin", 0), availability=AlwaysOn(), seed=0),
+                       config=AsyncConfig(concurrency=concurrency, buffer_size=buffer),
+                       population=[u for u in index.users if counts[u]], counts=counts, rounds=updates,
+                       bytes_down=size, bytes_up=size)
+    by_target: dict[int, list[str]] = {}
+    for v in range(updates):
+        for task in plan.tasks_at(v):
+            by_target.setdefault(task.target, []).append(task.uid)
+        plan.record(v + 1)
+    return [by_target[v] for v in range(1, updates + 1)]
 
 
 def flower(data_dir: str, rounds: int, out: Path, name: str = "flower") -> dict | None:
@@ -194,10 +221,15 @@ def main() -> None:
     p.add_argument("data_dir", nargs="?", default="lm_data")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--out", default=None)
+    p.add_argument("--async-only", action="store_true", help="only the floors, Flower and the asynchronous rows")
+    p.add_argument("--async-buffer", type=int, default=10)
+    p.add_argument("--async-concurrency", type=int, default=20)
     args = p.parse_args()
     out = Path(args.out or f"runs/throughput-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     cores = len(os.sched_getaffinity(0))
+    if args.async_only:
+        return asynchronous(args, out, cores)
     tiny = tiny_users_data(ROOT / "runs" / "throughput-tiny", Path(args.data_dir))
     rows = {}
     rows["floor (1 process)"] = floors(args.data_dir, args.rounds, 1)
@@ -244,6 +276,42 @@ def main() -> None:
              f"{fetch_next:.0f} MB/s |",
              f"| start-up, -np 1 / -np {cores}{flower_head} | {p1['startup_s']:.2f} s / {pn['startup_s']:.2f} s"
              f"{flower_startup} |"]
+    write_table(out, lines)
+
+
+def asynchronous(args, out: Path, cores: int) -> None:
+    """FedBuff (K = --async-buffer, C = --async-concurrency) at -np `cores` against floor_np training the
+    same clients (one server update's K clients per floor round), and the ratio to Flower's synchronous
+    simulation (same data, model and trainer) in the same run. The first update is warm-up on both sides."""
+    k, c, updates = args.async_buffer, args.async_concurrency, args.rounds
+    given = async_users(args.data_dir, updates, k, c)
+    rows = {f"floor_np ({cores} processes), the asynchronous run's clients": floors(
+        args.data_dir, updates, cores, warmup=1, given=given)}
+    pa = project(args.data_dir, updates, cores, out / f"async-np{cores}", "--async-buffer", str(k),
+                 "--async-concurrency", str(c), warmup=1)
+    rows[f"project -np {cores}, FedBuff K={k} C={c}"] = pa["clients_per_s"]
+    rows[f"floor_np ({cores} processes), synchronous rounds' clients"] = floors(args.data_dir, updates, cores, warmup=1)
+    ps = project(args.data_dir, updates, cores, out / f"sync-np{cores}", warmup=1)
+    rows[f"project -np {cores}, synchronous rounds of 10"] = ps["clients_per_s"]
+    fl = flower(args.data_dir, updates, out)
+    if fl is not None:
+        rows[f"Flower {fl['flwr']} simulation (Ray, {fl['cpus']} CPUs, 1 per client), synchronous"] = fl["clients_per_s"]
+    floor_a = rows[f"floor_np ({cores} processes), the asynchronous run's clients"]
+    floor_s = rows[f"floor_np ({cores} processes), synchronous rounds' clients"]
+    lines = [f"# Throughput, asynchronous mode (FedBuff) on the LM benchmark setting ({updates} server updates)", "",
+             f"- date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {platform.machine()}, {cores} cores",
+             f"- command: `python bench/throughput.py {args.data_dir} --rounds {updates} --async-only "
+             f"--async-buffer {k} --async-concurrency {c}`",
+             "- data: the built-in lm_data (popquotes); model, trainer and hyper-parameters of the LM benchmark; "
+             "phones: built-in profiles, always on-line; the first update/round is warm-up on every side", "",
+             "| variant | client updates/s |", "|---|---:|", *[f"| {k_} | {v:.3f} |" for k_, v in rows.items()], "",
+             "| ratio | value |", "|---|---:|",
+             f"| asynchronous: project -np {cores} / floor_np on the same clients | {pa['clients_per_s'] / floor_a:.3f} |",
+             f"| synchronous: project -np {cores} / floor_np on the same clients | {ps['clients_per_s'] / floor_s:.3f} "
+             f"(balance bound {ps['balance']:.3f}) |",
+             *([f"| asynchronous project -np {cores} / Flower (synchronous) | {pa['clients_per_s'] / fl['clients_per_s']:.2f} |",
+                f"| synchronous project -np {cores} / Flower | {ps['clients_per_s'] / fl['clients_per_s']:.2f} |"]
+               if fl else [])]
     write_table(out, lines)
 
 

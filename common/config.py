@@ -109,6 +109,16 @@ class Config:
                           "discarded (0: no deadline; needs --device-profiles)", lo=0, hi=1e9)
     min_clients: int = opt(1, "fewer results than this make a failed round (counted, nothing applied; needs "
                            "--device-profiles)", lo=1)
+    async_buffer: int = opt(0, "asynchronous aggregation (FedBuff): a server update every K client updates, "
+                            "in virtual-time order (1: FedAsync); --rounds then counts server updates; 0: "
+                            "synchronous rounds. Phones time the tasks (--device-profiles, builtin by default)",
+                            lo=0, hi=512)
+    async_concurrency: int = opt(0, "asynchronous mode: clients training at once (0: --clients-per-round)", lo=0,
+                                 hi=1_000_000)
+    async_max_staleness: int = opt(-1, "asynchronous mode: discard updates made from a version more than this "
+                                   "many updates old (-1: no limit)", lo=-1)
+    staleness_exponent: float = opt(0.5, "asynchronous mode: an update s versions stale weighs (1 + s)^-a "
+                                    "(0.5: FedBuff's 1/sqrt(1 + s); 0: all alike)", lo=0, hi=16)
     checkpoint_every: int = opt(10, "checkpoint the scheduler (and private params) every this many rounds; "
                                 "0: never", lo=0)
     resume: str = opt("", "continue the run saved in this run directory from its last checkpoint (its "
@@ -126,8 +136,23 @@ class Config:
             raise ConfigError("DATA_DIR is required (unless --resume RUN_DIR continues a saved run)")
         phone_options = [_flag(n) for n in ("availability", "over_select", "deadline", "min_clients")
                          if getattr(self, n) != self.__dataclass_fields__[n].default]
-        if phone_options and not self.device_profiles:
+        if phone_options and not self.device_profiles and not self.async_buffer:
             raise ConfigError(f"{', '.join(phone_options)} need phones: give --device-profiles builtin (or a file)")
+        async_options = [_flag(n) for n in ("async_concurrency", "async_max_staleness", "staleness_exponent")
+                         if getattr(self, n) != self.__dataclass_fields__[n].default]
+        if async_options and not self.async_buffer:
+            raise ConfigError(f"{', '.join(async_options)} need asynchronous mode: give --async-buffer K")
+        sync_options = [_flag(n) for n in ("over_select", "deadline", "min_clients")
+                        if getattr(self, n) != self.__dataclass_fields__[n].default]
+        if sync_options and self.async_buffer:
+            raise ConfigError(f"{', '.join(sync_options)} are for synchronous rounds, not with --async-buffer")
+        if self.async_buffer and (self.flower_server or self.centralized):
+            raise ConfigError("--async-buffer runs flock's own server optimizers on the federated run: not with "
+                              f"{'--flower-server' if self.flower_server else '--centralized'}")
+        if self.async_buffer and self.async_buffer > (self.async_concurrency or self.clients_per_round):
+            raise ConfigError(f"--async-buffer {self.async_buffer} is more than the clients training at once "
+                              f"({self.async_concurrency or self.clients_per_round}: --async-concurrency, or else "
+                              f"--clients-per-round): a buffer could never fill")
         if self.min_clients > self.clients_per_round:
             raise ConfigError(f"--min-clients {self.min_clients} is more than --clients-per-round "
                               f"{self.clients_per_round}")

@@ -57,6 +57,18 @@ class ParamLayout:
 
 
 @dataclass(frozen=True)
+class TaskSpec:
+    """One asynchronous client task: `uid` trains from `start_version`, and its update, weighted by its
+    staleness weight `weight`, goes into the server update that makes version `target`."""
+
+    task_id: int
+    uid: str
+    start_version: int
+    target: int
+    weight: float
+
+
+@dataclass(frozen=True)
 class Plan:
     """What one rank does at one step of the run."""
 
@@ -70,6 +82,9 @@ class Plan:
     total_users: int = 0
     checkpoint: bool = False   # a checkpoint follows this training step
     train_day: str = ""        # evaluation steps: the last training day (for local fine-tuning)
+    # asynchronous training steps: the client tasks this rank trains from now on (`users` are theirs);
+    # the step's update is the rank's sum over its tasks whose target is round + 1
+    tasks: tuple[TaskSpec, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -128,8 +128,10 @@ class Recorder:
     def describe(self, r: dict) -> str:
         if r["kind"] == "train":
             loss = "n/a" if train_loss(r) is None else f"{train_loss(r):.4f}"
+            staleness = f", staleness {r['staleness_mean']:.1f}" if r.get("staleness_max") else ""
             phones = (f"  sim {r['sim_time'] / 3600:.3f} h (+{r['round_s']:.0f} s, {r['dropped']} off-line, "
-                      f"{r['stale']} late{', FAILED' if r['failed'] else ''})" if "sim_time" in r else "")
+                      f"{r['stale']} late{staleness}{', FAILED' if r.get('failed') else ''})"
+                      if "sim_time" in r else "")
             return (f"round {r['round']}/{self.rounds}  loss {loss}  clients {r['clients']}  "
                     f"samples {r['samples']}  {r['seconds']:.2f} s  {r['clients_per_s']:.2f} clients/s{phones}")
         ratios = "  ".join(f"{k} {v:.4%}" if k.startswith("top") else f"{k} {v:.4f}"

@@ -346,6 +346,7 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
             beta1=config.server_beta1, beta2=config.server_beta2, tau=config.server_tau),
         train_ratios=trainer_cls.train_ratios, eval_ratios=built.eval_ratios,
         main_metric=getattr(trainer_cls, "main_metric", ""), phones=phone_rounds(config),
+        asynchronous=async_config(config),
         checkpoint_path=checkpoint if config.checkpoint_every else None)
     resume_round = 0
     if config.resume:
@@ -368,6 +369,7 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
 def _simulator(config: Config, built: _Built, comm: Comm, reader, client, data_plane, train_config,
                resume_round: int, stack: ExitStack):
     """This rank's simulator: its private store (rolled back on --resume), shards with model replicas."""
+    from simulator.async_simulator import AsyncSimulator
     from simulator.data_server import MemoryStore, SQLiteStore
     from simulator.shard import Shard
     from simulator.simulator import Simulator
@@ -390,7 +392,7 @@ def _simulator(config: Config, built: _Built, comm: Comm, reader, client, data_p
     finetune = replace(train_config, local_epochs=config.finetune_epochs) if config.finetune_epochs else None
     shards = [Shard(m, built.trainer_cls(train_config, built.spec), built.layout, built.private, store, private_init,
                     finetuner=built.trainer_cls(finetune, built.spec) if finetune else None) for m in models]
-    simulator = Simulator(rank=rank, client=client, reader=reader, shards=shards, store=store,
+    simulator = (AsyncSimulator if config.async_buffer else Simulator)(rank=rank, client=client, reader=reader, shards=shards, store=store,
                           eval_ratios=built.eval_ratios, seed=config.seed, round_timeout=config.round_timeout,
                           data_plane=data_plane)
     stack.callback(simulator.close)
@@ -398,17 +400,29 @@ def _simulator(config: Config, built: _Built, comm: Comm, reader, client, data_p
 
 
 def phone_rounds(config: Config):
-    """The run's device model (--device-profiles and the options that need it), or None: no clock."""
-    if not config.device_profiles:
+    """The run's device model (--device-profiles and the options that need it), or None: no clock.
+    Asynchronous mode always has one (built-in profiles unless a source is given)."""
+    if not config.device_profiles and not config.async_buffer:
         return None
     from scheduler.phones.availability import availability_from_option
     from scheduler.phones.devices import profiles_from_option
     from scheduler.phones.rounds import PhoneRounds
 
-    return PhoneRounds(profiles=profiles_from_option(config.device_profiles, config.seed),
+    return PhoneRounds(profiles=profiles_from_option(config.device_profiles or "builtin", config.seed),
                        availability=availability_from_option(config.availability, config.seed), seed=config.seed,
                        local_epochs=config.local_epochs, over_select=config.over_select,
                        deadline_s=config.deadline or math.inf, min_clients=config.min_clients)
+
+
+def async_config(config: Config):
+    """FedBuff's settings from --async-buffer and its options, or None: synchronous rounds."""
+    if not config.async_buffer:
+        return None
+    from scheduler.phones.fedbuff import AsyncConfig
+
+    return AsyncConfig(concurrency=config.async_concurrency or config.clients_per_round,
+                       buffer_size=config.async_buffer, staleness_exponent=config.staleness_exponent,
+                       max_staleness=None if config.async_max_staleness < 0 else config.async_max_staleness)
 
 
 def _serve(config: Config, scheduler, stack: ExitStack, run_id: str, token: str) -> str:

@@ -5,7 +5,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from common.domain import ParamLayout, Plan, RankMetrics, RankUpdate
+from common.domain import ParamLayout, Plan, RankMetrics, RankUpdate, TaskSpec
 from common.errors import RefusedError
 from protos import scheduler_pb2 as pb
 
@@ -27,13 +27,17 @@ def layout_from_proto(specs: Iterable[pb.TensorSpec]) -> ParamLayout:
 def plan_to_proto(plan: Plan) -> pb.Plan:
     return pb.Plan(step=plan.step, kind=plan.kind, round=plan.round, day=plan.day, split=plan.split,
                    users=list(plan.users), version=plan.version, total_users=plan.total_users,
-                   checkpoint=plan.checkpoint, train_day=plan.train_day)
+                   checkpoint=plan.checkpoint, train_day=plan.train_day,
+                   tasks=[pb.Task(task_id=t.task_id, uid=t.uid, start_version=t.start_version, target=t.target,
+                                  weight=t.weight) for t in plan.tasks])
 
 
 def plan_from_proto(msg: pb.Plan) -> Plan:
     return Plan(step=msg.step, kind=msg.kind, round=msg.round, day=msg.day, split=msg.split,
                 users=tuple(msg.users), version=msg.version, total_users=msg.total_users,
-                checkpoint=msg.checkpoint, train_day=msg.train_day)
+                checkpoint=msg.checkpoint, train_day=msg.train_day,
+                tasks=tuple(TaskSpec(task_id=t.task_id, uid=t.uid, start_version=t.start_version, target=t.target,
+                                     weight=t.weight) for t in msg.tasks))
 
 
 def _byte_slices(values: np.ndarray, dtype: str, chunk_bytes: int, *,

@@ -59,7 +59,7 @@ class PlanRequest(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("step", "kind", "round", "day", "split", "users", "version", "total_users", "checkpoint", "train_day")
+    __slots__ = ("step", "kind", "round", "day", "split", "users", "version", "total_users", "checkpoint", "train_day", "tasks")
     STEP_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class Plan(_message.Message):
     TOTAL_USERS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     TRAIN_DAY_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
     step: int
     kind: str
     round: int
@@ -80,7 +81,22 @@ class Plan(_message.Message):
     total_users: int
     checkpoint: bool
     train_day: str
-    def __init__(self, step: _Optional[int] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., day: _Optional[str] = ..., split: _Optional[str] = ..., users: _Optional[_Iterable[str]] = ..., version: _Optional[int] = ..., total_users: _Optional[int] = ..., checkpoint: _Optional[bool] = ..., train_day: _Optional[str] = ...) -> None: ...
+    tasks: _containers.RepeatedCompositeFieldContainer[Task]
+    def __init__(self, step: _Optional[int] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., day: _Optional[str] = ..., split: _Optional[str] = ..., users: _Optional[_Iterable[str]] = ..., version: _Optional[int] = ..., total_users: _Optional[int] = ..., checkpoint: _Optional[bool] = ..., train_day: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("task_id", "uid", "start_version", "target", "weight")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    START_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    task_id: int
+    uid: str
+    start_version: int
+    target: int
+    weight: float
+    def __init__(self, task_id: _Optional[int] = ..., uid: _Optional[str] = ..., start_version: _Optional[int] = ..., target: _Optional[int] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class ParamsRequest(_message.Message):
     __slots__ = ("version", "chunk_bytes")

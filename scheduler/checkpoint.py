@@ -15,8 +15,10 @@ META_KEYS = ("round", "version", "step", "seed", "rounds", "world_size", "data",
 
 
 def save_checkpoint(path: Path, *, params: np.ndarray, meta: dict[str, Any],
-                    optimizer_state: dict[str, Any]) -> None:
-    arrays = {"params": params}
+                    optimizer_state: dict[str, Any], versions: dict[int, np.ndarray] | None = None) -> None:
+    """`versions`: older parameter versions a resumed run needs (asynchronous tasks pending at the
+    checkpoint train again from them)."""
+    arrays = {"params": params, **{f"version/{v}": a for v, a in (versions or {}).items()}}
     scalars = {}
     for key, value in optimizer_state.items():
         if isinstance(value, np.ndarray):
@@ -56,3 +58,17 @@ def load_checkpoint(path: Path) -> tuple[np.ndarray, dict[str, Any], dict[str, A
     if not np.isfinite(params).all():
         raise DataError(f"{path}: checkpoint holds non-finite parameters")
     return params, meta, state
+
+
+def load_versions(path: Path) -> dict[int, np.ndarray]:
+    """The older parameter versions saved with the checkpoint (read-only float32 arrays by version)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            versions = {int(k.split("/", 1)[1]): z[k].astype(np.float32) for k in z.files if k.startswith("version/")}
+    except Exception as e:
+        raise DataError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); it is left as it is") from None
+    for v, a in versions.items():
+        if a.ndim != 1 or not np.isfinite(a).all():
+            raise DataError(f"{path}: parameters of version {v} are malformed or not finite")
+        a.flags.writeable = False
+    return versions

@@ -14,14 +14,17 @@ from typing import Callable
 
 import numpy as np
 
-from common.domain import DONE, EVAL, TRAIN, ParamLayout, Plan, RankMetrics, RankUpdate, assign_users
+from common.domain import DONE, EVAL, TRAIN, ParamLayout, Plan, RankMetrics, RankUpdate, TaskSpec, assign_users
 from common.errors import ConfigError, RefusedError, RunFailed
 from common.metrics import Ratios, add_sums, eval_record, train_record
 from reader.base import Reader
 from scheduler.aggregate import weighted_mean
 from scheduler.calendar import Calendar
-from scheduler.checkpoint import load_checkpoint, save_checkpoint
+from scheduler.checkpoint import load_checkpoint, load_versions, save_checkpoint
 from scheduler.optim.base import ServerOptimizer
+from scheduler.phones.asynchronous import AsyncRounds
+from scheduler.phones.clock import model_bytes
+from scheduler.phones.fedbuff import AsyncConfig
 from scheduler.phones.rounds import PhoneRounds, PlannedRound
 from scheduler.sampling import evaluation_users, sample_clients
 
@@ -70,7 +73,7 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig, *, reader: Reader, optimizer: ServerOptimizer,
                  train_ratios: Ratios, eval_ratios: Ratios, main_metric: str = "", phones: PhoneRounds | None = None,
-                 on_record: Callable[[dict], None] | None = None, checkpoint_path: Path | None = None) -> None:
+                 asynchronous: AsyncConfig | None = None, on_record: Callable[[dict], None] | None = None, checkpoint_path: Path | None = None) -> None:
         self.config = config
         self.reader = reader
         self.optimizer = optimizer
@@ -83,6 +86,9 @@ class Scheduler:
         self.phones = phones              # None: every sampled client trains, and no virtual clock runs
         self.sim_time = 0.0               # virtual seconds since the run began (with phones)
         self._planned: PlannedRound | None = None    # the current training round's clock decisions
+        self.async_config = asynchronous  # None: synchronous rounds; else FedBuff (needs phones)
+        self._async: AsyncRounds | None = None
+        self._old_versions: dict[int, np.ndarray] = {}   # asynchronous: versions tasks still start from
         self.calendar = Calendar.from_reader(reader)
         self.steps = schedule(config.rounds, config.eval_every)
         self._indexes: dict[tuple[str, str], tuple[list[str], dict[str, int]]] = {}
@@ -91,6 +97,12 @@ class Scheduler:
             if config.clients_per_round > n:
                 raise ConfigError(f"--clients-per-round {config.clients_per_round} is more than the {n} users "
                                   f"with training data on day {day}")
+        if asynchronous is not None:
+            if phones is None:
+                raise ConfigError("asynchronous aggregation times its tasks on phones: it needs device profiles")
+            if len(set(self.calendar.train_days)) > 1:
+                raise ConfigError(f"asynchronous aggregation runs on one training day's population; the data has "
+                                  f"{len(self.calendar.train_days)} training days ({', '.join(self.calendar.train_days)})")
         self.data_fingerprint = self._fingerprint()
         self._cond = threading.Condition()
         self.layout: ParamLayout | None = None
@@ -133,6 +145,8 @@ class Scheduler:
         world = self.config.world_size
         if kind == DONE:
             return [Plan(step=step, kind=DONE, round=done, version=self.version)] * world
+        if kind == TRAIN and self._async is not None:
+            return self._async_plans(step, done)
         if kind == TRAIN:
             day, split = self.calendar.train_day(done, self.config.rounds), "train"
             users, counts = self._eligible(day, split)
@@ -152,6 +166,39 @@ class Scheduler:
         return [Plan(step=step, kind=kind, round=done, day=day, split=split, users=tuple(mine), version=self.version,
                      total_users=len(chosen), checkpoint=checkpoint, train_day=train_day) for mine in per_rank]
 
+    def _async_plans(self, step: int, done: int) -> list[Plan]:
+        """The tasks handed out while version `done` is current, spread over the ranks (a user's tasks on
+        one rank, in task order); the scheduler keeps the old versions that tasks still start from."""
+        day = self.calendar.train_days[0]
+        tasks = self._async.tasks_at(done)
+        keep = {t.start_version for t in tasks} | self._async.needed_versions(done)
+        self._old_versions = {v: a for v, a in self._old_versions.items() if v in keep}
+        counts = self._eligible(day, "train")[1]
+        load: dict[str, int] = {}
+        for t in tasks:
+            load[t.uid] = load.get(t.uid, 0) + counts[t.uid]
+        uids = list(load)
+        owner = {u: r for r, mine in enumerate(assign_users(uids, [load[u] for u in uids], self.config.world_size,
+                                                          pinned=self.config.pin_users)) for u in mine}
+        per_rank: list[list[TaskSpec]] = [[] for _ in range(self.config.world_size)]
+        for t in tasks:
+            per_rank[owner[t.uid]].append(t)
+        checkpoint = self.checkpoint_path is not None and self.config.checkpoint_due(done + 1)
+        return [Plan(step=step, kind=TRAIN, round=done, day=day, split="train", users=tuple(t.uid for t in mine),
+                     version=self.version, total_users=len(tasks), checkpoint=checkpoint, tasks=tuple(mine))
+                for mine in per_rank]
+
+    def _start_async(self, layout: ParamLayout) -> None:
+        if self.async_config is None:
+            return
+        day = self.calendar.train_days[0]
+        users, counts = self._eligible(day, "train")
+        size = model_bytes(layout.size)
+        self._async = AsyncRounds(phones=self.phones, config=self.async_config, population=users, counts=counts,
+                                  rounds=self.config.rounds, bytes_down=size, bytes_up=size,
+                                  checkpoint_due=lambda v: self.checkpoint_path is not None
+                                  and self.config.checkpoint_due(v))
+
     # -- parameters -------------------------------------------------------------------------------------
 
     def init_params(self, layout: ParamLayout, flat: np.ndarray) -> None:
@@ -162,6 +209,7 @@ class Scheduler:
             if flat.dtype != np.float32 or flat.shape != (layout.size,):
                 raise RefusedError(f"initial parameters: expected {layout.size} float32 values")
             self.layout, self.params = layout, flat.copy()
+            self._start_async(layout)
             self._plans = self._make_plans(0)
             self._step_started = time.perf_counter()
             self._cond.notify_all()
@@ -171,9 +219,9 @@ class Scheduler:
         with self._cond:
             if self.params is None:
                 raise RefusedError("no parameters yet")
-            if version != self.version:
+            if version != self.version and version not in self._old_versions:
                 raise RefusedError(f"parameters version {version} requested, current is {self.version}")
-            params = self.params
+            params = self.params if version == self.version else self._old_versions[version]
         params.flags.writeable = False
         return self.layout, params
 
@@ -182,8 +230,10 @@ class Scheduler:
                 "rounds": self.config.rounds, "world_size": self.config.world_size, "data": self.data_fingerprint,
                 "sim_time": self.sim_time,
                 "layout": [[n, list(s)] for n, s in zip(self.layout.names, self.layout.shapes)]}
+        # asynchronous: the versions that tasks pending at this checkpoint start from (they train again)
+        old = {v: self._old_versions[v] for v in self._async.needed_versions(self.version)} if self._async else {}
         save_checkpoint(self.checkpoint_path, params=self.params, meta=meta,
-                        optimizer_state=self.optimizer.state_dict())
+                        optimizer_state=self.optimizer.state_dict(), versions=old)
         log.info("checkpoint after round %d: %s", rounds_done, self.checkpoint_path)
 
     def restore(self, path: Path, layout: ParamLayout) -> int:
@@ -205,6 +255,10 @@ class Scheduler:
             self.layout, self.params, self.version, self.step = layout, params, meta["version"], meta["step"]
             self.sim_time = float(meta.get("sim_time", 0.0))
             self.optimizer.load_state_dict(opt_state)
+            self._start_async(layout)
+            if self._async is not None:
+                self._async.restore(self.version, self.sim_time)
+                self._old_versions = load_versions(path)
             self._plans = self._make_plans(self.step)
             self._step_started = time.perf_counter()
             self._cond.notify_all()
@@ -316,6 +370,7 @@ class Scheduler:
         if sums.get("diverged", 0) and sums.get("diverged", 0) >= sums.get("clients", 0):
             return (f"{where}: every client's local training gave non-finite parameters ({int(sums['diverged'])} "
                     f"dropped): local training diverges (check --lr, --max-grad-norm and the data); the run stops")
+        before = self.params
         parts = [u.delta_sum for u in pushed if u.delta_sum.size]    # a data plane may have summed them already
         mean = weighted_mean(parts, sum(u.weight for u in pushed), out=self._total)
         if mean is not None:
@@ -328,13 +383,19 @@ class Scheduler:
             self.params = params
         # each rank's own time on the step's users (training and its local sum): stragglers show here
         work = [round(float(u.sums.get("train_seconds", 0.0)), 4) for u in pushed]
+        clock = (self._async.record(done + 1) if self._async is not None
+                 else self._planned.record if self.phones is not None else {})
         record = {**train_record(done + 1, sums, self.train_ratios, self._step_seconds()), "rank_work_s": work,
-                  **(self._planned.record if self.phones is not None else {})}
+                  **clock}
         bad = nonfinite_keys(record)
         if bad:
             return f"{where}: {', '.join(bad)} not finite; the run stops, the last checkpoint is kept"
+        if self._async is not None:       # tasks handed out later may still start from it
+            self._old_versions[self.version] = before
         self.version += 1
-        if self.phones is not None:
+        if self._async is not None:
+            self.sim_time = record["sim_time"]
+        elif self.phones is not None:
             self.sim_time = self._planned.outcome.end_time
             if self._planned.outcome.failed:
                 log.warning("%s failed: fewer than %d results in time (%d of %d phones off-line, %d late); "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from typing import Mapping
 
@@ -15,10 +16,31 @@ from trainer.base import Trainer, simulating
 log = logging.getLogger(__name__)
 
 
+class Accumulator:
+    """A float64 running sum of alpha_k * theta_k over the shared parameters, and the sum of the users'
+    sample counts n_k; threads may add into one accumulator (a lock serializes the adds)."""
+
+    def __init__(self, layout: ParamLayout, device: torch.device | str = "cpu") -> None:
+        self.total = torch.zeros(layout.size, dtype=torch.float64, device=device)
+        self.views = [v.view(shape) for v, shape in zip(self.total.split(layout.sizes), layout.shapes)]
+        self.weight = 0.0
+        self.lock = threading.Lock()
+
+    def add(self, params: list[torch.Tensor], alpha: float, samples: float) -> None:
+        with self.lock:
+            for acc, p in zip(self.views, params):
+                acc.add_(p, alpha=alpha)
+            self.weight += samples
+
+    def reset(self) -> None:
+        self.total.zero_()
+        self.weight = 0.0
+
+
 class Shard:
     """Loads global + a user's private parameters into its model, trains or evaluates, writes the private
     parameters back, and adds n_k * theta_k of the shared parameters into its float64 running sum
-    (`weighted_sum`; the rank turns it into sum n_k * delta_k = weighted_sum - weight * theta_global once
+    (`sum`; the rank turns it into sum n_k * delta_k = sum - weight * theta_global once
     per round, which saves a flat copy and a subtraction per user)."""
 
     def __init__(self, model: torch.nn.Module, trainer: Trainer, layout: ParamLayout,
@@ -35,9 +57,7 @@ class Shard:
         self.private_init = {n: torch.from_numpy(np.array(v, dtype=np.float32)).to(self.device)
                              for n, v in private_init.items()}
         self.layout = layout
-        self.weighted_sum = torch.zeros(layout.size, dtype=torch.float64, device=self.device)
-        self._sum_views = [v.view(shape) for v, shape in zip(self.weighted_sum.split(layout.sizes), layout.shapes)]
-        self.weight = 0.0
+        self.sum = Accumulator(layout, self.device)
         self._global: torch.Tensor | None = None
         self._global_views: list[torch.Tensor] = []
         self._global_src: np.ndarray | None = None
@@ -60,11 +80,10 @@ class Shard:
     def contribution(self) -> tuple[float, torch.Tensor]:
         """This step's (sum of n_k, sum of n_k * theta_k over the shared parameters, float64) of the users
         it trained; the rank turns the shards' parts into sum n_k * delta_k."""
-        return self.weight, self.weighted_sum
+        return self.sum.weight, self.sum.total
 
     def reset_sum(self) -> None:
-        self.weighted_sum.zero_()
-        self.weight = 0.0
+        self.sum.reset()
 
     def _load_user(self, uid: str) -> None:
         with torch.no_grad():
@@ -75,9 +94,10 @@ class Shard:
                     src = torch.from_numpy(stored[name]) if stored is not None else self.private_init[name]
                     p.copy_(src)
 
-    def train_user(self, uid: str, samples: Mapping[str, np.ndarray], seed: int = 0,
-                   round_index: int = 0) -> dict[str, float]:
-        """`seed`: the user's random stream for this round (see `user_seed`); `round_index`: 1-based."""
+    def train_user(self, uid: str, samples: Mapping[str, np.ndarray], seed: int = 0, round_index: int = 0, *,
+                   into: Accumulator | None = None, scale: float = 1.0) -> dict[str, float]:
+        """`seed`: the user's random stream for this round (see `user_seed`); `round_index`: 1-based. The
+        user's n * scale * theta goes into `into` (default: the shard's own sum), n into its weight."""
         self._load_user(uid)
         rng = torch.Generator(device="cpu")
         rng.manual_seed(seed)
@@ -89,9 +109,7 @@ class Shard:
                 # one diverged phone must not poison the model: its update is dropped and counted
                 log.warning("user %r: non-finite update after local training; dropped from the round", uid)
                 return {"diverged": 1.0}
-            for acc, p in zip(self._sum_views, self.shared):
-                acc.add_(p, alpha=n)
-        self.weight += n
+            (into or self.sum).add(self.shared, n * scale, n)
         if self.private:
             self.store.set_param_by_uid(uid, {k: p.detach().cpu().numpy() for k, p in self.private.items()})
         return sums

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common.recorder import read_metrics  # noqa: F401  (re-exported: the tests' one reader of a run)
+from common.recorder import read_metrics  # the tests' one reader of a run
 from flock.run import find_mpirun
 from reader.leaf_format import write_day
 from reader.vocab import BOS, EOS, build_vocab, save_json_atomic
@@ -47,3 +47,27 @@ def run_app(np_: int, data_dir: Path, run_dir: Path, *extra: str, timeout: float
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
+
+
+def kill_after_train_rows(np_: int, data_dir: Path, run_dir: Path, *extra: str, rows: int = 3,
+                          timeout: float = 120) -> int:
+    """Starts `mpirun -np N python application.py ...`, SIGKILLs the whole job once metrics.jsonl has
+    `rows` train rows, and returns how many it had then."""
+    import signal
+    import time
+
+    job = subprocess.Popen([mpirun(), "-np", str(np_), sys.executable, str(ROOT / "application.py"), str(data_dir),
+                            "--run-dir", str(run_dir), *extra], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+
+    def train_rows() -> int:
+        if not (run_dir / "metrics.jsonl").exists():
+            return 0
+        return len([r for r in read_metrics(run_dir) if r["kind"] == "train"])
+
+    while time.monotonic() < deadline and train_rows() < rows:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(30)
+    return train_rows()

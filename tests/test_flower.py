@@ -181,8 +181,8 @@ def test_fit_and_evaluate_get_the_users_context_data_and_config(tiny):
     assert node == {"partition-id": 2, "num-partitions": 3, "flock-user": "cy"}
     assert config == {"server_round": 4, "local_epochs": 2, "lr": 0.1, "batch_size": 8}
     assert dtype == np.int64 and n == 4                                   # arrays come back in their own dtype
-    np.testing.assert_array_equal(shard.weighted_sum[:6].numpy(), np.full(6, 4 * 2.0))   # n_k * (0 + mean label 2)
-    assert shard.weighted_sum[6] == 4 * 8                                  # the int64 counter, 7 + 1, as float
+    np.testing.assert_array_equal(shard.sum.total[:6].numpy(), np.full(6, 4 * 2.0))   # n_k * (0 + mean label 2)
+    assert shard.sum.total[6] == 4 * 8                                  # the int64 counter, 7 + 1, as float
     out = shard.evaluate_user("ann", tiny.load("20200102", "test", "ann"), round_index=1)
     assert out == {"samples": 2.0, "loss_sum": 4.0, "accuracy_sum": 0.0}
     assert SEEN[-1][:3] == ("evaluate", {"partition-id": 0, "num-partitions": 3, "flock-user": "ann"},
@@ -223,8 +223,8 @@ def test_a_clientapp_gets_flowers_message_and_context_and_its_metrics_are_weight
                           "fraction-train": 0.5, "note": "hi"}
     assert config == {"lr": 0.1, "tag": "x", "server-round": 2}            # the ServerApp's train_config, as FedAvg sends it
     assert arrays["count"].dtype == np.int64 and arrays["count"].tolist() == [7] and not arrays["w"].any()
-    np.testing.assert_array_equal(shard.weighted_sum[:6].numpy(), np.full(6, 4 * 2.0))
-    assert shard.weighted_sum[6] == 4 * 8
+    np.testing.assert_array_equal(shard.sum.total[:6].numpy(), np.full(6, 4 * 2.0))
+    assert shard.sum.total[6] == 4 * 8
     out = shard.evaluate_user("ann", tiny.load("20200102", "test", "ann"), round_index=1)
     assert out == {"samples": 2.0, "eval_acc_sum": 0.0, "eval_loss_sum": 4.0}
     assert SEEN[-1][3] == {"server-round": 1}

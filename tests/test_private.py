@@ -89,7 +89,7 @@ def test_shard_keeps_private_params_per_user_and_out_of_the_update(store):
     assert set(ann) == {"decoder.bias"}
     assert not np.allclose(ann["decoder.bias"], init["decoder.bias"])
     assert not np.allclose(ann["decoder.bias"], bob["decoder.bias"])      # each user its own copy
-    assert shard.weighted_sum.numel() == layout.size                      # the update holds shared params only
+    assert shard.sum.total.numel() == layout.size                      # the update holds shared params only
     # the rank's update, sum n_k (theta_k - theta), against a hand computation with fresh models
     expected = torch.zeros(layout.size, dtype=torch.float64)
     for seed in (1, 2):             # ann trained on samples(1), bob on samples(2)
@@ -128,4 +128,4 @@ def test_a_diverged_user_is_dropped_not_averaged():
     shard.set_global(layout.flatten({n: p.detach().numpy() for n, p in named.items()}))
     x = np.full((2, 10), 3, dtype=np.int32)
     assert shard.train_user("ann", {"x": x, "y": x, "mask": np.ones_like(x, dtype=np.uint8)}) == {"diverged": 1.0}
-    assert shard.weight == 0 and not shard.weighted_sum.any()
+    assert shard.sum.weight == 0 and not shard.sum.total.any()

@@ -1,10 +1,5 @@
 """Checkpoint and resume: a job killed with SIGKILL mid-run, resumed, ends with the uninterrupted metrics."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +9,7 @@ from common.errors import ConfigError
 from reader.leaf import LeafRedditReader
 from scheduler.optim import make_server_optimizer
 from scheduler.state import Scheduler, SchedulerConfig
-from tests.helpers import ROOT, make_lm_data, mpirun, read_metrics, run_app
+from tests.helpers import kill_after_train_rows, make_lm_data, read_metrics, run_app
 
 ARGS = ("--rounds", "6", "--clients-per-round", "4", "--eval-every", "2", "--checkpoint-every", "2", "--seed", "5",
         "--trainer", "tests.faulty:SlowTrainer", "--private", "decoder.bias", "--data-server", "sqlite")
@@ -30,18 +25,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, server):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     cut = tmp_path / "cut"
-    job = subprocess.Popen([mpirun(), "-np", "2", sys.executable, str(ROOT / "application.py"), str(data),
-                            "--run-dir", str(cut), *ARGS, *server], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        done = [r for r in read_metrics(cut) if r["kind"] == "train"] if (cut / "metrics.jsonl").exists() else []
-        if len(done) >= 3:
-            break
-        time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait(30)
-    assert 3 <= len([r for r in read_metrics(cut) if r["kind"] == "train"]) < 6, "the kill came too late"
+    done = kill_after_train_rows(2, data, cut, *ARGS, *server)
+    assert 3 <= done < 6, "the kill came too late"
     assert (cut / "checkpoint.npz").exists()
 
     resumed = run_app(2, data, cut, "--resume", str(cut))   # run_app passes --run-dir; --resume wins
