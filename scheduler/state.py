@@ -14,11 +14,22 @@ from typing import Callable
 
 import numpy as np
 
-from common.domain import DONE, EVAL, TRAIN, ParamLayout, Plan, RankMetrics, RankUpdate, TaskSpec, assign_users
+from common.domain import (
+    DONE,
+    EVAL,
+    TRAIN,
+    ParamLayout,
+    Plan,
+    RankMetrics,
+    RankUpdate,
+    TaskSpec,
+    assign_users,
+    home_rank,
+)
 from common.errors import ConfigError, RefusedError, RunFailed
 from common.metrics import Ratios, add_sums, eval_record, train_record
 from reader.base import Reader
-from scheduler.aggregate import weighted_mean
+from scheduler.aggregate import all_finite, weighted_mean
 from scheduler.calendar import Calendar
 from scheduler.checkpoint import load_checkpoint, load_versions, save_checkpoint
 from scheduler.optim.base import ServerOptimizer
@@ -89,6 +100,7 @@ class Scheduler:
         self.async_config = asynchronous  # None: synchronous rounds; else FedBuff (needs phones)
         self._async: AsyncRounds | None = None
         self._old_versions: dict[int, np.ndarray] = {}   # asynchronous: versions tasks still start from
+        self._rank_load: dict[int, list[int]] = {}        # asynchronous: target -> samples handed to each rank
         self.calendar = Calendar.from_reader(reader)
         self.steps = schedule(config.rounds, config.eval_every)
         self._indexes: dict[tuple[str, str], tuple[list[str], dict[str, int]]] = {}
@@ -174,15 +186,19 @@ class Scheduler:
         keep = {t.start_version for t in tasks} | self._async.needed_versions(done)
         self._old_versions = {v: a for v, a in self._old_versions.items() if v in keep}
         counts = self._eligible(day, "train")[1]
-        load: dict[str, int] = {}
-        for t in tasks:
-            load[t.uid] = load.get(t.uid, 0) + counts[t.uid]
-        uids = list(load)
-        owner = {u: r for r, mine in enumerate(assign_users(uids, [load[u] for u in uids], self.config.world_size,
-                                                          pinned=self.config.pin_users)) for u in mine}
-        per_rank: list[list[TaskSpec]] = [[] for _ in range(self.config.world_size)]
-        for t in tasks:
-            per_rank[owner[t.uid]].append(t)
+        world = self.config.world_size
+        # the work each rank holds for updates not yet applied: a new task goes to the least loaded rank
+        # (largest first), so that a long task on one rank is met by fewer others there
+        self._rank_load = {t: load for t, load in self._rank_load.items() if t > done}
+        outstanding = [sum(load[r] for load in self._rank_load.values()) for r in range(world)]
+        per_rank: list[list[TaskSpec]] = [[] for _ in range(world)]
+        for t in sorted(tasks, key=lambda t: (-counts[t.uid], t.task_id)):
+            r = home_rank(t.uid, world) if self.config.pin_users else min(range(world), key=lambda i: (outstanding[i], i))
+            per_rank[r].append(t)
+            outstanding[r] += counts[t.uid]
+            self._rank_load.setdefault(t.target, [0] * world)[r] += counts[t.uid]
+        for mine in per_rank:
+            mine.sort(key=lambda t: t.task_id)
         checkpoint = self.checkpoint_path is not None and self.config.checkpoint_due(done + 1)
         return [Plan(step=step, kind=TRAIN, round=done, day=day, split="train", users=tuple(t.uid for t in mine),
                      version=self.version, total_users=len(tasks), checkpoint=checkpoint, tasks=tuple(mine))
@@ -302,7 +318,7 @@ class Scheduler:
                                    f"the model has {size}")
             if update.weight == 0 and update.delta_sum.size not in (0, size):
                 raise RefusedError(f"rank {update.rank}: empty update with {update.delta_sum.size} values")
-            if not np.isfinite(update.delta_sum).all():
+            if not all_finite(update.delta_sum):
                 raise RefusedError(f"rank {update.rank}: update for step {update.step} has non-finite values")
             self._pushed[update.rank] = update
             self._maybe_finish()
@@ -377,7 +393,7 @@ class Scheduler:
             if len(parts) > 1:
                 self._total = mean        # reused: no 50 MB page-in a round
             params = self.optimizer.step(self.params, mean)
-            if not np.isfinite(params).all():
+            if not all_finite(params):
                 return (f"{where}: the server step gave non-finite parameters (check --server-lr and the server "
                         f"optimizer's options); the run stops, the last checkpoint is kept")
             self.params = params

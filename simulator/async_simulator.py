@@ -3,9 +3,13 @@
 Every training plan hands this rank client tasks (`Plan.tasks`), each with the version it starts from
 and the server update (target version) its update goes into. The rank trains its tasks lowest target
 first, each from its own start version; as soon as it has trained every task of the next update's target
-it pushes its part of that update (in a background thread) and goes on with tasks of later targets while
-the other ranks finish theirs: a rank waits for a straggler only when what it needs next is the version
-the straggler holds up.
+it pushes its part of that update (in a background thread) and goes on with the tasks of the update after
+it while the other ranks finish theirs: a rank waits for a straggler only when what it needs next is the
+version the straggler holds up.
+
+Once the plan of version v is in, every task of update v + 1 is known, but tasks of update v + 2 still come
+with the plan of v + 1. So the rank trains only tasks of updates up to v + 2: a long task of a later update,
+started early, would hold up the next one's push when a shorter task of it arrives (priority inversion).
 
 A task adds w n theta_i into its target's float64 sum, and w n theta_start is taken off once per start
 version when the sum is pushed; with the scheduler's exact weights (`scheduler.phones.asynchronous`) the
@@ -57,6 +61,7 @@ class AsyncSimulator(Simulator):
         self._spare: list[Accumulator] = []
         self._due: list[Plan] = []                # training plans whose update this rank has not pushed yet
         self._pushing: Future | None = None
+        self._horizon = 0                          # the latest update whose tasks the rank trains now
         pusher = ThreadPoolExecutor(1, thread_name_prefix="push")
         if len(self.shards) > 1:
             log.debug("asynchronous mode trains one task at a time per rank: %d shards evaluate only",
@@ -64,7 +69,7 @@ class AsyncSimulator(Simulator):
         step = start_step
         try:
             while True:
-                plan = self._next_plan(step, wait=not self._queue and not self._can_push())
+                plan = self._next_plan(step, wait=not self._can_train() and not self._can_push())
                 if plan is not None:
                     step += 1
                     if plan.kind == DONE:
@@ -73,7 +78,7 @@ class AsyncSimulator(Simulator):
                     self._take(plan)
                 elif self._can_push():
                     self._push(self._due.pop(0), pusher)
-                else:
+                elif self._can_train():
                     self._train(self._queue.pop(0))
         finally:
             pusher.shutdown(wait=True)
@@ -108,7 +113,7 @@ class AsyncSimulator(Simulator):
                 self._versions[task.start_version] = self.client.get_params(task.start_version)[1]
         self._queue = sorted(self._queue + list(plan.tasks), key=lambda t: (t.target, t.task_id))
         self._due.append(plan)
-        self._day = plan.day
+        self._day, self._horizon = plan.day, plan.round + 2
 
     def _fetch(self, version: int) -> np.ndarray:
         """The parameters of the current `version`, kept while tasks of this rank start from it (a copy when
@@ -147,6 +152,10 @@ class AsyncSimulator(Simulator):
             part.subtract[task.start_version] = part.subtract.get(task.start_version, 0.0) + alpha
         part.seconds += time.perf_counter() - started
         self._forget_versions()
+
+    def _can_train(self) -> bool:
+        """Whether the first queued task belongs to an update no later than the one after the next."""
+        return bool(self._queue) and self._queue[0].target <= self._horizon
 
     def _can_push(self) -> bool:
         """Whether the oldest due update has all its tasks trained here."""

@@ -4,6 +4,8 @@ from typing import Any
 
 import numpy as np
 
+from scheduler.aggregate import in_blocks
+
 
 class FedAvg:
     """theta <- theta + server_lr * mean_delta (McMahan et al.; server_lr = 1 is plain averaging)."""
@@ -12,9 +14,16 @@ class FedAvg:
         self.server_lr = float(server_lr)
 
     def step(self, params: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
-        mean_delta *= self.server_lr   # in the scheduler's buffer: float64, the float32 parameters added in float64
-        mean_delta += params
-        return mean_delta.astype(np.float32)
+        out = np.empty(params.shape, np.float32)
+
+        def block(a: int, b: int) -> None:
+            m = mean_delta[a:b]     # the scheduler's buffer: float64, the float32 parameters added in float64
+            m *= self.server_lr
+            m += params[a:b]
+            out[a:b] = m
+
+        in_blocks(out.size, block)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {}
