@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from common.channel_config import check_channel_options
 from common.errors import ConfigError
 from common.run_config import format_run_config, parse_run_config
 from scheduler.optim import SERVER_OPTIMIZERS
@@ -119,6 +120,34 @@ class Config:
                                    "many updates old (-1: no limit)", lo=-1)
     staleness_exponent: float = opt(0.5, "asynchronous mode: an update s versions stale weighs (1 + s)^-a "
                                     "(0.5: FedBuff's 1/sqrt(1 + s); 0: all alike)", lo=0, hi=16)
+    # privacy and communication (issue 15): common/channel_config.py checks how they combine
+    dp_clip: float = opt(0.0, "DP-FedAvg: clip each user's shared-parameter update to this L2 norm C; users then "
+                         "weigh 1 each, not n_k (0: no clipping, sample-weighted FedAvg)", lo=0, hi=1e6)
+    dp_noise_multiplier: float = opt(0.0, "DP-FedAvg: Gaussian noise of std z*C added once to the round's sum of "
+                                     "clipped updates (0: none; with --dp-target-epsilon: calibrated)", lo=0, hi=1e4)
+    dp_delta: float = opt(1e-5, "DP-FedAvg: the delta at which epsilon is reported", lo=0, hi=1, lo_open=True,
+                          hi_open=True)
+    dp_target_epsilon: float = opt(0.0, "DP-FedAvg: calibrate --dp-noise-multiplier before the run so that "
+                                   "epsilon after --rounds rounds is this (0: off)", lo=0, hi=1e6)
+    dp_accountant: str = opt("rdp", "epsilon from Google's dp-accounting: rdp or pld (Poisson sampling at rate "
+                             "K/population, add/remove one user), or rdp-fixed (fixed-size sampling without "
+                             "replacement, replace one user: flock's sampler)", choices=("rdp", "pld", "rdp-fixed"))
+    dp_noise_cohort: int = opt(0, "DP-FedAvg: calibrate the noise for a deployed cohort of this many users per "
+                               "round (noise std on the sum z*C*K/M; the accountant uses M/population); 0: K", lo=0)
+    dp_population: int = opt(0, "DP-FedAvg: the population the accountant samples from (0: the smallest "
+                             "training day's users)", lo=0)
+    dp_local: bool = opt(False, "local DP: each client adds noise of std z*C to its own clipped update (no "
+                         "server noise); epsilon is then per participation, composed over --rounds at rate 1")
+    secagg: bool = opt(False, "simulated secure aggregation: clipped updates in fixed point modulo "
+                       "2^--secagg-bits within [-C, C] (needs --dp-clip), pairwise masks, dropout threshold")
+    secagg_bits: int = opt(32, "secure aggregation: bits of the modulus 2^b", lo=8, hi=52)
+    secagg_neighbors: int = opt(0, "secure aggregation: masking partners per user (SecAgg+'s k-regular graph); "
+                                "0: every other user of the round", lo=0)
+    secagg_threshold: float = opt(0.5, "secure aggregation: the round fails (nothing applied) when fewer than "
+                                  "this fraction of its clients survive to unmasking", lo=0, hi=1, lo_open=True)
+    compress_up: str = opt("fp32", "how clients send updates: fp32, fp16, qB (B-bit stochastic quantization, "
+                           "B in 1..32, e.g. q8), topk:F (the largest F of the values, with error feedback)")
+    compress_down: str = opt("fp32", "how clients receive the model: fp32, fp16 or qB")
     checkpoint_every: int = opt(10, "checkpoint the scheduler (and private params) every this many rounds; "
                                 "0: never", lo=0)
     resume: str = opt("", "continue the run saved in this run directory from its last checkpoint (its "
@@ -167,6 +196,7 @@ class Config:
         if self.flower_server and server_options:
             raise ConfigError(f"{', '.join(server_options)}: with --flower-server the ServerApp's strategy is the "
                               f"server step (set its options in the ServerApp)")
+        check_channel_options(self)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
         for name in ("tls_cert", "tls_key", "tls_ca"):

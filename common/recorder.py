@@ -73,6 +73,10 @@ def tensorboard_writer(path: Path):
     return SummaryWriter(str(path))
 
 
+def _epsilon(record: dict) -> str:
+    return f"  epsilon {record['epsilon']:.3g}" if "epsilon" in record else ""
+
+
 class Recorder:
     """Appends each record to metrics.jsonl (flushed; fsynced by `sync`, which the scheduler calls before
     each checkpoint, so the records a checkpoint covers survive a machine crash too) and shows progress:
@@ -133,11 +137,12 @@ class Recorder:
                       f"{r['stale']} late{staleness}{', FAILED' if r.get('failed') else ''})"
                       if "sim_time" in r else "")
             return (f"round {r['round']}/{self.rounds}  loss {loss}  clients {r['clients']}  "
-                    f"samples {r['samples']}  {r['seconds']:.2f} s  {r['clients_per_s']:.2f} clients/s{phones}")
+                    f"samples {r['samples']}  {r['seconds']:.2f} s  {r['clients_per_s']:.2f} clients/s{phones}"
+                    f"{_epsilon(r)}")
         ratios = "  ".join(f"{k} {v:.4%}" if k.startswith("top") else f"{k} {v:.4f}"
                            for k, v in r.items() if isinstance(v, float) and (k.endswith("_user_mean") or
                                                                               f"{k}_user_mean" in r))
-        return f"eval @ round {r['round']}: {ratios}  users {r['users']}  ({r['seconds']:.2f} s)"
+        return f"eval @ round {r['round']}: {ratios}  users {r['users']}{_epsilon(r)}  ({r['seconds']:.2f} s)"
 
     def __enter__(self) -> "Recorder":
         return self

@@ -15,8 +15,11 @@ this module are kept as they were, so results are unchanged.
 | `online_coin(seed, draw, uid)` | [seed, PHONES, crc32("online"), draw, crc32(uid)] | `--availability round:P` |
 | `hourly_coin(seed, hour, uid)` | [seed, PHONES, crc32("daily"), hour, crc32(uid)] | `--availability daily:...` |
 | `candidate_rng(seed, purpose, index)` | [seed, PHONES, crc32("candidates/" + purpose), index] | on-line candidates of a round or start |
+| `privacy_rng(seed, purpose, round)` | [seed, PRIVACY, crc32(purpose), round] | the server's DP noise ("dp-noise"), the model broadcast's quantization ("broadcast") |
+| `secagg_rng(seed, round, a, b)` | [seed, PRIVACY, crc32("secagg"), round, crc32(a), crc32(b)] | simulated secure aggregation's masks |
+| `channel_seed(user_seed)` | [user_seed, PRIVACY, crc32("channel")] | a client's clipping noise, quantization and fixed-point rounding |
 
-PHONES (crc32 of "flock.phones") sits where the older streams put a round index or a small constant, which
+PHONES (crc32 of "flock.phones") and PRIVACY (crc32 of "flock.privacy") sit where the older streams put a round index or a small constant, which
 no round count reaches. SeedSequence pads short entropy with zeros (`[a, b]` draws what `[a, b, 0, 0]`
 draws), so every stream of one shape has its own purpose word. A user's streams depend on crc32(uid), so a
 phone is the same in every round and at any number of ranks; two ids with the same crc32 (about 320 pairs
@@ -84,3 +87,24 @@ def candidate_rng(seed: int, purpose: str, index: int) -> np.random.Generator:
     """The generator of one candidate order: `purpose` names the caller ("sync" per round, "async" per
     start), `index` the round or the start."""
     return np.random.default_rng(_phone_sequence(seed, f"candidates/{purpose}", index))
+
+
+PRIVACY = _word("flock.privacy")
+
+
+def privacy_rng(seed: int, purpose: str, round_index: int) -> np.random.Generator:
+    """The generator of one round's server-side randomness: `purpose` "dp-noise" (the Gaussian noise on the
+    round's sum) or "broadcast" (the stochastic rounding of a compressed model, the same for every client)."""
+    return np.random.default_rng([seed, PRIVACY, _word(purpose), round_index])
+
+
+def channel_seed(user_seed_value: int) -> int:
+    """A client's channel seed (local DP noise, quantization, fixed-point rounding), derived from its training
+    seed for the round, so that it differs from the training stream and is the same on any rank."""
+    return int(np.random.SeedSequence([user_seed_value, PRIVACY, _word("channel")]).generate_state(1)[0])
+
+
+def secagg_rng(seed: int, round_index: int, a: str, b: str) -> np.random.Generator:
+    """Simulated secure aggregation: the mask two users `a` and `b` agree on in a round (`a` == `b`: a's
+    self mask)."""
+    return np.random.default_rng([seed, PRIVACY, _word("secagg"), round_index, _word(a), _word(b)])

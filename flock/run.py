@@ -300,6 +300,8 @@ def _run(config: Config, comm: Comm, stack: ExitStack, sink: _Sink, progress: st
     (run_dir / "resources.json").write_text(json.dumps({"peak_rss_mb": [round(m, 1) for m in peak_mb]}))
     log.info("done: metrics in %s; peak memory (RSS) per rank: %s", run_dir / "metrics.jsonl",
              " ".join(f"{r}={m:.0f}MB" for r, m in enumerate(peak_mb)))
+    if scheduler.channel is not None and scheduler.channel.summary():
+        log.info("%s", scheduler.channel.summary())
     return {n: v.copy() for n, v in built.layout.split(scheduler.params).items()}
 
 
@@ -327,8 +329,10 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
                      progress: str):
     """Rank 0: the scheduler (restored on --resume), config.json and the recorder; returns (scheduler, rounds
     already done)."""
+    from common.channel_config import channel_settings
     from common.recorder import Recorder, truncate_metrics
     from scheduler.optim import make_server_optimizer
+    from scheduler.privacy import server_channel, training_population
     from scheduler.state import Scheduler, SchedulerConfig
 
     run_dir = Path(config.run_dir)
@@ -337,16 +341,21 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
         raise ConfigError(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, "
                           f"or choose another --run-dir")
     trainer_cls, layout = built.trainer_cls, built.layout
+    channel = server_channel(config, layout.sizes, training_population(reader))     # privacy and bytes
+    phones = phone_rounds(config)
+    if phones is not None:      # compressed transfers take their own time on the virtual clock
+        phones = replace(phones, client_bytes=(channel.bytes_down, channel.bytes_up))
     scheduler = Scheduler(
         SchedulerConfig(world_size=world, rounds=config.rounds, clients_per_round=config.clients_per_round,
                         eval_every=config.eval_every, eval_users=config.eval_users, seed=config.seed,
-                        pin_users=bool(built.private), checkpoint_every=config.checkpoint_every),
+                        pin_users=bool(built.private) or channel_settings(config).error_feedback,
+                        checkpoint_every=config.checkpoint_every),
         reader=reader, optimizer=trainer_cls.server_step(layout) if config.flower_server else make_server_optimizer(
             config.server_opt, server_lr=config.server_lr, momentum=config.server_momentum,
             beta1=config.server_beta1, beta2=config.server_beta2, tau=config.server_tau),
         train_ratios=trainer_cls.train_ratios, eval_ratios=built.eval_ratios,
-        main_metric=getattr(trainer_cls, "main_metric", ""), phones=phone_rounds(config),
-        asynchronous=async_config(config),
+        main_metric=getattr(trainer_cls, "main_metric", ""), phones=phones,
+        asynchronous=async_config(config), channel=channel,
         checkpoint_path=checkpoint if config.checkpoint_every else None)
     resume_round = 0
     if config.resume:
@@ -370,15 +379,17 @@ def _simulator(config: Config, built: _Built, comm: Comm, reader, client, data_p
                resume_round: int, stack: ExitStack):
     """This rank's simulator: its private store (rolled back on --resume), shards with model replicas."""
     from simulator.async_simulator import AsyncSimulator
+    from simulator.channel import update_channel
     from simulator.data_server import MemoryStore, SQLiteStore
     from simulator.shard import Shard
     from simulator.simulator import Simulator
 
     run_dir, rank = Path(config.run_dir), comm.rank
+    channel = update_channel(config)      # privacy and compression on the clients; None: plain FedAvg
     if config.data_server == "sqlite":
         store = SQLiteStore(run_dir / "private" / f"rank{rank}.sqlite")
     else:
-        keep = built.private and config.checkpoint_every
+        keep = (built.private or (channel and channel.settings.error_feedback)) and config.checkpoint_every
         store = MemoryStore(run_dir / "private" / f"rank{rank}-memory" if keep else None)
     stack.callback(store.close)
     if config.resume:
@@ -391,7 +402,8 @@ def _simulator(config: Config, built: _Built, comm: Comm, reader, client, data_p
         models.append(replica)
     finetune = replace(train_config, local_epochs=config.finetune_epochs) if config.finetune_epochs else None
     shards = [Shard(m, built.trainer_cls(train_config, built.spec), built.layout, built.private, store, private_init,
-                    finetuner=built.trainer_cls(finetune, built.spec) if finetune else None) for m in models]
+                    finetuner=built.trainer_cls(finetune, built.spec) if finetune else None,
+                    channel=channel) for m in models]
     simulator = (AsyncSimulator if config.async_buffer else Simulator)(rank=rank, client=client, reader=reader, shards=shards, store=store,
                           eval_ratios=built.eval_ratios, seed=config.seed, round_timeout=config.round_timeout,
                           data_plane=data_plane)

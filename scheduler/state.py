@@ -37,6 +37,7 @@ from scheduler.phones.asynchronous import AsyncRounds
 from scheduler.phones.clock import model_bytes
 from scheduler.phones.fedbuff import AsyncConfig
 from scheduler.phones.rounds import PhoneRounds, PlannedRound
+from scheduler.privacy import ServerChannel
 from scheduler.sampling import evaluation_users, sample_clients
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig, *, reader: Reader, optimizer: ServerOptimizer,
                  train_ratios: Ratios, eval_ratios: Ratios, main_metric: str = "", phones: PhoneRounds | None = None,
-                 asynchronous: AsyncConfig | None = None, on_record: Callable[[dict], None] | None = None, checkpoint_path: Path | None = None) -> None:
+                 asynchronous: AsyncConfig | None = None, channel: ServerChannel | None = None, on_record: Callable[[dict], None] | None = None, checkpoint_path: Path | None = None) -> None:
         self.config = config
         self.reader = reader
         self.optimizer = optimizer
@@ -98,6 +99,7 @@ class Scheduler:
         self.sim_time = 0.0               # virtual seconds since the run began (with phones)
         self._planned: PlannedRound | None = None    # the current training round's clock decisions
         self.async_config = asynchronous  # None: synchronous rounds; else FedBuff (needs phones)
+        self.channel = channel            # privacy and compression (scheduler/privacy.py); None: byte counts only
         self._async: AsyncRounds | None = None
         self._old_versions: dict[int, np.ndarray] = {}   # asynchronous: versions tasks still start from
         self._rank_load: dict[int, list[int]] = {}        # asynchronous: target -> samples handed to each rank
@@ -244,7 +246,7 @@ class Scheduler:
     def _write_checkpoint(self, rounds_done: int) -> None:
         meta = {"round": rounds_done, "version": self.version, "step": self.step + 1, "seed": self.config.seed,
                 "rounds": self.config.rounds, "world_size": self.config.world_size, "data": self.data_fingerprint,
-                "sim_time": self.sim_time,
+                "sim_time": self.sim_time, "privacy": self.channel.state_dict() if self.channel else {},
                 "layout": [[n, list(s)] for n, s in zip(self.layout.names, self.layout.shapes)]}
         # asynchronous: the versions that tasks pending at this checkpoint start from (they train again)
         old = {v: self._old_versions[v] for v in self._async.needed_versions(self.version)} if self._async else {}
@@ -270,6 +272,8 @@ class Scheduler:
         with self._cond:
             self.layout, self.params, self.version, self.step = layout, params, meta["version"], meta["step"]
             self.sim_time = float(meta.get("sim_time", 0.0))
+            if self.channel is not None:
+                self.channel.load_state_dict(meta.get("privacy"))    # the accountant's rounds
             self.optimizer.load_state_dict(opt_state)
             self._start_async(layout)
             if self._async is not None:
@@ -388,7 +392,10 @@ class Scheduler:
                     f"dropped): local training diverges (check --lr, --max-grad-norm and the data); the run stops")
         before = self.params
         parts = [u.delta_sum for u in pushed if u.delta_sum.size]    # a data plane may have summed them already
-        mean = weighted_mean(parts, sum(u.weight for u in pushed), out=self._total)
+        weight, link = sum(u.weight for u in pushed), {}
+        if self.channel is not None:      # privacy hook: secure aggregation's decoding, DP noise, bytes, epsilon
+            parts, weight, link = self.channel.aggregate(done, parts, weight, sums)
+        mean = weighted_mean(parts, weight, out=self._total)
         if mean is not None:
             if len(parts) > 1:
                 self._total = mean        # reused: no 50 MB page-in a round
@@ -402,7 +409,7 @@ class Scheduler:
         clock = (self._async.record(done + 1) if self._async is not None
                  else self._planned.record if self.phones is not None else {})
         record = {**train_record(done + 1, sums, self.train_ratios, self._step_seconds()), "rank_work_s": work,
-                  **clock}
+                  **link, **clock}
         bad = nonfinite_keys(record)
         if bad:
             return f"{where}: {', '.join(bad)} not finite; the run stops, the last checkpoint is kept"
@@ -432,6 +439,8 @@ class Scheduler:
         record = eval_record(done, sums, self.eval_ratios, self._step_seconds())
         if self.phones is not None:
             record["sim_time"] = self.sim_time        # evaluation takes no virtual time
+        if self.channel is not None:
+            record.update(self.channel.eval_fields())     # privacy hook: epsilon spent so far
         bad = nonfinite_keys(record)
         if bad:
             return f"evaluation after round {done}: {', '.join(bad)} not finite; the run stops"

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 
 from common.domain import ParamLayout
+from common.streams import channel_seed
+from simulator.channel import UpdateChannel
 from simulator.data_server import PrivateStore
 from trainer.base import Trainer, simulating
 
@@ -32,6 +34,13 @@ class Accumulator:
                 acc.add_(p, alpha=alpha)
             self.weight += samples
 
+    def add_update(self, base: list[torch.Tensor], deltas: list[torch.Tensor], alpha: float, samples: float) -> None:
+        """Adds alpha * (base + delta) (a transformed update on the exact global parameters)."""
+        with self.lock:
+            for acc, b, d in zip(self.views, base, deltas):
+                acc.add_(b, alpha=alpha).add_(d, alpha=alpha)
+            self.weight += samples
+
     def reset(self) -> None:
         self.total.zero_()
         self.weight = 0.0
@@ -45,10 +54,11 @@ class Shard:
 
     def __init__(self, model: torch.nn.Module, trainer: Trainer, layout: ParamLayout,
                  private: tuple[str, ...], store: PrivateStore, private_init: Mapping[str, np.ndarray],
-                 finetuner: Trainer | None = None) -> None:
+                 finetuner: Trainer | None = None, channel: UpdateChannel | None = None) -> None:
         self.model = model
         self.trainer = trainer
         self.finetuner = finetuner
+        self.channel = channel     # privacy/compression (simulator/channel.py); None: plain FedAvg
         named = dict(model.named_parameters())
         self.shared = [named[n] for n in layout.names]
         self.private = {n: named[n] for n in private}
@@ -99,20 +109,48 @@ class Shard:
         """`seed`: the user's random stream for this round (see `user_seed`); `round_index`: 1-based. The
         user's n * scale * theta goes into `into` (default: the shard's own sum), n into its weight."""
         self._load_user(uid)
+        received = self._received_model() if self.channel is not None else None     # channel hook
         rng = torch.Generator(device="cpu")
         rng.manual_seed(seed)
         with simulating(uid, round_index):
             sums = self.trainer.train(self.model, samples, rng)
         n = float(sums["samples"])
+        state: dict[str, np.ndarray] = {}
         with torch.no_grad():
             if not bool(torch.isfinite(torch.stack(torch._foreach_norm(self.shared))).all()):
                 # one diverged phone must not poison the model: its update is dropped and counted
                 log.warning("user %r: non-finite update after local training; dropped from the round", uid)
                 return {"diverged": 1.0}
-            (into or self.sum).add(self.shared, n * scale, n)
-        if self.private:
-            self.store.set_param_by_uid(uid, {k: p.detach().cpu().numpy() for k, p in self.private.items()})
+            if self.channel is None:
+                (into or self.sum).add(self.shared, n * scale, n)
+            else:       # channel hook: the user's transformed update on the exact global parameters
+                state = self._send(uid, received, seed, into or self.sum, (1.0 if self.channel.uniform_weights else n),
+                                   scale)
+        if self.private or state:
+            self.store.set_param_by_uid(uid, {**{k: p.detach().cpu().numpy() for k, p in self.private.items()},
+                                              **state})
         return sums
+
+    def _received_model(self) -> list[torch.Tensor]:
+        """The shared parameters as the user received them (--compress-down), loaded into the model."""
+        flat = self.channel.received_model(self._global, self.layout.sizes, self._global_version or 0)
+        if flat is None:
+            return self._global_views
+        views = [v.view(shape) for v, shape in zip(flat.split(self.layout.sizes), self.layout.shapes)]
+        with torch.no_grad():
+            torch._foreach_copy_(self.shared, views)
+        return views
+
+    def _send(self, uid: str, received: list[torch.Tensor], seed: int, into: Accumulator, weight: float,
+              scale: float) -> dict[str, np.ndarray]:
+        """Runs the user's update delta = theta_user - theta_received through the channel and adds
+        weight * scale * (theta_global + delta') into `into`; returns the user's private channel state."""
+        deltas = [p.detach().double() - r.double() for p, r in zip(self.shared, received)]
+        stored = self.store.get_param_by_uid(uid) if self.channel.settings.error_feedback else None
+        rng = torch.Generator(device="cpu").manual_seed(channel_seed(seed))
+        state = self.channel.apply(uid, deltas, rng, stored, self.layout.names)
+        into.add_update(self._global_views, deltas, weight * scale, weight)
+        return state
 
     def evaluate_user(self, uid: str, samples: Mapping[str, np.ndarray], round_index: int = 0) -> dict[str, float]:
         self._load_user(uid)

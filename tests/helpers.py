@@ -71,3 +71,10 @@ def kill_after_train_rows(np_: int, data_dir: Path, run_dir: Path, *extra: str, 
     os.killpg(job.pid, signal.SIGKILL)
     job.wait(30)
     return train_rows()
+
+
+def kill_then_resume(np_: int, data_dir: Path, run_dir: Path, *extra: str) -> tuple[int, subprocess.CompletedProcess]:
+    """Kills a job after 3 train rows (`kill_after_train_rows`), resumes it with `--resume RUN_DIR`; returns
+    the train rows it had when killed and the resumed job."""
+    done = kill_after_train_rows(np_, data_dir, run_dir, *extra)
+    return done, run_app(np_, data_dir, run_dir, "--resume", str(run_dir))

@@ -447,3 +447,23 @@ def test_a_bad_reply_stops_every_rank_with_one_message(mnist_iid, tmp_path):
     assert proc.returncode == 2, out
     assert out.count("replied without 'num-examples' in its MetricRecord") == 1 and out.count("ERROR") == 1, out
     assert "Traceback" not in out and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_flower_client_composes_with_dp_clipping_and_compression(tiny):
+    """The channel sees a Flower client's update like any other: fit's new arrays minus the global ones,
+    clipped to C with weight 1 (not num_examples), then quantized; the int64 counter is a parameter too."""
+    from common.channel_config import ChannelSettings
+    from common.codecs import Codec
+    from simulator.channel import UpdateChannel
+
+    shard, _ = make_shard(tiny)
+    shard.channel = UpdateChannel(ChannelSettings(clip=1.0), seed=0)
+    shard.train_user("cy", tiny.load("20200101", "train", "cy"), seed=3, round_index=1)
+    # the update: +2 (cy's mean label) on six weights and +1 on the counter: norm 5, clipped to 1
+    np.testing.assert_allclose(shard.sum.total[:6].numpy(), np.full(6, 2 / 5))
+    assert shard.sum.total[6] == pytest.approx(7 + 1 / 5) and shard.sum.weight == 1.0
+    shard.reset_sum()
+    shard.channel = UpdateChannel(ChannelSettings(up=Codec("fp16", bits=16)), seed=0)
+    shard.train_user("cy", tiny.load("20200101", "train", "cy"), seed=3, round_index=1)
+    np.testing.assert_allclose(shard.sum.total[:6].numpy(), np.full(6, 4 * 2.0))     # n_k weights without clipping
+    assert shard.sum.weight == 4.0

@@ -40,18 +40,20 @@ class PhoneRounds:
     over_select: float = 1.0
     deadline_s: float = math.inf       # virtual seconds from a round's start; inf: none
     min_clients: int = 1
+    client_bytes: tuple[int, int] | None = None    # (down, up) per client (compression); None: the model each way
 
     def plan_round(self, round_index: int, users: Sequence[str], counts: Mapping[str, int], k: int, *,
                    start_time: float, shared_params: int) -> PlannedRound:
         """Round `round_index` (0-based) of K clients among `users`, starting at virtual `start_time`."""
         size = model_bytes(shared_params)
+        down, up = self.client_bytes or (size, size)
         candidates = select_online(users, over_selected(k, self.over_select), seed=self.seed, purpose="sync",
                                    index=round_index, availability=self.availability, t=start_time)
         timings = {u: client_timing(self.profiles.profile(u), samples=self.local_epochs * counts[u],
-                                    bytes_down=size, bytes_up=size) for u in candidates.uids}
+                                    bytes_down=down, bytes_up=up) for u in candidates.uids}
         outcome = resolve_sync_round(candidates.uids, [timings[u].total_s for u in candidates.uids],
                                      candidates.online_until, start_time=start_time, k=k,
                                      deadline_s=self.deadline_s, min_clients=min(self.min_clients, k))
         saved = sum(timings[u].compute_s for u in outcome.discarded)
-        record = {**sync_round_record(outcome, bytes_down=size, bytes_up=size), "compute_saved_s": saved}
+        record = {**sync_round_record(outcome, bytes_down=down, bytes_up=up), "compute_saved_s": saved}
         return PlannedRound(outcome=outcome, record=record)

@@ -1,0 +1,255 @@
+"""The server side of the update channel: DP-FedAvg's noise and accountant, secure aggregation's decoding and
+threshold, and the bytes each client sends and receives. The scheduler calls `ServerChannel.aggregate` once
+per training round (before its server optimizer step); without any option it only counts bytes.
+
+DP-FedAvg (McMahan et al. 2018, user level): clients clip their shared-parameter update to norm C and weigh 1
+each (`simulator/channel.py`); the server adds Gaussian noise of std z*C once to the round's sum, from the
+round's seeded stream (the same at any -np), and divides by the expected cohort K (the fixed-denominator
+estimator: the number of contributors is not released). With a noise cohort M (pfl's noise-cohort scaling)
+the sum gets std z*C*K/M: the mean is as noisy as a deployed round of M users, and the accountant counts
+rounds at the deployed rate M/population. Epsilon comes from Google's dp-accounting (RDP or PLD).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from common.channel_config import ChannelSettings
+from common.errors import ConfigError
+from common.streams import privacy_rng
+from scheduler import secagg
+
+log = logging.getLogger(__name__)
+MAX_NOISE_MULTIPLIER = 1e3       # calibration's upper end: a target that needs more is unreachable
+
+
+@contextmanager
+def quiet_absl() -> Iterator[None]:
+    """The RDP accountant logs (through absl) each fractional order it cannot evaluate and then leaves out,
+    which is how it is meant to work: not a warning for the run's log."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
+@dataclass(frozen=True)
+class DpAccounting:
+    """The accountant's view of a run: each round is the Gaussian mechanism with `noise_multiplier`,
+    sampled at `sampling_rate` (Poisson, add/remove one user: "rdp", "pld"), or as `cohort` of `population`
+    without replacement (replace one user: "rdp-fixed")."""
+
+    noise_multiplier: float
+    cohort: int
+    population: int
+    delta: float
+    kind: str = "rdp"
+
+    def __post_init__(self) -> None:
+        if self.cohort > self.population:
+            raise ConfigError(f"the accountant's cohort of {self.cohort} users per round is more than the "
+                              f"population of {self.population} (--dp-noise-cohort, --dp-population)")
+
+    @property
+    def sampling_rate(self) -> float:
+        return self.cohort / self.population
+
+    def _event(self, noise_multiplier: float, rounds: int):
+        import dp_accounting as dpa
+
+        gaussian = dpa.GaussianDpEvent(noise_multiplier)
+        if self.kind == "rdp-fixed":
+            sampled = dpa.SampledWithoutReplacementDpEvent(self.population, self.cohort, gaussian)
+        else:
+            sampled = dpa.PoissonSampledDpEvent(self.sampling_rate, gaussian)
+        return dpa.SelfComposedDpEvent(sampled, rounds)
+
+    def _accountant(self):
+        import dp_accounting as dpa
+        from dp_accounting import pld, rdp
+
+        if self.kind == "pld":
+            return pld.PLDAccountant()
+        relation = (dpa.NeighboringRelation.REPLACE_ONE if self.kind == "rdp-fixed"
+                    else dpa.NeighboringRelation.ADD_OR_REMOVE_ONE)
+        return rdp.RdpAccountant(neighboring_relation=relation)      # the library's default orders
+
+    def epsilon(self, rounds: int, noise_multiplier: float | None = None) -> float:
+        """Epsilon at `delta` after `rounds` rounds (inf without noise; 0 before the first)."""
+        z = self.noise_multiplier if noise_multiplier is None else noise_multiplier
+        if rounds == 0:
+            return 0.0
+        if z <= 0:
+            return math.inf
+        with quiet_absl():
+            accountant = self._accountant()
+            accountant.compose(self._event(z, rounds))
+            return float(accountant.get_epsilon(self.delta))
+
+    def calibrate(self, target_epsilon: float, rounds: int) -> float:
+        """The smallest noise multiplier whose epsilon after `rounds` rounds is at most `target_epsilon`; a
+        ConfigError naming --dp-target-epsilon when even MAX_NOISE_MULTIPLIER does not reach it."""
+        import dp_accounting as dpa
+
+        reachable = self.epsilon(rounds, MAX_NOISE_MULTIPLIER)
+        if reachable > target_epsilon:
+            raise ConfigError(f"--dp-target-epsilon {target_epsilon:g} is unreachable in {rounds} rounds at sampling "
+                              f"rate {self.sampling_rate:.4g}: even noise multiplier {MAX_NOISE_MULTIPLIER:g} gives "
+                              f"epsilon {reachable:.3g} (raise the target or --dp-delta, or train fewer rounds)")
+        with quiet_absl():
+            return float(dpa.calibrate_dp_mechanism(
+                self._accountant, lambda z: self._event(z, rounds), target_epsilon, self.delta,
+                dpa.ExplicitBracketInterval(1e-3, MAX_NOISE_MULTIPLIER), tol=1e-4))
+
+
+def local_accounting(noise_multiplier: float, delta: float) -> DpAccounting:
+    """Local DP: the user's own report is the Gaussian mechanism, and the server sees who took part, so no
+    amplification by sampling: rate 1, composed over every round (a bound for the most frequent user)."""
+    return DpAccounting(noise_multiplier=noise_multiplier, cohort=1, population=1, delta=delta)
+
+
+def client_bytes(settings: ChannelSettings, sizes: Sequence[int], *, secagg_neighbors: int = 0,
+                 clients_per_round: int = 1) -> tuple[int, int]:
+    """(down, up): the exact bytes one client receives and sends in a round, from the codecs (fp32: 4 bytes
+    per shared parameter) and, with secure aggregation, the protocol's messages."""
+    down, up = settings.down.bytes(sizes), settings.up.bytes(sizes)
+    if settings.secagg_bits:
+        neighbors = secagg_neighbors or clients_per_round - 1
+        extra_down, up = secagg.client_bytes(size=sum(sizes), bits=settings.secagg_bits, neighbors=neighbors)
+        down += extra_down
+    return down, up
+
+
+class ServerChannel:
+    """What the scheduler does with a round's sum: decode (secure aggregation), noise, the fixed
+    denominator, the accountant, the bytes record. `accounting` None: no DP noise (bytes only, or clipping
+    without noise, or local DP's noise which the clients add)."""
+
+    def __init__(self, *, settings: ChannelSettings, sizes: Sequence[int], seed: int, clients_per_round: int,
+                 noise_multiplier: float = 0.0, noise_cohort: int = 0, accounting: DpAccounting | None = None,
+                 secagg_neighbors: int = 0, secagg_threshold: float = 0.5) -> None:
+        self.settings = settings
+        self.seed = seed
+        self.clients_per_round = clients_per_round
+        self.central_noise = 0.0 if settings.local_noise_std else noise_multiplier
+        self.noise_cohort = noise_cohort or clients_per_round
+        self.accounting = accounting
+        self.secagg_threshold = secagg_threshold
+        self.bytes_down, self.bytes_up = client_bytes(settings, sizes, secagg_neighbors=secagg_neighbors,
+                                                      clients_per_round=clients_per_round)
+        self.released = 0            # rounds whose aggregate was released (the accountant's count)
+        self.epsilon = 0.0
+
+    @property
+    def noise_std(self) -> float:
+        """The std of the Gaussian noise on the round's sum of clipped updates."""
+        return self.central_noise * self.settings.clip * self.clients_per_round / self.noise_cohort
+
+    def aggregate(self, round_index: int, parts: list[np.ndarray], weight: float,
+                  sums: dict[str, float]) -> tuple[list[np.ndarray], float, dict[str, Any]]:
+        """Round `round_index` (0-based): the ranks' `parts` (sums of weighted deltas, float64) and total
+        `weight` -> the parts and weight for the mean, and the record's fields (bytes, epsilon, ...)."""
+        clients = int(sums.get("clients", 0))
+        arrived = clients - int(sums.get("diverged", 0))
+        record: dict[str, Any] = {"bytes_down": clients * self.bytes_down, "bytes_up": arrived * self.bytes_up}
+        if self.settings.secagg_bits and parts:
+            total = parts[0].copy() if len(parts) == 1 else np.sum(parts, axis=0)
+            total, overflow = secagg.decode_sum(total, fraction_bits=self.settings.fraction_bits,
+                                                bits=self.settings.secagg_bits)
+            record.update(secagg_overflow=overflow, secagg_dropped=clients - arrived)
+            if arrived < math.ceil(self.secagg_threshold * clients):
+                log.warning("round %d: secure aggregation failed: %d of %d clients survived, the threshold is %d; "
+                            "nothing applied", round_index + 1, arrived, clients,
+                            math.ceil(self.secagg_threshold * clients))
+                record["secagg_failed"] = 1
+                return [], 0.0, self._privacy_fields(record)
+            parts = [total]
+        if self.settings.clip > 0 and self.central_noise > 0 and arrived > 0:
+            noise = privacy_rng(self.seed, "dp-noise", round_index).standard_normal(parts[0].size if parts else 0)
+            noise *= self.noise_std
+            parts = [*parts, noise]
+            weight = float(self.clients_per_round)
+        if self.accounting is not None and arrived > 0:
+            self.released += 1
+            self.epsilon = self.accounting.epsilon(self.released)
+        return parts, weight, self._privacy_fields(record)
+
+    def _privacy_fields(self, record: dict[str, Any]) -> dict[str, Any]:
+        if self.accounting is not None:
+            record["epsilon"] = self.epsilon
+        return record
+
+    def eval_fields(self) -> dict[str, Any]:
+        """Fields of an evaluation record: the epsilon spent so far (with DP)."""
+        return {"epsilon": self.epsilon} if self.accounting is not None else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """For the checkpoint: the accountant's count of released rounds (epsilon follows from it)."""
+        return {"released": self.released, "epsilon": self.epsilon}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        state = state or {}
+        self.released, self.epsilon = int(state.get("released", 0)), float(state.get("epsilon", 0.0))
+
+    def summary(self) -> str:
+        """One line for the end of the run."""
+        if self.accounting is None:
+            return ""
+        a = self.accounting
+        return (f"privacy: epsilon {self.epsilon:.4g} at delta {a.delta:g} after {self.released} rounds "
+                f"(noise multiplier {a.noise_multiplier:.4g}, clip {self.settings.clip:g}, "
+                f"{'local DP' if self.settings.local_noise_std else f'sampling rate {a.sampling_rate:.4g}'}, "
+                f"{a.kind} accountant)")
+
+
+def training_population(reader) -> int:
+    """The users the sampler draws from: the smallest training day's users with samples (the largest
+    sampling rate of the run)."""
+    from scheduler.calendar import Calendar
+
+    days = Calendar.from_reader(reader).train_days
+    return min(sum(1 for c in reader.index(day, "train").counts if c > 0) for day in days)
+
+
+def accounting_of(config, noise_multiplier: float, population: int) -> DpAccounting | None:
+    """The run's accountant (None without clipping): local DP's, or the central one at M/population."""
+    if config.dp_clip <= 0 or (noise_multiplier <= 0 and not config.dp_target_epsilon):
+        return None
+    if config.dp_local:
+        return local_accounting(noise_multiplier, config.dp_delta)
+    return DpAccounting(noise_multiplier=noise_multiplier, cohort=config.dp_noise_cohort or config.clients_per_round,
+                        population=config.dp_population or population, delta=config.dp_delta, kind=config.dp_accountant)
+
+
+def noise_multiplier_of(config, population: int) -> float:
+    """--dp-noise-multiplier, or the one --dp-target-epsilon calibrates for --rounds rounds (logged)."""
+    if not config.dp_target_epsilon:
+        return config.dp_noise_multiplier
+    accounting = accounting_of(config, 0.0, population)
+    z = accounting.calibrate(config.dp_target_epsilon, config.rounds)
+    log.info("--dp-target-epsilon %g: noise multiplier %.4f calibrated for %d rounds at %s (delta %g, %s "
+             "accountant)", config.dp_target_epsilon, z, config.rounds,
+             "local DP" if config.dp_local else f"sampling rate {accounting.sampling_rate:.4g}", config.dp_delta,
+             accounting.kind)
+    return z
+
+
+def server_channel(config, sizes: Sequence[int], population: int) -> ServerChannel:
+    """The run's ServerChannel (always: it counts the bytes) from its Config."""
+    from common.channel_config import channel_settings
+
+    z = noise_multiplier_of(config, population)
+    accounting = accounting_of(config, z, population)
+    return ServerChannel(settings=channel_settings(config, z), sizes=sizes, seed=config.seed,
+                         clients_per_round=config.clients_per_round,
+                         noise_multiplier=z, noise_cohort=config.dp_noise_cohort,
+                         accounting=accounting,
+                         secagg_neighbors=config.secagg_neighbors, secagg_threshold=config.secagg_threshold)
