@@ -47,7 +47,7 @@ class DayIndex:
         yield f"[{json.dumps(self.day)}, {json.dumps(self.split)}, "
         yield from _json_list(self.users, lambda part: list(part))
         yield ", "
-        yield from _json_list(self.counts, lambda part: [int(c) for c in part])
+        yield from _json_list(self.counts, lambda part: np.asarray(part, dtype=np.int64).tolist())
         yield "]"
 
 

@@ -13,9 +13,10 @@ matching list of {"target_tokens": [...], "count_tokens": [...], ...}. A sample 
 
 A day's split is parsed once into one binary cache beside the data (`DATA_DIR/.flock_cache/`, keyed by
 its files' names, sizes and mtimes and the vocab's digest), a file at a time, with a progress bar on a
-terminal (log lines otherwise). Indexes and per-user loads then read memory-mapped arrays: the user ids
-as a `reader.users.UserIds` table (no Python object per user), the samples of only the users a process
-loads. Building the cache holds one JSON file in memory at a time.
+terminal (log lines otherwise). Indexes then read the user ids as a memory-mapped `reader.users.UserIds`
+table (no Python object per user) and a load reads one user's rows from the cache files: a process holds
+the samples of the users it is simulating, never a day. Building the cache holds one JSON file in memory
+at a time.
 """
 from __future__ import annotations
 
@@ -55,14 +56,32 @@ def describe_files(files: Sequence[Path]) -> str:
     return f"{files[0].parent}/{files[0].name.split('_data')[0]}_data*.json ({len(files)} files)"
 
 
+class _Rows:
+    """One [samples, seq_len] array of the cache, read a user's rows at a time with pread: a process holds
+    only the rows it is using. (A memory map would keep every page it touched, with the kernel's
+    fault-around neighbours, resident: a rank's RSS would grow with the users it ever trained.)"""
+
+    def __init__(self, path: Path, dtype, rows: int, width: int) -> None:
+        self.dtype, self.rows, self.width = np.dtype(dtype), rows, width
+        self._file = open(path, "rb", buffering=0) if rows else None     # closed with this object
+        self._row_bytes = self.dtype.itemsize * width
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        a, b, _ = rows.indices(self.rows)
+        if b <= a:
+            return np.zeros((0, self.width), dtype=self.dtype)
+        raw = os.pread(self._file.fileno(), (b - a) * self._row_bytes, a * self._row_bytes)
+        return np.frombuffer(raw, dtype=self.dtype).reshape(b - a, self.width)
+
+
 @dataclass(frozen=True)
 class _Columns:
     where: str                 # the split's files, for messages
     index: DayIndex            # users (a UserIds table) and their counts
     offsets: np.ndarray        # int64, len(users) + 1
-    x: np.ndarray              # int32 [samples, seq_len]
-    y: np.ndarray              # int32 [samples, seq_len]
-    mask: np.ndarray           # uint8 [samples, seq_len]
+    x: _Rows                   # int32 [samples, seq_len]
+    y: _Rows                   # int32 [samples, seq_len]
+    mask: _Rows                # uint8 [samples, seq_len]
 
 
 class LeafRedditReader:
@@ -154,14 +173,12 @@ class LeafRedditReader:
 
 
 def open_cache(cache: Path, day: str, split: str, where: str) -> _Columns:
-    """A built cache's arrays, memory-mapped."""
+    """A built cache: user ids memory-mapped, offsets in memory, samples read per user."""
     meta = json.loads((cache / "meta.json").read_text(encoding="utf-8"))
     rows, width = meta["sequences"], meta["seq_len"]
 
-    def samples(name: str, dtype) -> np.ndarray:
-        if rows == 0:
-            return np.zeros((0, width), dtype=dtype)
-        return np.memmap(cache / name, dtype=dtype, mode="r", shape=(rows, width))
+    def samples(name: str, dtype) -> _Rows:
+        return _Rows(cache / name, dtype, rows, width)
 
     def ids(name: str) -> np.ndarray:
         return np.load(cache / name, mmap_mode="r" if meta["users"] else None)
@@ -291,3 +308,29 @@ def parse_leaf_reddit(path: Path, vocab: Vocab, *, seq_len: int | None = None):
         counts.append((len(xs) - before) // (seq_len or 1))
     return (users, counts, np.frombuffer(xs, dtype=np.int32), np.frombuffer(ys, dtype=np.int32),
             np.frombuffer(ms, dtype=np.uint8), seq_len)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m reader.leaf DATA_DIR`: builds the data's caches now (what rank 0 does at a job's start)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m reader.leaf", description=main.__doc__)
+    p.add_argument("data_dir", type=Path)
+    args = p.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    started = time.perf_counter()
+    try:
+        LeafRedditReader(args.data_dir).prepare()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import resource
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
+    print(json.dumps({"data_dir": str(args.data_dir), "seconds": round(time.perf_counter() - started, 1),
+                      "peak_rss_mb": round(peak_mb)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
