@@ -29,6 +29,7 @@ import os
 import platform
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -147,6 +148,15 @@ def table(results: list[dict], caches: dict, data_bytes: dict, populate: dict, a
     return lines
 
 
+def trained_state(db: Path) -> list[tuple]:
+    """A store's versions written by training (round > 0: the populated round-0 vectors left out)."""
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT uid, round, data FROM private WHERE round > 0 ORDER BY uid, round").fetchall()
+    finally:
+        conn.close()
+
+
 def resume_check(args, root: Path) -> None:
     users = int(args.users.split(",")[-1])
     clients = int(args.clients.split(",")[0])
@@ -174,6 +184,8 @@ def resume_check(args, root: Path) -> None:
     same = [(r["kind"], r["round"]) for r in a] == [(r["kind"], r["round"]) for r in b] and all(
         np.isclose(x[k], y[k], rtol=1e-6, atol=0) for x, y in zip(a, b) for k in COMPARED if k in x)
     final = {k: v for k, v in a[-1].items() if k in COMPARED}
+    stores = [[trained_state(run_dir / "private" / f"rank{r}.sqlite") for run_dir in (whole, cut)] for r in range(args.np)]
+    same_state = all(x == y for x, y in stores)
     lines = ["", f"## Kill and resume at {users:,} users ({time.strftime('%Y-%m-%d %H:%M')})", "",
              f"`python bench/scale.py --resume-check --users {users} --clients {clients} --rounds {args.rounds} "
              f"--kill-after {args.kill_after} --np {args.np}`: {args.rounds} rounds of {clients} clients, a "
@@ -182,14 +194,16 @@ def resume_check(args, root: Path) -> None:
              "", f"- uninterrupted final evaluation: {json.dumps(final)}",
              f"- resumed final evaluation:       {json.dumps({k: v for k, v in b[-1].items() if k in COMPARED})}",
              f"- every record's {', '.join(COMPARED)} equal (rtol 1e-6): **{'yes' if same else 'NO'}**",
+             f"- the private vectors of the {sum(len(x) for x, _ in stores):,} (user, round) versions written by "
+             f"training, after pruning, bit for bit: **{'equal' if same_state else 'DIFFERENT'}**",
              f"- private stores after the run: {disk_bytes(whole / 'private') / 1e9:.2f} GB (uninterrupted), "
              f"{disk_bytes(cut / 'private') / 1e9:.2f} GB (resumed)"]
     print("\n".join(lines))
     out = Path(args.out)
     if out.exists():
         out.write_text(out.read_text() + "\n".join(lines) + "\n")
-    if not same:
-        sys.exit("resumed metrics differ from the uninterrupted run")
+    if not (same and same_state):
+        sys.exit("the resumed run differs from the uninterrupted one")
 
 
 def main() -> None:
