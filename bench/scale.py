@@ -127,10 +127,11 @@ def table(results: list[dict], caches: dict, data_bytes: dict, populate: dict, a
              f"- date: {time.strftime('%Y-%m-%d %H:%M')}; {platform.machine()}, {os.cpu_count()} cores, "
              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; command: "
              f"`python bench/scale.py --users {args.users} --clients {args.clients} --rounds {args.rounds} "
-             f"--np {args.np}`",
+             f"--short-rounds {args.short_rounds} --np {args.np}`",
              "- data: `bench/reddit_scale_data.py` (Zipf(2.3) comments per user capped at 1,000, mean 2.5; "
              "two days; 10,000 words); model `lstm-personal` (24.7 MB shared, 256 private floats a user, "
-             "SQLite stores holding every user); `--eval-users 200`; means over rounds 2.. of each run", "",
+             "SQLite stores holding every user); `--eval-users 200`; means over rounds 2.. of each run (runs of "
+             f"{args.rounds} rounds, {args.short_rounds} with fewer than 100 clients a round)", "",
              "| users | clients/round | cache build | start-up | peak RSS rank 0 / 1 | round | slowest rank's "
              "work | overhead (round - slowest rank) | data / cache / private on disk |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -198,12 +199,46 @@ def resume_check(args, root: Path) -> None:
              f"training, after pruning, bit for bit: **{'equal' if same_state else 'DIFFERENT'}**",
              f"- private stores after the run: {disk_bytes(whole / 'private') / 1e9:.2f} GB (uninterrupted), "
              f"{disk_bytes(cut / 'private') / 1e9:.2f} GB (resumed)"]
-    print("\n".join(lines))
-    out = Path(args.out)
-    if out.exists():
-        out.write_text(out.read_text() + "\n".join(lines) + "\n")
+    append_section(Path(args.out), lines)
     if not (same and same_state):
         sys.exit("the resumed run differs from the uninterrupted one")
+
+
+def sampling_times(root: Path, populations: list[int], out: Path) -> None:
+    """Milliseconds per round of the samplers at each population (in this process, from the caches):
+    neither scans the population, so the columns should stay flat."""
+    from scheduler.phones.availability import RoundProbability
+    from scheduler.phones.selection import select_online
+    from scheduler.sampling import evaluation_users, sample_clients
+
+    online = RoundProbability(seed=0, probability=0.3)
+    rows = []
+    for users in populations:
+        reader = LeafRedditReader(ensure_data(root, users))
+        eligible = reader.index("20200101", "train").with_samples()
+        test = reader.index("20200102", "test").with_samples()
+        timed = []
+        for draw in (lambda r, e=eligible: sample_clients(0, r, e, 10),
+                     lambda r, e=eligible: sample_clients(0, r, e, 1000),
+                     lambda r, e=eligible: select_online(e, 1000, seed=0, purpose="sync", index=r, t=0.0,
+                                                         availability=online),
+                     lambda r, e=test: evaluation_users(r, e, 200)):
+            started = time.perf_counter()
+            for r in range(5):
+                draw(r)
+            timed.append((time.perf_counter() - started) / 5 * 1000)
+        rows.append(f"| {users:,} | " + " | ".join(f"{t:.1f} ms" for t in timed) + " |")
+    lines = ["", f"## Sampling per round ({time.strftime('%Y-%m-%d %H:%M')}, `python bench/scale.py --sampling`)", "",
+             "| users | uniform, 10 clients | uniform, 1,000 clients | 1,000 on-line phones (`round:0.3`) | "
+             "200 evaluation users |", "|---:|---:|---:|---:|---:|", *rows]
+    append_section(out, lines)
+
+
+def append_section(out: Path, lines: list[str]) -> None:
+    """Prints a section and appends it to the results file (when the table is there)."""
+    print("\n".join(lines))
+    if out.exists():
+        out.write_text(out.read_text() + "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -211,17 +246,23 @@ def main() -> None:
     p.add_argument("--users", default="10000,100000,1660820")
     p.add_argument("--clients", default="10,1000")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--short-rounds", type=int, default=10,
+                   help="rounds of the runs with fewer than 100 clients a round (short rounds: a steadier mean)")
     p.add_argument("--np", type=int, default=2)
     p.add_argument("--root", default="/tmp/reddit_scale")
     p.add_argument("--rebuild-cache", action="store_true")
     p.add_argument("--resume-check", action="store_true")
     p.add_argument("--kill-after", type=int, default=2)
+    p.add_argument("--sampling", action="store_true", help="time the samplers at each population")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale_reddit.md"))
     args = p.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     if args.resume_check:
         resume_check(args, root)
+        return
+    if args.sampling:
+        sampling_times(root, [int(u) for u in args.users.split(",")], Path(args.out))
         return
     results, caches, data_bytes, populate = [], {}, {}, {}
     for users in (int(u) for u in args.users.split(",")):
@@ -231,8 +272,9 @@ def main() -> None:
         data_bytes[users] = {"data": sum(f.stat().st_size for f in data.rglob("*.json")),
                              "cache": disk_bytes(data / CACHE_DIR)}
         for clients in (int(c) for c in args.clients.split(",")):
+            rounds = args.rounds if clients >= 100 else args.short_rounds
             results.append(measure(data, private, root / "runs" / f"{users}-{clients}", users=users, clients=clients,
-                                   rounds=args.rounds, world=args.np))
+                                   rounds=rounds, world=args.np))
             print(json.dumps(results[-1]), flush=True)
     (root / "scale_results.json").write_text(json.dumps(results, indent=1))
     text = "\n".join(table(results, caches, data_bytes, populate, args)) + "\n"

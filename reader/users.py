@@ -69,6 +69,19 @@ class UserIds(Sequence[str]):
             return int(self._positions[i])
         return None
 
+    def positions(self, uids: Sequence[str]) -> np.ndarray:
+        """Where each of `uids` is in file order (-1: not a user), in one vectorized search."""
+        keys = [u.encode("utf-8") for u in uids]
+        fits = np.array([len(k) <= self._width for k in keys], dtype=bool)
+        found = np.full(len(keys), -1, dtype=np.int64)
+        if not len(self._sorted) or not fits.any():
+            return found
+        wanted = np.array([k for k, ok in zip(keys, fits) if ok], dtype=self._sorted.dtype)
+        at = np.minimum(np.searchsorted(self._sorted, wanted), len(self._sorted) - 1)
+        hit = self._sorted[at] == wanted
+        found[np.flatnonzero(fits)[hit]] = self._positions[at[hit]]
+        return found
+
     def __contains__(self, uid: object) -> bool:
         return isinstance(uid, str) and self.position(uid) is not None
 
@@ -115,6 +128,13 @@ class UserCounts(Mapping[str, int]):
     def __iter__(self) -> Iterator[str]:
         return iter(self._users)
 
+    def many(self, uids: Sequence[str]) -> list[int]:
+        """The counts of `uids` in one vectorized lookup (a round's cohort); KeyError for a stranger."""
+        found = self._users.positions(uids)
+        if (found < 0).any():
+            raise KeyError(uids[int(np.flatnonzero(found < 0)[0])])
+        return self._counts[found].tolist()
+
     def __len__(self) -> int:
         return len(self._users)
 
@@ -137,3 +157,8 @@ class UserSubset(Sequence[str]):
     def __iter__(self) -> Iterator[str]:
         for start in range(0, len(self._positions), CHUNK):
             yield from self[start:start + CHUNK]
+
+
+def counts_for(counts: Mapping[str, int], uids: Sequence[str]) -> list[int]:
+    """`[counts[u] for u in uids]`, in one vectorized lookup when `counts` is a UserCounts table."""
+    return counts.many(uids) if isinstance(counts, UserCounts) else [counts[u] for u in uids]

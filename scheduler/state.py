@@ -18,6 +18,7 @@ from common.domain import DONE, EVAL, TRAIN, ParamLayout, Plan, RankMetrics, Ran
 from common.errors import ConfigError, RefusedError, RunFailed
 from common.metrics import Ratios, add_sums, eval_record, train_record
 from reader.base import Reader
+from reader.users import counts_for
 from scheduler.aggregate import weighted_mean
 from scheduler.calendar import Calendar
 from scheduler.checkpoint import load_checkpoint, save_checkpoint
@@ -146,7 +147,7 @@ class Scheduler:
             day, split = self.calendar.test_day, "test"
             users, counts = self._eligible(day, split)
             chosen = evaluation_users(self.config.seed, users, self.config.eval_users)
-        per_rank = assign_users(chosen, [counts[u] for u in chosen], world, pinned=self.config.pin_users)
+        per_rank = assign_users(chosen, counts_for(counts, chosen), world, pinned=self.config.pin_users)
         checkpoint = kind == TRAIN and self.checkpoint_path is not None and self.config.checkpoint_due(done + 1)
         train_day = self.calendar.train_days[-1] if kind == EVAL else ""
         return [Plan(step=step, kind=kind, round=done, day=day, split=split, users=tuple(mine), version=self.version,

@@ -10,9 +10,10 @@ from reader import base
 from reader.base import DayIndex
 from reader.leaf import LeafRedditReader
 from reader.leaf_format import leaf_document, leaf_sequences, write_day
-from reader.users import UserIds
+from reader.users import UserIds, counts_for
 from reader.vocab import build_vocab, save_json_atomic
-from tests.helpers import ROOT
+from simulator.data_server import SQLiteStore
+from tests.helpers import ROOT, read_metrics, run_app
 
 sys.path.insert(0, str(ROOT / "bench"))
 import reddit_scale_data  # noqa: E402
@@ -122,3 +123,75 @@ def test_index_text_for_digests_is_json_dumps_piece_by_piece(monkeypatch, users)
     for table in (users, UserIds.from_list(users) if users else users):
         index = DayIndex(day="20200101", split="train", users=table, counts=np.array(counts, dtype=np.int64))
         assert "".join(index.json_chunks()) == want
+
+
+def test_a_cohort_is_looked_up_at_once():
+    table = UserIds.from_list(["bob", "ann", "é-üser", "t2_ff"])
+    assert table.positions(["t2_ff", "zed", "ann", "", "bob" * 9, "é-üser"]).tolist() == [3, -1, 1, -1, -1, 2]
+    counts = DayIndex(day="d", split="train", users=table, counts=np.array([5, 0, 7, 1])).count_of()
+    assert counts_for(counts, ["é-üser", "bob", "ann"]) == [7, 5, 0] == [counts[u] for u in ["é-üser", "bob", "ann"]]
+    with pytest.raises(KeyError, match="carl"):
+        counts_for(counts, ["bob", "carl"])
+    assert counts_for({"a": 1, "b": 2}, ["b", "a"]) == [2, 1]
+
+
+class TupleReader:
+    """The same reader, its indexes as plain tuples (what readers of small data give)."""
+
+    def __init__(self, reader: LeafRedditReader) -> None:
+        self.inner = reader
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def index(self, day: str, split: str) -> DayIndex:
+        idx = self.inner.index(day, split)
+        return DayIndex(day=day, split=split, users=tuple(idx.users), counts=tuple(int(c) for c in idx.counts))
+
+
+@pytest.mark.parametrize("phones", [False, True])
+def test_the_scheduler_plans_alike_from_the_compact_table_and_from_tuples(tmp_path, phones):
+    """Plans, the evaluation subset and the checkpoint's data digest must not depend on how the index is
+    held: runs and checkpoints stay what they were before the compact table."""
+    from common.config import Config
+    from common.domain import ParamLayout
+    from flock.run import phone_rounds
+    from scheduler.optim import make_server_optimizer
+    from scheduler.state import Scheduler, SchedulerConfig
+
+    data = tmp_path / "d"
+    reddit_scale_data.generate(data, users=2000, users_per_file=700, seed=2, progress=False)
+    reader = LeafRedditReader(data)
+    rounds = 4
+    plans = []
+    for source in (reader, TupleReader(reader)):
+        extra = Config(data_dir=str(data), device_profiles="builtin", availability="round:0.5") if phones else None
+        s = Scheduler(SchedulerConfig(world_size=2, rounds=rounds, clients_per_round=50, eval_every=2, eval_users=30,
+                                      pin_users=True), reader=source,
+                      optimizer=make_server_optimizer("fedavg", server_lr=1.0), train_ratios={}, eval_ratios={},
+                      phones=phone_rounds(extra) if phones else None)
+        s.init_params(ParamLayout(names=("w",), shapes=((3,),)), np.zeros(3, dtype=np.float32))
+        plans.append(([s._make_plans(step) for step in range(len(s.steps))], s.data_fingerprint))
+    assert plans[0] == plans[1]
+    trained = {u for step in plans[0][0] for plan in step if plan.kind == "train" for u in plan.users}
+    assert len(trained) >= 150 and all(isinstance(u, str) for u in trained)
+
+
+@pytest.mark.mpi
+def test_generated_data_with_private_vectors_gives_the_same_metrics_at_any_number_of_ranks(tmp_path):
+    data = tmp_path / "d"
+    reddit_scale_data.generate(data, users=2000, users_per_file=700, seed=1, progress=False)
+    args = ("--model", "lstm-personal", "--data-server", "sqlite", "--rounds", "2", "--clients-per-round", "6",
+            "--eval-users", "12", "--eval-every", "1", "--seed", "3")
+    runs = []
+    for np_ in (1, 2):
+        proc = run_app(np_, data, tmp_path / f"np{np_}", *args)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        runs.append(read_metrics(tmp_path / f"np{np_}"))
+    assert [(r["kind"], r["round"]) for r in runs[0]] == [("train", 1), ("eval", 1), ("train", 2), ("eval", 2)]
+    for a, b in zip(*runs):
+        for key in ("loss", "samples", "top1", "top1_user_mean", "users"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (a["kind"], a["round"], key)
+    stored = sum(SQLiteStore(tmp_path / "np2" / "private" / f"rank{r}.sqlite").__len__() for r in range(2))
+    assert stored == 12          # every user who trained keeps its vector, on its home rank
