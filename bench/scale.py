@@ -103,6 +103,7 @@ def fresh_run_dir(run_dir: Path, private: Path) -> None:
     (run_dir / "private").mkdir(parents=True)
     for db in private.glob("*.sqlite"):
         shutil.copyfile(db, run_dir / "private" / db.name)
+    os.sync()       # the copy's write-back must not slow the job that is measured next
 
 
 def measure(data: Path, private: Path, run_dir: Path, *, users: int, clients: int, rounds: int, world: int) -> dict:

@@ -227,7 +227,7 @@ def write_cache(files: list[Path], out: Path, vocab: Vocab, *, label: str = "", 
             parsed = parse_leaf_reddit(path, vocab, seq_len=shape["seq_len"])
             users, file_counts, x, y, mask, width = parsed
             shape["seq_len"] = width
-            shape["sequences"] += len(x) // (width or 1)
+            shape["sequences"] += len(x)
             uids.extend(u.encode("utf-8") for u in users)
             counts.extend(file_counts)
             fx.write(x.tobytes())
@@ -251,7 +251,7 @@ def write_cache(files: list[Path], out: Path, vocab: Vocab, *, label: str = "", 
 
 def parse_leaf_reddit(path: Path, vocab: Vocab, *, seq_len: int | None = None):
     """Parses one LEAF Reddit JSON file into (users, per-user sample counts, x, y, mask, seq_len): x and y
-    int32 arrays and mask a uint8 array, flat (seq_len values a sample). `seq_len`: the length the split's
+    int32 and mask uint8 arrays of [sequences, seq_len]. `seq_len`: the length the split's
     earlier files had (None: the file's first sequence sets it). Faults name the file and user."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -266,7 +266,12 @@ def parse_leaf_reddit(path: Path, vocab: Vocab, *, seq_len: int | None = None):
         raise DataError(f"{path}: 'users' must be a list of user ids (strings without NUL)")
     if len(set(users)) != len(users):
         raise DataError(f"{path}: 'users' lists a user twice")
-    xs, ys, ms = array("i"), array("i"), array("B")
+    # sequences as lists (fast to build), turned into numpy a chunk at a time (compact to keep)
+    xs: list[list[int]] = []
+    ys: list[list[int]] = []
+    ms: list[list[int]] = []
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    done = 0                       # sequences already in `parts`
     counts = array("q")
     pad = vocab.pad_id
     for uid in users:
@@ -276,7 +281,11 @@ def parse_leaf_reddit(path: Path, vocab: Vocab, *, seq_len: int | None = None):
             raise DataError(f"{where}: missing or malformed 'x'/'y' lists")
         if len(ud["x"]) != len(ud["y"]):
             raise DataError(f"{where}: {len(ud['x'])} comments in 'x' but {len(ud['y'])} labels in 'y'")
-        before = len(xs)
+        if len(xs) >= PARSE_CHUNK:
+            parts.append(_as_arrays(xs, ys, ms, seq_len))
+            done += len(xs)
+            xs, ys, ms = [], [], []
+        before = done + len(xs)
         for ci, (comment, label) in enumerate(zip(ud["x"], ud["y"])):
             if not isinstance(label, dict) or "target_tokens" not in label:
                 raise DataError(f"{where}: comment {ci} has no 'target_tokens'")
@@ -295,19 +304,28 @@ def parse_leaf_reddit(path: Path, vocab: Vocab, *, seq_len: int | None = None):
                     raise DataError(f"{where}: comment {ci} sequence {si} is not {seq_len} tokens in x, y and counts")
                 if not all(isinstance(t, str) for t in seq) or not all(isinstance(t, str) for t in tgt):
                     raise DataError(f"{where}: comment {ci} sequence {si}: tokens must be strings")
-                encoded = vocab.encode(seq)
-                xs.extend(encoded)
-                ys.extend(vocab.encode(tgt))
+                xs.append(vocab.encode(seq))
+                ys.append(vocab.encode(tgt))
                 if cnt is None:
-                    ms.extend([t != pad for t in encoded])
+                    ms.append([int(t != pad) for t in xs[-1]])
                 else:
                     try:
-                        ms.extend([1 if float(c) else 0 for c in cnt])
+                        ms.append([1 if float(c) else 0 for c in cnt])
                     except (TypeError, ValueError):
                         raise DataError(f"{where}: comment {ci} sequence {si}: count_tokens must be numbers") from None
-        counts.append((len(xs) - before) // (seq_len or 1))
-    return (users, counts, np.frombuffer(xs, dtype=np.int32), np.frombuffer(ys, dtype=np.int32),
-            np.frombuffer(ms, dtype=np.uint8), seq_len)
+        counts.append(done + len(xs) - before)
+    parts.append(_as_arrays(xs, ys, ms, seq_len))
+    x, y, mask = (np.concatenate([part[i] for part in parts]) for i in range(3))
+    return users, counts, x, y, mask, seq_len
+
+
+PARSE_CHUNK = 65_536       # sequences held as Python lists at once while parsing
+
+
+def _as_arrays(xs: list, ys: list, ms: list, seq_len: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    width = seq_len or 1
+    return (np.asarray(xs, dtype=np.int32).reshape(-1, width), np.asarray(ys, dtype=np.int32).reshape(-1, width),
+            np.asarray(ms, dtype=np.uint8).reshape(-1, width))
 
 
 def main(argv: list[str] | None = None) -> int:
