@@ -7,7 +7,8 @@ from common.errors import ConfigError
 
 BUILTINS = {
     "reader": {"leaf": "reader.leaf:LeafRedditReader", "arrays": "reader.arrays:ArrayReader"},
-    "model": {"lstm": "model.lstm:RedditLSTM", "mlp": "model.mnist:MnistMLP", "cnn": "model.mnist:MnistCNN",
+    "model": {"lstm": "model.lstm:RedditLSTM", "lstm-personal": "model.lstm:PersonalRedditLSTM",
+              "mlp": "model.mnist:MnistMLP", "cnn": "model.mnist:MnistCNN",
               "cnn-personal": "model.mnist:PersonalMnistCNN",
               "mlp-personal": "model.mnist:PersonalMnistMLP", "fedem-mlp": "model.fedem:FedEMMLP",
               "fedem-cnn": "model.fedem:FedEMCNN"},

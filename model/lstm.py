@@ -33,3 +33,19 @@ class RedditLSTM(nn.Module):
         """tokens [batch, seq] -> (logits [batch, seq, vocab], (h, c) each [layers, batch, hidden])."""
         out, state = self.lstm(self.embedding(tokens), state)
         return self.decoder(out), state
+
+
+class PersonalRedditLSTM(RedditLSTM):
+    """RedditLSTM with a private 256-float vector per user (`personal`, zero at first) added to the LSTM's
+    output before the projection: a user-specific shift of the next-word distribution, 1 KB of private
+    state a user (the shared parameters, and their initialisation, are RedditLSTM's)."""
+
+    private_patterns: ClassVar[tuple[str, ...]] = ("personal",)
+
+    def __init__(self, vocab_size: int = 10_000, *, hidden: int = 256, **kwargs) -> None:
+        super().__init__(vocab_size, hidden=hidden, **kwargs)
+        self.personal = nn.Parameter(torch.zeros(hidden))
+
+    def forward(self, tokens: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None):
+        out, state = self.lstm(self.embedding(tokens), state)
+        return self.decoder(out + self.personal), state

@@ -8,7 +8,8 @@ from common import streams
 
 
 def sample_clients(seed: int, round_index: int, users: Sequence[str], k: int) -> list[str]:
-    """k distinct users drawn uniformly without replacement."""
+    """k distinct users drawn uniformly without replacement. numpy draws k of n without a permutation of
+    n when k < n / 50 (Floyd's algorithm): a round among 1.66 million users costs its k draws."""
     if k > len(users):
         raise ValueError(f"cannot sample {k} clients from {len(users)} users")
     rng = streams.sampling(seed, round_index)
@@ -16,9 +17,9 @@ def sample_clients(seed: int, round_index: int, users: Sequence[str], k: int) ->
 
 
 def evaluation_users(seed: int, users: Sequence[str], limit: int) -> list[str]:
-    """All users (limit 0), or a fixed seeded subset of `limit` of them, in file order."""
+    """All users (limit 0), or a fixed seeded subset of `limit` of them, in file order (work in `limit`,
+    not in the population)."""
     if limit <= 0 or limit >= len(users):
         return list(users)
     rng = streams.evaluation(seed)
-    keep = set(rng.choice(len(users), size=limit, replace=False).tolist())
-    return [u for i, u in enumerate(users) if i in keep]
+    return [users[i] for i in sorted(rng.choice(len(users), size=limit, replace=False).tolist())]

@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from common.domain import (
 from common.errors import ConfigError, RefusedError, RunFailed
 from common.metrics import Ratios, add_sums, eval_record, train_record
 from reader.base import Reader
+from reader.users import counts_for
 from scheduler.aggregate import all_finite, weighted_mean
 from scheduler.calendar import Calendar
 from scheduler.checkpoint import load_checkpoint, load_versions, save_checkpoint
@@ -105,7 +106,7 @@ class Scheduler:
         self._rank_load: dict[int, list[int]] = {}        # asynchronous: target -> samples handed to each rank
         self.calendar = Calendar.from_reader(reader)
         self.steps = schedule(config.rounds, config.eval_every)
-        self._indexes: dict[tuple[str, str], tuple[list[str], dict[str, int]]] = {}
+        self._indexes: dict[tuple[str, str], tuple[Sequence[str], Mapping[str, int]]] = {}
         for day in sorted(set(self.calendar.train_days)):
             n = len(self._eligible(day, "train")[0])
             if config.clients_per_round > n:
@@ -131,13 +132,13 @@ class Scheduler:
 
     # -- data -------------------------------------------------------------------------------------------
 
-    def _eligible(self, day: str, split: str) -> tuple[list[str], dict[str, int]]:
+    def _eligible(self, day: str, split: str) -> tuple[Sequence[str], Mapping[str, int]]:
         """The users of a day's split that have samples (file order), and every user's count; read once."""
         key = (day, split)
         if key not in self._indexes:
             index = self.reader.index(day, split)
             counts = index.count_of()
-            users = [u for u in index.users if counts[u] > 0]
+            users = index.with_samples()     # compact for a large day (reader.users): no list of every user
             if len(users) < len(index.users):
                 log.warning("day %s %s: %d users without samples are never sampled", day, split,
                             len(index.users) - len(users))
@@ -150,8 +151,8 @@ class Scheduler:
         h = hashlib.sha1(json.dumps(dict(self.reader.spec()), sort_keys=True).encode())
         days = [(d, "train") for d in self.calendar.train_days] + [(self.calendar.test_day, "test")]
         for day, split in days:
-            idx = self.reader.index(day, split)
-            h.update(json.dumps([day, split, idx.users, idx.counts]).encode())
+            for piece in self.reader.index(day, split).json_chunks():
+                h.update(piece.encode())
         return h.hexdigest()
 
     def _make_plans(self, step: int) -> list[Plan]:
@@ -174,7 +175,7 @@ class Scheduler:
             day, split = self.calendar.test_day, "test"
             users, counts = self._eligible(day, split)
             chosen = evaluation_users(self.config.seed, users, self.config.eval_users)
-        per_rank = assign_users(chosen, [counts[u] for u in chosen], world, pinned=self.config.pin_users)
+        per_rank = assign_users(chosen, counts_for(counts, chosen), world, pinned=self.config.pin_users)
         checkpoint = kind == TRAIN and self.checkpoint_path is not None and self.config.checkpoint_due(done + 1)
         train_day = self.calendar.train_days[-1] if kind == EVAL else ""
         return [Plan(step=step, kind=kind, round=done, day=day, split=split, users=tuple(mine), version=self.version,

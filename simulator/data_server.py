@@ -8,6 +8,10 @@ round R every rank calls `commit(R)` before it pushes its update, so that when t
 checkpoint for R every store can return to R. `rollback(R)` (on resume) forgets everything written after
 round R. The SQLite store keeps versions per (user, round) and prunes those no checkpoint needs; the
 memory store writes a snapshot file per committed round (when given a folder).
+
+The SQLite store's work per round follows the users written, not the users stored: reads and writes go
+by the primary key (uid, round), a rollback by an index on round, and a commit prunes only the users
+written since the previous prune (a million users stored, a thousand trained a round: a thousand looked at).
 """
 from __future__ import annotations
 
@@ -135,6 +139,7 @@ class SQLiteStore:
             conn.execute("CREATE TABLE IF NOT EXISTS private (uid TEXT, round INTEGER, layout TEXT, data BLOB, "
                          "PRIMARY KEY (uid, round))")
             conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
+            conn.execute("CREATE INDEX IF NOT EXISTS private_round ON private (round)")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -162,22 +167,31 @@ class SQLiteStore:
     def at_round(self, round_index: int) -> None:
         self.round = round_index
 
-    def _committed(self, conn) -> int:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'committed'").fetchone()
+    def _meta(self, conn, key: str) -> int:
+        row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else 0
 
+    def _set_meta(self, conn, key: str, value: int) -> None:
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
     def commit(self, round_index: int) -> None:
-        """Prunes versions that neither this nor the previous committed round needs."""
+        """Prunes versions that neither this nor the previous committed round needs. Invariant: no user
+        has two versions at or before `pruned`; so only users with a version written after it (the
+        rounds since the last prune) can have a new one to drop."""
         with self._conn() as conn:
-            previous = self._committed(conn)
-            conn.execute("DELETE FROM private WHERE round < (SELECT MAX(p.round) FROM private p "
-                         "WHERE p.uid = private.uid AND p.round <= ?)", (previous,))
-            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('committed', ?)", (round_index,))
+            previous, pruned = self._meta(conn, "committed"), self._meta(conn, "pruned")
+            if previous > pruned:
+                conn.execute("DELETE FROM private WHERE uid IN (SELECT uid FROM private WHERE round > ? AND round <= ?) "
+                             "AND round < (SELECT MAX(p.round) FROM private p WHERE p.uid = private.uid AND p.round <= ?)",
+                             (pruned, previous, previous))
+                self._set_meta(conn, "pruned", previous)
+            self._set_meta(conn, "committed", round_index)
 
     def rollback(self, round_index: int) -> None:
         with self._conn() as conn:
             conn.execute("DELETE FROM private WHERE round > ?", (round_index,))
-            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('committed', ?)", (round_index,))
+            self._set_meta(conn, "committed", round_index)
+            self._set_meta(conn, "pruned", min(round_index, self._meta(conn, "pruned")))
 
     def __len__(self) -> int:
         return self._conn().execute("SELECT COUNT(DISTINCT uid) FROM private").fetchone()[0]

@@ -5,7 +5,7 @@ import torch
 
 from common.domain import ParamLayout
 from model.base import private_names
-from model.lstm import RedditLSTM
+from model.lstm import PersonalRedditLSTM, RedditLSTM
 from simulator.data_server import MemoryStore, SQLiteStore
 from simulator.shard import Shard
 from trainer.base import TrainConfig
@@ -51,6 +51,39 @@ class TestStore:
         assert store.get_param_by_uid("ann")["p"][0] == 1.0 and store.get_param_by_uid("bob") is None
         store.rollback(0)
         assert len(store) == 0
+
+    def test_sqlite_prunes_as_a_full_scan_would(self, tmp_path):
+        """The commit looks only at users written since the last prune; the rows it keeps must be exactly
+        what pruning every user keeps (all versions after the previous commit, and each user's newest one
+        at or before it), through random rounds, commits and rollbacks."""
+        rng = np.random.default_rng(0)
+        store = SQLiteStore(tmp_path / "r.sqlite")
+        conn = store._conn()
+        committed, history = [0], {}          # history: uid -> the rounds it was written in, not rolled back
+        for round_index in range(1, 60):
+            store.at_round(round_index)
+            for uid in (f"u{i}" for i in rng.choice(30, size=5, replace=False)):
+                store.set_param_by_uid(uid, {"p": np.full(2, round_index, dtype=np.float32)})
+                history.setdefault(uid, []).append(round_index)
+            if rng.random() < 0.4:
+                before = committed[-1]
+                store.commit(round_index)
+                committed.append(round_index)
+                for uid, rounds in history.items():
+                    old = [r for r in rounds if r <= before]
+                    history[uid] = [r for r in rounds if r > before] + ([max(old)] if old else [])
+                want = {(uid, r) for uid, rounds in history.items() for r in rounds}
+                assert set(conn.execute("SELECT uid, round FROM private").fetchall()) == want, round_index
+            if rng.random() < 0.15 and len(committed) > 1:
+                back = committed[-2] if rng.random() < 0.5 else committed[-1]
+                store.rollback(back)
+                committed = [c for c in committed if c <= back]
+                history = {u: [r for r in rs if r <= back] for u, rs in history.items()}
+                history = {u: rs for u, rs in history.items() if rs}
+                for uid, rounds in history.items():
+                    assert store.get_param_by_uid(uid)["p"][0] == max(rounds)
+        assert len(committed) > 5
+        store.close()
 
     def test_sqlite_survives_reopening(self, tmp_path):
         path = tmp_path / "r.sqlite"
@@ -129,3 +162,18 @@ def test_a_diverged_user_is_dropped_not_averaged():
     x = np.full((2, 10), 3, dtype=np.int32)
     assert shard.train_user("ann", {"x": x, "y": x, "mask": np.ones_like(x, dtype=np.uint8)}) == {"diverged": 1.0}
     assert shard.sum.weight == 0 and not shard.sum.total.any()
+
+
+def test_the_personal_lstm_adds_a_private_vector_to_the_shared_lstm():
+    torch.manual_seed(0)
+    plain = RedditLSTM(8)
+    torch.manual_seed(0)
+    personal = PersonalRedditLSTM(8)
+    assert private_names(personal) == ("personal",) and personal.personal.shape == (256,)
+    shared = {n: p for n, p in personal.named_parameters() if n != "personal"}
+    assert all(torch.equal(p, shared[n]) for n, p in plain.named_parameters())   # the same initial model
+    tokens = torch.tensor([[2, 3, 4]])
+    assert torch.equal(plain(tokens)[0], personal(tokens)[0])          # zero: no user-specific shift yet
+    with torch.no_grad():
+        personal.personal.fill_(0.5)
+    assert not torch.allclose(plain(tokens)[0], personal(tokens)[0])
