@@ -16,6 +16,12 @@ model and hyper-parameters (one run, ratios printed at the end).
 - balance: a synchronous round lasts as long as its slowest rank; sum of mean rank work / sum of slowest
   rank work (from metrics.jsonl's rank_work_s) is the share of floor_np that even a zero-cost simulator
   could reach with these users (one user's training cannot be split).
+- dependency bound (asynchronous mode): a task can start only once the model version it starts from exists,
+  and a version only once all its K updates are in, so one long task holds up the next versions; the busy
+  share of an ideal, zero-cost list schedule of the run's tasks on N workers (duration = the user's samples,
+  the ranks' rule of taking tasks of at most `simulator.async_simulator.HORIZON` updates ahead) is the
+  asynchronous analogue of balance.
+  It rises with the concurrency C: more tasks in flight, more work that does not wait.
 - balanced users: the same with every user cut to its first 15 comments (users with fewer left out), so
   that rounds split evenly: the simulator's own parallel efficiency.
 - overhead: round time minus the slowest rank's work (plan, parameter fetch and push, aggregation, server
@@ -29,6 +35,7 @@ Every variant trains the same users (the same seeded sampler).
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import multiprocessing as mp
 import os
@@ -116,11 +123,43 @@ def async_users(data_dir: str, updates: int, buffer: int, concurrency: int, shar
                        population=[u for u in index.users if counts[u]], counts=counts, rounds=updates,
                        bytes_down=size, bytes_up=size)
     by_target: dict[int, list[str]] = {}
+    tasks = []
     for v in range(updates):
         for task in plan.tasks_at(v):
             by_target.setdefault(task.target, []).append(task.uid)
+            if task.target <= updates:
+                tasks.append((plan.handout_version(task), task.target, counts[task.uid]))
         plan.record(v + 1)
-    return [by_target[v] for v in range(1, updates + 1)]
+    return [by_target[v] for v in range(1, updates + 1)], tasks
+
+
+def dependency_bound(tasks: list[tuple[int, int, int]], workers: int, lookahead: int) -> float:
+    """The asynchronous analogue of the balance bound: busy / (workers x makespan) of an ideal list schedule
+    with no overhead, where a task (handout version, target, duration = its samples) can start once its
+    handout version exists, version t exists once every task of target t is done, and a free worker takes the
+    task of the earliest target among those of targets <= version + `lookahead` (the ranks' rule)."""
+    need: dict[int, int] = {}
+    for _, target, _ in tasks:
+        need[target] = need.get(target, 0) + 1
+    pending = sorted(tasks, key=lambda t: (t[1], t[0]))
+    running: list[tuple[float, int]] = []
+    done: dict[int, int] = {}
+    version, now, free, busy = 0, 0.0, workers, 0.0
+    while pending or running:
+        while free:
+            task = next((t for t in pending if t[0] <= version and t[1] <= version + lookahead), None)
+            if task is None:
+                break
+            pending.remove(task)
+            heapq.heappush(running, (now + task[2], task[1]))
+            free, busy = free - 1, busy + task[2]
+        if not running:
+            break
+        now, target = heapq.heappop(running)
+        free, done[target] = free + 1, done.get(target, 0) + 1
+        while done.get(version + 1, 0) == need.get(version + 1, -1):
+            version += 1
+    return busy / (workers * now)
 
 
 def flower(data_dir: str, rounds: int, out: Path, name: str = "flower") -> dict | None:
@@ -283,8 +322,10 @@ def asynchronous(args, out: Path, cores: int) -> None:
     """FedBuff (K = --async-buffer, C = --async-concurrency) at -np `cores` against floor_np training the
     same clients (one server update's K clients per floor round), and the ratio to Flower's synchronous
     simulation (same data, model and trainer) in the same run. The first update is warm-up on both sides."""
+    from simulator.async_simulator import HORIZON
+
     k, c, updates = args.async_buffer, args.async_concurrency, args.rounds
-    given = async_users(args.data_dir, updates, k, c)
+    given, tasks = async_users(args.data_dir, updates, k, c)
     rows = {f"floor_np ({cores} processes), the asynchronous run's clients": floors(
         args.data_dir, updates, cores, warmup=1, given=given)}
     pa = project(args.data_dir, updates, cores, out / f"async-np{cores}", "--async-buffer", str(k),
@@ -306,7 +347,8 @@ def asynchronous(args, out: Path, cores: int) -> None:
              "phones: built-in profiles, always on-line; the first update/round is warm-up on every side", "",
              "| variant | client updates/s |", "|---|---:|", *[f"| {k_} | {v:.3f} |" for k_, v in rows.items()], "",
              "| ratio | value |", "|---|---:|",
-             f"| asynchronous: project -np {cores} / floor_np on the same clients | {pa['clients_per_s'] / floor_a:.3f} |",
+             f"| asynchronous: project -np {cores} / floor_np on the same clients | {pa['clients_per_s'] / floor_a:.3f} "
+             f"(dependency bound {dependency_bound(tasks, cores, HORIZON):.3f}) |",
              f"| synchronous: project -np {cores} / floor_np on the same clients | {ps['clients_per_s'] / floor_s:.3f} "
              f"(balance bound {ps['balance']:.3f}) |",
              *([f"| asynchronous project -np {cores} / Flower (synchronous) | {pa['clients_per_s'] / fl['clients_per_s']:.2f} |",
