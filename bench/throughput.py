@@ -101,7 +101,8 @@ def project(data_dir: str, rounds: int, np_: int, run_dir: Path, *extra: str, wa
     return {"clients_per_s": sum(r["clients"] for r in train) / seconds, "round_s": seconds / len(train),
             "startup_s": startup_s, "overhead_s": (seconds - slowest) / len(train),
             "overhead_median_s": statistics.median(r["seconds"] - max(r["rank_work_s"]) for r in train),
-            "balance": mean_work / slowest}
+            "balance": mean_work / slowest,
+            "busy": sum(sum(r["rank_work_s"]) for r in train) / (np_ * seconds)}
 
 
 def async_users(data_dir: str, updates: int, buffer: int, concurrency: int, shared_params: int = 6_182_672):
@@ -349,6 +350,7 @@ def asynchronous(args, out: Path, cores: int) -> None:
              "| ratio | value |", "|---|---:|",
              f"| asynchronous: project -np {cores} / floor_np on the same clients | {pa['clients_per_s'] / floor_a:.3f} "
              f"(dependency bound {dependency_bound(tasks, cores, HORIZON):.3f}) |",
+             f"| asynchronous: ranks' busy share, rank work / ({cores} x wall time) | {pa['busy']:.3f} |",
              f"| synchronous: project -np {cores} / floor_np on the same clients | {ps['clients_per_s'] / floor_s:.3f} "
              f"(balance bound {ps['balance']:.3f}) |",
              *([f"| asynchronous project -np {cores} / Flower (synchronous) | {pa['clients_per_s'] / fl['clients_per_s']:.2f} |",

@@ -190,18 +190,15 @@ class Scheduler:
         self._old_versions = {v: a for v, a in self._old_versions.items() if v in keep}
         counts = self._eligible(day, "train")[1]
         world = self.config.world_size
-        # a rank trains lowest target first, so what holds up update t on a rank is its work for updates <= t
-        # not yet applied: a new task (largest first) goes to the rank with the least of that for its target
+        # the work each rank holds for updates not yet applied: a new task goes to the least loaded rank
+        # (largest first), so that a long task on one rank is met by fewer others there
         self._rank_load = {t: load for t, load in self._rank_load.items() if t > done}
+        outstanding = [sum(load[r] for load in self._rank_load.values()) for r in range(world)]
         per_rank: list[list[TaskSpec]] = [[] for _ in range(world)]
         for t in sorted(tasks, key=lambda t: (-counts[t.uid], t.task_id)):
-            if self.config.pin_users:
-                r = home_rank(t.uid, world)
-            else:
-                ahead = [sum(load[i] for target, load in self._rank_load.items() if target <= t.target)
-                         for i in range(world)]
-                r = min(range(world), key=lambda i: (ahead[i], i))
+            r = home_rank(t.uid, world) if self.config.pin_users else min(range(world), key=lambda i: (outstanding[i], i))
             per_rank[r].append(t)
+            outstanding[r] += counts[t.uid]
             self._rank_load.setdefault(t.target, [0] * world)[r] += counts[t.uid]
         for mine in per_rank:
             mine.sort(key=lambda t: t.task_id)

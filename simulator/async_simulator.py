@@ -7,10 +7,11 @@ it pushes its part of that update (in a background thread) and goes on with the 
 it while the other ranks finish theirs: a rank waits for a straggler only when what it needs next is the
 version the straggler holds up.
 
-Once the plan of version v is in, every task of update v + 1 is known, but tasks of later updates still
-come with later plans. So the rank trains only tasks of updates up to v + HORIZON: a long task of a much
-later update, started early, would hold up a nearer one's push when a task of it arrives (priority
-inversion). bench/throughput.py's dependency bound models this rule; 3 beat 2 there and in runs.
+Once the plan of version v is in, every task of update v + 1 is known, but tasks of update v + 2 still come
+with the plan of v + 1. So the rank trains only tasks of updates up to v + HORIZON (2): a long task of a
+later update, started early, would hold up the next one's push when a shorter task of it arrives (priority
+inversion). (Tried: 3, with tasks placed by the work each rank holds for updates up to theirs; an ideal
+schedule of the run's tasks gained, the measured runs did not: bench/results/throughput_async.md.)
 
 A task adds w n theta_i into its target's float64 sum, and w n theta_start is taken off once per start
 version when the sum is pushed; with the scheduler's exact weights (`scheduler.phones.asynchronous`) the
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 POLL_S = 1e-3     # how long a look for the next plan waits while the rank has work of its own
 WAIT_S = 1.0      # with nothing to do: the longest wait for the plan before a look at the background push
 EMPTY = np.zeros(0, dtype=np.float64)
-HORIZON = 3       # the rank trains tasks of updates up to the current version + HORIZON
+HORIZON = 2       # the rank trains tasks of updates up to the current version + HORIZON
 
 
 @dataclass
