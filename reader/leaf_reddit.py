@@ -3,10 +3,13 @@
     python -m reader.leaf_reddit import reddit_subsampled.zip lm_data
     python -m reader.leaf_reddit import path/to/leaf/reddit/data lm_data
 
-Every JSON file whose path says "train" is merged into `lm_data/20200101/train_data.json`, every one that
-says "test" into `lm_data/20200102/test_data.json` (LEAF's "val" files are left out), as FL-mobile lays
-them out. A `vocab.json` in the source is checked and copied; without one the vocabulary (10,000 words by
-default) is built from the training day's input tokens, as FL-mobile's reader does.
+Every JSON file whose path says "train" goes to the training day, `lm_data/20200101/train_data_00000.json`,
+`train_data_00001.json`, ... in name order, every one that says "test" to `lm_data/20200102/test_data_*.json`
+(LEAF's "val" files are left out): LEAF cuts its data into files, and the reader reads a day's files as one
+split, so one file is in memory at a time (LEAF's whole Reddit set is 2 GB of JSON a split). A user in two
+files of a split is refused. A `vocab.json` in the source is checked and copied; without one the
+vocabulary (10,000 words by default) is built from the training day's input tokens, as FL-mobile's reader
+does.
 """
 from __future__ import annotations
 
@@ -60,60 +63,77 @@ def import_leaf_reddit(src: Path, out: Path, *, train_day: str = "20200101", tes
         raise DataError(f"{src}: not found")
     if out.exists():
         raise DataError(f"{out}: already exists; import into a new folder")
-    merged = {"train": {"users": [], "num_samples": [], "user_data": {}},
-              "test": {"users": [], "num_samples": [], "user_data": {}}}
     owner: dict[tuple[str, str], str] = {}
-    vocab_bytes, used, skipped = None, {"train": [], "test": []}, []
-    for name, opener in _sources(src):
-        role = _role(name)
-        if role is None:
-            continue
-        if role == "val":
-            skipped.append(name)
-            continue
-        with opener() as f:
-            raw = f.read()
-        if role == "vocab":
-            vocab_bytes = raw
-            continue
-        try:
-            doc = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{src}: {name}: not valid JSON ({e})") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("user_data"), dict):
-            raise DataError(f"{src}: {name}: expected a LEAF object with 'user_data'")
-        target = merged[role]
-        for uid in doc.get("users", list(doc["user_data"])):
-            if (role, uid) in owner:
-                raise DataError(f"{src}: user {uid!r} is in both {owner[(role, uid)]} and {name}")
-            if uid not in doc["user_data"]:
-                raise DataError(f"{src}: {name}: user {uid!r} is listed but has no user_data")
-            owner[(role, uid)] = name
-            target["users"].append(uid)
-            target["user_data"][uid] = doc["user_data"][uid]
-            target["num_samples"].append(len(doc["user_data"][uid].get("x", [])))
-        used[role].append(name)
-    for role in ("train", "test"):
-        if not used[role]:
-            raise DataError(f"{src}: no {role} JSON file found (a path containing '{role}' and ending in .json)")
+    vocab_bytes, used, skipped, users = None, {"train": [], "test": []}, [], {"train": 0, "test": 0}
     tmp = out.with_name(f".{out.name}.importing")
     shutil.rmtree(tmp, ignore_errors=True)
-    for role, day in (("train", train_day), ("test", test_day)):
-        (tmp / day).mkdir(parents=True)
-        save_json_atomic(tmp / day / f"{role}_data.json", merged[role])
-    if vocab_bytes is not None:
-        (tmp / "vocab.json").write_bytes(vocab_bytes)
-        repairs = load_vocab(tmp / "vocab.json").repairs   # refuse a broken vocabulary before anything is in place
-        vocab_from = "archive" + (f" (flock will repair it when reading: {'; '.join(repairs)})" if repairs else "")
-    else:
-        tokens = (t for ud in merged["train"]["user_data"].values() for comment in ud.get("x", [])
-                  for seq in comment for t in seq)
-        save_json_atomic(tmp / "vocab.json", build_vocab(tokens, vocab_size))
-        vocab_from = f"built from the training day ({vocab_size} words)"
+    days = {"train": tmp / train_day, "test": tmp / test_day}
+    try:
+        for name, opener in _sources(src):
+            role = _role(name)
+            if role is None:
+                continue
+            if role == "val":
+                skipped.append(name)
+                continue
+            with opener() as f:
+                raw = f.read()
+            if role == "vocab":
+                vocab_bytes = raw
+                continue
+            doc = _leaf_doc(src, name, raw, role, owner)
+            days[role].mkdir(parents=True, exist_ok=True)
+            save_json_atomic(days[role] / f"{role}_data_{len(used[role]):05d}.json", doc)
+            used[role].append(name)
+            users[role] += len(doc["users"])
+        for role in ("train", "test"):
+            if not used[role]:
+                raise DataError(f"{src}: no {role} JSON file found (a path containing '{role}' and ending in .json)")
+        if vocab_bytes is not None:
+            (tmp / "vocab.json").write_bytes(vocab_bytes)
+            repairs = load_vocab(tmp / "vocab.json").repairs   # refuse a broken vocabulary before anything is in place
+            vocab_from = "archive" + (f" (flock will repair it when reading: {'; '.join(repairs)})" if repairs else "")
+        else:
+            save_json_atomic(tmp / "vocab.json", build_vocab(_train_tokens(sorted(days["train"].glob("*.json"))),
+                                                             vocab_size))
+            vocab_from = f"built from the training day ({vocab_size} words)"
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     tmp.rename(out)
     return {"train_files": used["train"], "test_files": used["test"], "skipped": skipped,
-            "train_users": len(merged["train"]["users"]), "test_users": len(merged["test"]["users"]),
-            "vocab": vocab_from}
+            "train_users": users["train"], "test_users": users["test"], "vocab": vocab_from}
+
+
+def _leaf_doc(src: Path, name: str, raw: bytes, role: str, owner: dict[tuple[str, str], str]) -> dict:
+    """One source file as a LEAF document of its users (in its `users` order), checked."""
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{src}: {name}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("user_data"), dict):
+        raise DataError(f"{src}: {name}: expected a LEAF object with 'user_data'")
+    out = {"users": [], "num_samples": [], "user_data": {}}
+    for uid in doc.get("users", list(doc["user_data"])):
+        if (role, uid) in owner:
+            raise DataError(f"{src}: user {uid!r} is in both {owner[(role, uid)]} and {name}")
+        if uid not in doc["user_data"]:
+            raise DataError(f"{src}: {name}: user {uid!r} is listed but has no user_data")
+        owner[(role, uid)] = name
+        out["users"].append(uid)
+        out["user_data"][uid] = doc["user_data"][uid]
+        out["num_samples"].append(len(doc["user_data"][uid].get("x", [])))
+    return out
+
+
+def _train_tokens(files: list[Path]) -> Iterator[str]:
+    """The input tokens of the training files, one file in memory at a time."""
+    for path in files:
+        doc = json.loads(path.read_text())
+        for ud in doc["user_data"].values():
+            for comment in ud.get("x", []):
+                for seq in comment:
+                    yield from seq
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,9 @@ def test_import_zip_without_vocab_builds_one(tmp_path):
     summary = json.loads(proc.stdout)
     assert summary["train_users"] == 3 and summary["test_users"] == 1
     assert summary["skipped"] == ["reddit_subsampled/val/val_data.json"]
+    # one output file per source file (one in memory at a time), read back as one split
+    assert sorted(p.name for p in (out / "20200101").iterdir()) == ["train_data_00000.json", "train_data_00001.json"]
+    assert sorted(p.name for p in (out / "20200102").iterdir()) == ["test_data_00000.json"]
     reader = LeafRedditReader(out)
     assert reader.days() == ["20200101", "20200102"]
     assert reader.index("20200101", "train").users == ("ann", "bob", "cid")
