@@ -106,6 +106,7 @@ def fold(ranks: list[int], step: int) -> np.ndarray | None:
     return functools.reduce(np.add, parts) if parts else None
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("np_, hosts, nodes", [
     (3, False, [[0, 1, 2]]),                  # one node: the ranks' sum in rank order, the scheduler's own
     (4, True, [[0, 2], [1, 3]]),              # mpirun places ranks on the two "hosts" in turn
@@ -125,6 +126,7 @@ def test_mpi_plane_sums_in_its_documented_order(tmp_path, np_, hosts, nodes):
         assert headers[rank] == [[step, rank, float(brings_values(rank, step)), 0, True] for step in range(STEPS)]
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("hosts", [False, True])
 def test_a_stalled_rank_times_out_by_name(tmp_path, hosts):
     proc = job(tmp_path, 3, "--hang-rank", "2", "--timeout", "2", hosts=hosts, timeout=60)
