@@ -149,9 +149,14 @@ class ServerChannel:
         self.epsilon = 0.0
 
     @property
+    def round_clip(self) -> float:
+        """The clipping norm of the current round (0: no clipping), which the round's plans hand the clients."""
+        return self.settings.clip
+
+    @property
     def noise_std(self) -> float:
         """The std of the Gaussian noise on the round's sum of clipped updates."""
-        return self.central_noise * self.settings.clip * self.clients_per_round / self.noise_cohort
+        return self.central_noise * self.round_clip * self.clients_per_round / self.noise_cohort
 
     def aggregate(self, round_index: int, parts: list[np.ndarray], weight: float,
                   sums: dict[str, float]) -> tuple[list[np.ndarray], float, dict[str, Any]]:
