@@ -86,7 +86,7 @@ class Plan:
     # the step's update is the rank's sum over its tasks whose target is round + 1
     tasks: tuple[TaskSpec, ...] = ()
     # synchronous training steps with DP clipping: the L2 norm every client clips its update to this round,
-    # the scheduler's (--dp-clip); 0: no clipping
+    # the scheduler's (--dp-clip, or adaptive clipping's norm of the round); 0: no clipping
     clip: float = 0.0
 
 

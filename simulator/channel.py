@@ -6,8 +6,8 @@ A user's update is delta = theta_user - theta_received over the shared parameter
 leave the device and are neither clipped nor noised). In order:
 
 1. clipping to L2 norm C (DP-FedAvg, McMahan et al. 2018): delta *= min(1, C / ||delta||), C the round's norm
-   from the scheduler's plan; the client reports whether it was not clipped (`unclipped`: its update's norm
-   was at most C);
+   from the scheduler's plan; the client reports whether it was not clipped (`unclipped`, the bit adaptive
+   clipping counts: `scheduler/adaptive_clipping.py`);
 2. local DP: Gaussian noise of std z*C per coordinate, from the user's channel stream;
 3. compression (`common/codecs.py`): fp16; qB stochastic quantization; top-k of (delta + residual) with
    error feedback, the residual kept as the user's private state on its home rank;
