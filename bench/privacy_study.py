@@ -49,11 +49,11 @@ COST = {"plain FedAvg": [], "DP (clip + noise + accountant)": ["--dp-clip", CLIP
         "top-1% up (error feedback)": ["--compress-up", "topk:0.01"], "q8 down": ["--compress-down", "q8"]}
 
 
-def noise_multiplier(log: str) -> str:
-    for line in log.splitlines():
-        if "noise multiplier" in line and "calibrated" in line:
-            return line.split("noise multiplier ")[1].split()[0]
-    return ""
+def noise_multiplier(run_dir: Path) -> str:
+    """The run's noise multiplier z (a calibrated one too) as its config.json records it; "" without noise.
+    Not from the log: the jobs run with --quiet, which leaves out the calibration's INFO line."""
+    z = json.loads((run_dir / "config.json").read_text()).get("privacy", {}).get("noise_multiplier")
+    return f"{z:.4f}" if z else ""
 
 
 def main() -> None:
@@ -84,7 +84,7 @@ def main() -> None:
         if proc.returncode != 0:
             sys.exit(f"[{name}] failed:\n{proc.stderr[-3000:]}")
         records = read_metrics(run_dir)
-        records[-1]["_z"] = noise_multiplier(proc.stdout + proc.stderr)
+        records[-1]["_z"] = noise_multiplier(run_dir)
         print(f"[{name}] top1 {records[-1]['top1']:.4f}", flush=True)
         return records
 

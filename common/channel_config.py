@@ -12,8 +12,10 @@ from common.errors import ConfigError
 if TYPE_CHECKING:
     from common.config import Config
 
-NEEDS_CLIP = ("dp_noise_multiplier", "dp_target_epsilon", "dp_noise_cohort", "dp_population", "dp_local", "secagg")
+NEEDS_CLIP = ("dp_noise_multiplier", "dp_target_epsilon", "dp_noise_cohort", "dp_population", "dp_local", "secagg",
+              "dp_adaptive_quantile")
 SECAGG_OPTIONS = ("secagg_bits", "secagg_neighbors", "secagg_threshold")
+ADAPTIVE_OPTIONS = ("dp_clip_lr", "dp_clip_count_noise")
 
 
 def _flag(name: str) -> str:
@@ -73,7 +75,7 @@ def check_channel_options(config: Config) -> None:
     """The combinations no run can honour, each a ConfigError naming the option."""
     from common.config import FIELDS
 
-    given = [n for n in (*NEEDS_CLIP, *SECAGG_OPTIONS, "compress_up", "compress_down")
+    given = [n for n in (*NEEDS_CLIP, *SECAGG_OPTIONS, *ADAPTIVE_OPTIONS, "compress_up", "compress_down")
              if getattr(config, n) != FIELDS[n].default]
     if not given and config.dp_clip == 0:
         return
@@ -99,6 +101,7 @@ def check_channel_options(config: Config) -> None:
                           f"{config.clients_per_round}")
     if config.secagg:
         fixed_point_fraction_bits(config.secagg_bits, config.dp_clip, config.clients_per_round)
+    check_adaptive_clipping(config)
     if down.kind == "topk":
         raise ConfigError(f"--compress-down {down}: a sparse model is not a model; use fp16 or qB")
     active = given or config.dp_clip > 0
@@ -106,3 +109,26 @@ def check_channel_options(config: Config) -> None:
         raise ConfigError("DP, secure aggregation and compression run in synchronous rounds: not with --async-buffer")
     if active and config.centralized:
         raise ConfigError("DP, secure aggregation and compression are federated: not with --centralized")
+
+
+def check_adaptive_clipping(config: Config) -> None:
+    """Adaptive clipping's options and the mechanisms it cannot join: secure aggregation (its fixed-point
+    range and fractional bits are set from --dp-clip before the run, while the norm moves every round) and
+    local DP (each client's clipped-or-not bit would reach the server without noise, outside the guarantee).
+    An explicit --dp-noise-multiplier must leave the update a share of the budget (a calibrated one is
+    checked when it is known, before the run starts)."""
+    from common.config import FIELDS
+    from scheduler.adaptive_clipping import adaptive_clipping_of, update_noise_multiplier
+
+    given = [_flag(n) for n in ADAPTIVE_OPTIONS if getattr(config, n) != FIELDS[n].default]
+    if given and not config.dp_adaptive_quantile:
+        raise ConfigError(f"{', '.join(given)} need(s) --dp-adaptive-quantile GAMMA (adaptive clipping)")
+    if not config.dp_adaptive_quantile:
+        return
+    if config.secagg:
+        raise ConfigError("--dp-adaptive-quantile moves the clipping norm every round, but secure aggregation's "
+                          "fixed-point range is set from --dp-clip before the run: not with --secagg")
+    if config.dp_local:
+        raise ConfigError("--dp-adaptive-quantile: each client's clipped-or-not bit would reach the server without "
+                          "noise, outside local DP's guarantee: not with --dp-local")
+    update_noise_multiplier(config.dp_noise_multiplier, adaptive_clipping_of(config).count_noise)

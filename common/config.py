@@ -136,6 +136,14 @@ class Config:
                                "round (noise std on the sum z*C*K/M; the accountant uses M/population); 0: K", lo=0)
     dp_population: int = opt(0, "DP-FedAvg: the population the accountant samples from (0: the smallest "
                              "training day's users)", lo=0)
+    dp_adaptive_quantile: float = opt(0.0, "adaptive clipping (Andrew et al. 2021): move the clipping norm each "
+                                      "round towards this quantile of the clients' update norms, starting from "
+                                      "--dp-clip (0: off, a fixed norm)", lo=0, hi=1, hi_open=True)
+    dp_clip_lr: float = opt(0.2, "adaptive clipping: the geometric rate eta, C <- C * exp(-eta * (unclipped "
+                            "fraction - quantile))", lo=0, lo_open=True, hi=10)
+    dp_clip_count_noise: float = opt(0.0, "adaptive clipping: std sigma_b of the noise on the count of unclipped "
+                                     "clients (its share of the privacy budget; 0: the cohort / 20, "
+                                     "--dp-noise-cohort or else --clients-per-round)", lo=0, hi=1e9)
     dp_local: bool = opt(False, "local DP: each client adds noise of std z*C to its own clipped update (no "
                          "server noise); epsilon is then per participation, composed over --rounds at rate 1")
     secagg: bool = opt(False, "simulated secure aggregation: clipped updates in fixed point modulo "
@@ -298,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
 DEFAULTS = Config(data_dir="DATA_DIR")
 
 # keys a run's config.json records beside the options (skipped when it is read back as a config file)
-RECORD_KEYS = {"world_size", "shards_per_rank", "run_id", "argv", "private_params", "shared_params", "versions"}
+RECORD_KEYS = {"world_size", "shards_per_rank", "run_id", "argv", "private_params", "shared_params", "versions",
+               "privacy"}
 
 
 def _read_table(path: str) -> dict:

@@ -85,6 +85,9 @@ class Plan:
     # asynchronous training steps: the client tasks this rank trains from now on (`users` are theirs);
     # the step's update is the rank's sum over its tasks whose target is round + 1
     tasks: tuple[TaskSpec, ...] = ()
+    # synchronous training steps with DP clipping: the L2 norm every client clips its update to this round,
+    # the scheduler's (--dp-clip, or adaptive clipping's norm of the round); 0: no clipping
+    clip: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ this module are kept as they were, so results are unchanged.
 | `hourly_coin(seed, hour, uid)` | [seed, PHONES, crc32("daily"), hour, crc32(uid)] | `--availability daily:...` |
 | `candidate_rng(seed, purpose, index)` | [seed, PHONES, crc32("candidates/" + purpose), index] | on-line candidates of a round or start |
 | `privacy_rng(seed, purpose, round)` | [seed, PRIVACY, crc32(purpose), round] | the server's DP noise ("dp-noise"), the model broadcast's quantization ("broadcast") |
+| `clip_count_rng(seed, round)` | [seed, PRIVACY, crc32("dp-clip-count"), round] | adaptive clipping's noise on the count of unclipped clients |
 | `secagg_rng(seed, round, a, b)` | [seed, PRIVACY, crc32("secagg"), round, crc32(a), crc32(b)] | simulated secure aggregation's masks |
 | `channel_seed(user_seed)` | [user_seed, PRIVACY, crc32("channel")] | a client's clipping noise, quantization and fixed-point rounding |
 
@@ -96,6 +97,11 @@ def privacy_rng(seed: int, purpose: str, round_index: int) -> np.random.Generato
     """The generator of one round's server-side randomness: `purpose` "dp-noise" (the Gaussian noise on the
     round's sum) or "broadcast" (the stochastic rounding of a compressed model, the same for every client)."""
     return np.random.default_rng([seed, PRIVACY, _word(purpose), round_index])
+
+
+def clip_count_rng(seed: int, round_index: int) -> np.random.Generator:
+    """Adaptive clipping: the noise on round `round_index`'s count of clients whose update was not clipped."""
+    return privacy_rng(seed, "dp-clip-count", round_index)
 
 
 def channel_seed(user_seed_value: int) -> int:

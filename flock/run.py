@@ -368,7 +368,7 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
         (run_dir / "config.json").write_text(json.dumps(
             {**config.to_saved_json(), "world_size": world, "shards_per_rank": built.n_shards, "run_id": run_id,
              "argv": redact_argv(sys.argv), "private_params": list(built.private), "shared_params": layout.size,
-             "versions": package_versions()}, indent=1))
+             "versions": package_versions(), **channel.run_fields()}, indent=1))
     sink.recorder = stack.enter_context(Recorder(run_dir, config.rounds, mode=progress, done=resume_round))
     scheduler.on_record = sink       # before rank 0's parameters arrive, no step can finish
     scheduler.before_checkpoint = sink.recorder.sync

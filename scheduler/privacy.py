@@ -8,6 +8,10 @@ round's seeded stream (the same at any -np), and divides by the expected cohort 
 estimator: the number of contributors is not released). With a noise cohort M (pfl's noise-cohort scaling)
 the sum gets std z*C*K/M: the mean is as noisy as a deployed round of M users, and the accountant counts
 rounds at the deployed rate M/population. Epsilon comes from Google's dp-accounting (RDP or PLD).
+
+With adaptive clipping (`scheduler/adaptive_clipping.py`) C is the round's C_t, which the scheduler hands the
+clients in the round's plan, the update's noise multiplier is z_delta (the count of unclipped clients takes
+the rest of the budget), and the accountant still counts rounds of multiplier z.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from common.channel_config import ChannelSettings
 from common.errors import ConfigError
 from common.streams import privacy_rng
 from scheduler import secagg
+from scheduler.adaptive_clipping import AdaptiveClip, adaptive_clipping_of, update_noise_multiplier
 
 log = logging.getLogger(__name__)
 MAX_NOISE_MULTIPLIER = 1e3       # calibration's upper end: a target that needs more is unreachable
@@ -131,15 +136,19 @@ def client_bytes(settings: ChannelSettings, sizes: Sequence[int], *, secagg_neig
 class ServerChannel:
     """What the scheduler does with a round's sum: decode (secure aggregation), noise, the fixed
     denominator, the accountant, the bytes record. `accounting` None: no DP noise (bytes only, or clipping
-    without noise, or local DP's noise which the clients add)."""
+    without noise, or local DP's noise which the clients add). `adaptive`: adaptive clipping's norm, which
+    then is each round's C, and the update's noise multiplier becomes z_delta (of `noise_multiplier` z)."""
 
     def __init__(self, *, settings: ChannelSettings, sizes: Sequence[int], seed: int, clients_per_round: int,
                  noise_multiplier: float = 0.0, noise_cohort: int = 0, accounting: DpAccounting | None = None,
-                 secagg_neighbors: int = 0, secagg_threshold: float = 0.5) -> None:
+                 secagg_neighbors: int = 0, secagg_threshold: float = 0.5, adaptive: AdaptiveClip | None = None) -> None:
         self.settings = settings
         self.seed = seed
         self.clients_per_round = clients_per_round
-        self.central_noise = 0.0 if settings.local_noise_std else noise_multiplier
+        self.noise_multiplier = 0.0 if settings.local_noise_std else noise_multiplier     # z, the accountant's
+        self.adaptive = adaptive
+        self.central_noise = (update_noise_multiplier(self.noise_multiplier, adaptive.settings.count_noise)
+                              if adaptive is not None else self.noise_multiplier)          # on the update
         self.noise_cohort = noise_cohort or clients_per_round
         self.accounting = accounting
         self.secagg_threshold = secagg_threshold
@@ -149,14 +158,21 @@ class ServerChannel:
         self.epsilon = 0.0
 
     @property
+    def round_clip(self) -> float:
+        """The clipping norm of the current round (0: no clipping): --dp-clip, or adaptive clipping's C_t."""
+        return self.adaptive.clip if self.adaptive is not None else self.settings.clip
+
+    @property
     def noise_std(self) -> float:
-        """The std of the Gaussian noise on the round's sum of clipped updates."""
-        return self.central_noise * self.settings.clip * self.clients_per_round / self.noise_cohort
+        """The std of the Gaussian noise on the current round's sum of clipped updates."""
+        return self.central_noise * self.round_clip * self.clients_per_round / self.noise_cohort
 
     def aggregate(self, round_index: int, parts: list[np.ndarray], weight: float,
                   sums: dict[str, float]) -> tuple[list[np.ndarray], float, dict[str, Any]]:
         """Round `round_index` (0-based): the ranks' `parts` (sums of weighted deltas, float64) and total
-        `weight` -> the parts and weight for the mean, and the record's fields (bytes, epsilon, ...)."""
+        `weight` -> the parts and weight for the mean, and the record's fields (bytes, epsilon, ...). With
+        adaptive clipping `sums["unclipped"]` (the clients whose update norm was at most the round's C) moves
+        the norm for the next round."""
         clients = int(sums.get("clients", 0))
         arrived = clients - int(sums.get("diverged", 0))
         record: dict[str, Any] = {"bytes_down": clients * self.bytes_down, "bytes_up": arrived * self.bytes_up}
@@ -177,6 +193,10 @@ class ServerChannel:
             noise *= self.noise_std
             parts = [*parts, noise]
             weight = float(self.clients_per_round)
+        if self.adaptive is not None:
+            record["dp_clip"] = self.adaptive.clip
+            if arrived > 0:
+                record["dp_unclipped_fraction"] = self.adaptive.release(round_index, sums.get("unclipped", 0.0))
         if self.accounting is not None and arrived > 0:
             self.released += 1
             self.epsilon = self.accounting.epsilon(self.released)
@@ -192,20 +212,39 @@ class ServerChannel:
         return {"epsilon": self.epsilon} if self.accounting is not None else {}
 
     def state_dict(self) -> dict[str, Any]:
-        """For the checkpoint: the accountant's count of released rounds (epsilon follows from it)."""
-        return {"released": self.released, "epsilon": self.epsilon}
+        """For the checkpoint: the accountant's count of released rounds (epsilon follows from it) and the
+        next round's adaptive clipping norm."""
+        return {"released": self.released, "epsilon": self.epsilon,
+                **(self.adaptive.state_dict() if self.adaptive is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         state = state or {}
         self.released, self.epsilon = int(state.get("released", 0)), float(state.get("epsilon", 0.0))
+        if self.adaptive is not None:
+            self.adaptive.load_state_dict(state)
+
+    def run_fields(self) -> dict[str, Any]:
+        """What config.json records beside the options (with DP noise): the noise multipliers actually used,
+        a calibrated one included."""
+        if self.accounting is None:
+            return {}
+        fields = {"noise_multiplier": self.accounting.noise_multiplier}
+        if self.adaptive is not None:
+            fields.update(update_noise_multiplier=self.central_noise, count_noise=self.adaptive.settings.count_noise)
+        return {"privacy": fields}
 
     def summary(self) -> str:
         """One line for the end of the run."""
+        if self.adaptive is None:
+            clip = f"clip {self.settings.clip:g}"
+        else:
+            clip = (f"adaptive clip {self.adaptive.clip:.4g} towards quantile {self.adaptive.settings.quantile:g}, "
+                    f"update noise multiplier {self.central_noise:.4g}, count noise {self.adaptive.settings.count_noise:g}")
         if self.accounting is None:
-            return ""
+            return f"privacy: no DP noise ({clip})" if self.adaptive is not None else ""
         a = self.accounting
         return (f"privacy: epsilon {self.epsilon:.4g} at delta {a.delta:g} after {self.released} rounds "
-                f"(noise multiplier {a.noise_multiplier:.4g}, clip {self.settings.clip:g}, "
+                f"(noise multiplier {a.noise_multiplier:.4g}, {clip}, "
                 f"{'local DP' if self.settings.local_noise_std else f'sampling rate {a.sampling_rate:.4g}'}, "
                 f"{a.kind} accountant)")
 
@@ -248,8 +287,15 @@ def server_channel(config, sizes: Sequence[int], population: int) -> ServerChann
 
     z = noise_multiplier_of(config, population)
     accounting = accounting_of(config, z, population)
-    return ServerChannel(settings=channel_settings(config, z), sizes=sizes, seed=config.seed,
+    adaptive = adaptive_clipping_of(config)
+    channel = ServerChannel(settings=channel_settings(config, z), sizes=sizes, seed=config.seed,
                          clients_per_round=config.clients_per_round,
                          noise_multiplier=z, noise_cohort=config.dp_noise_cohort,
                          accounting=accounting,
-                         secagg_neighbors=config.secagg_neighbors, secagg_threshold=config.secagg_threshold)
+                         secagg_neighbors=config.secagg_neighbors, secagg_threshold=config.secagg_threshold,
+                         adaptive=AdaptiveClip(adaptive, seed=config.seed) if adaptive is not None else None)
+    if adaptive is not None:
+        log.info("adaptive clipping towards quantile %g from C0 = %g: update noise multiplier %.4f of z = %.4f, "
+                 "count noise %g", adaptive.quantile, adaptive.initial_clip, channel.central_noise, z,
+                 adaptive.count_noise)
+    return channel

@@ -178,8 +178,11 @@ class Scheduler:
         per_rank = assign_users(chosen, counts_for(counts, chosen), world, pinned=self.config.pin_users)
         checkpoint = kind == TRAIN and self.checkpoint_path is not None and self.config.checkpoint_due(done + 1)
         train_day = self.calendar.train_days[-1] if kind == EVAL else ""
+        # the round's clipping norm comes from here (fixed, or adaptive clipping's), the same for every client
+        clip = self.channel.round_clip if kind == TRAIN and self.channel is not None else 0.0
         return [Plan(step=step, kind=kind, round=done, day=day, split=split, users=tuple(mine), version=self.version,
-                     total_users=len(chosen), checkpoint=checkpoint, train_day=train_day) for mine in per_rank]
+                     total_users=len(chosen), checkpoint=checkpoint, train_day=train_day, clip=clip)
+                for mine in per_rank]
 
     def _async_plans(self, step: int, done: int) -> list[Plan]:
         """The tasks handed out while version `done` is current, spread over the ranks (a user's tasks on
@@ -274,7 +277,7 @@ class Scheduler:
             self.layout, self.params, self.version, self.step = layout, params, meta["version"], meta["step"]
             self.sim_time = float(meta.get("sim_time", 0.0))
             if self.channel is not None:
-                self.channel.load_state_dict(meta.get("privacy"))    # the accountant's rounds
+                self.channel.load_state_dict(meta.get("privacy"))    # the accountant's rounds, the clipping norm
             self.optimizer.load_state_dict(opt_state)
             self._start_async(layout)
             if self._async is not None:

@@ -5,7 +5,9 @@ without one the shard's plain FedAvg path runs untouched.
 A user's update is delta = theta_user - theta_received over the shared parameters (private parameters never
 leave the device and are neither clipped nor noised). In order:
 
-1. clipping to L2 norm C (DP-FedAvg, McMahan et al. 2018): delta *= min(1, C / ||delta||);
+1. clipping to L2 norm C (DP-FedAvg, McMahan et al. 2018): delta *= min(1, C / ||delta||), C the round's norm
+   from the scheduler's plan; the client reports whether it was not clipped (`unclipped`, the bit adaptive
+   clipping counts: `scheduler/adaptive_clipping.py`);
 2. local DP: Gaussian noise of std z*C per coordinate, from the user's channel stream;
 3. compression (`common/codecs.py`): fp16; qB stochastic quantization; top-k of (delta + residual) with
    error feedback, the residual kept as the user's private state on its home rank;
@@ -88,15 +90,23 @@ class UpdateChannel:
             return cached
 
     def apply(self, uid: str, deltas: list[torch.Tensor], rng: torch.Generator,
-              state: Mapping[str, np.ndarray] | None = None, names: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+              state: Mapping[str, np.ndarray] | None = None, names: tuple[str, ...] = (), *,
+              clip: float | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Transforms user `uid`'s update in place (`deltas`: float64 tensors, one per shared parameter, named
-        `names`); `state`: the user's stored private state (its residuals). Returns the private state to
-        store for it (empty without error feedback)."""
+        `names`); `state`: the user's stored private state (its residuals); `clip`: the round's clipping norm
+        from the scheduler's plan (None: the configured one, for callers outside a run). Returns the private
+        state to store for it (empty without error feedback) and its sums for the round: with clipping,
+        "unclipped" 1.0 when its update's norm was at most the norm, else 0.0."""
         s = self.settings
+        sums: dict[str, float] = {}
         if s.clip > 0:
+            clip = s.clip if clip is None else clip
+            if not clip > 0:
+                raise ValueError(f"user {uid!r}: clipping is on, but the round's plan gives clipping norm {clip}")
             norm = float(torch.stack([d.pow(2).sum() for d in deltas]).sum().sqrt()) if deltas else 0.0
-            if norm > s.clip:
-                torch._foreach_mul_(deltas, s.clip / norm)
+            sums["unclipped"] = float(norm <= clip)
+            if norm > clip:
+                torch._foreach_mul_(deltas, clip / norm)
         if s.local_noise_std > 0:
             for d in deltas:
                 d.add_(torch.randn(d.shape, generator=rng, dtype=d.dtype), alpha=s.local_noise_std)
@@ -111,7 +121,7 @@ class UpdateChannel:
             for d in deltas:
                 d.clamp_(-s.clip, s.clip).mul_(scale)
                 d.add_(torch.rand(d.shape, generator=rng, dtype=d.dtype)).floor_().div_(scale)
-        return new_state
+        return new_state, sums
 
     def _top_k(self, deltas: list[torch.Tensor], state: Mapping[str, np.ndarray], names: tuple[str, ...]) -> dict[str, np.ndarray]:
         """Top-k of (delta + residual) over the whole update; what is not sent becomes the new residual."""

@@ -105,9 +105,10 @@ class Shard:
                     p.copy_(src)
 
     def train_user(self, uid: str, samples: Mapping[str, np.ndarray], seed: int = 0, round_index: int = 0, *,
-                   into: Accumulator | None = None, scale: float = 1.0) -> dict[str, float]:
+                   into: Accumulator | None = None, scale: float = 1.0, clip: float | None = None) -> dict[str, float]:
         """`seed`: the user's random stream for this round (see `user_seed`); `round_index`: 1-based. The
-        user's n * scale * theta goes into `into` (default: the shard's own sum), n into its weight."""
+        user's n * scale * theta goes into `into` (default: the shard's own sum), n into its weight. `clip`:
+        the round's clipping norm from the plan (None: the channel's configured one)."""
         self._load_user(uid)
         received = self._received_model() if self.channel is not None else None     # channel hook
         rng = torch.Generator(device="cpu")
@@ -124,8 +125,9 @@ class Shard:
             if self.channel is None:
                 (into or self.sum).add(self.shared, n * scale, n)
             else:       # channel hook: the user's transformed update on the exact global parameters
-                state = self._send(uid, received, seed, into or self.sum, (1.0 if self.channel.uniform_weights else n),
-                                   scale)
+                state, report = self._send(uid, received, seed, into or self.sum,
+                                           (1.0 if self.channel.uniform_weights else n), scale, clip)
+                sums = {**sums, **report}
         if self.private or state:
             self.store.set_param_by_uid(uid, {**{k: p.detach().cpu().numpy() for k, p in self.private.items()},
                                               **state})
@@ -142,15 +144,16 @@ class Shard:
         return views
 
     def _send(self, uid: str, received: list[torch.Tensor], seed: int, into: Accumulator, weight: float,
-              scale: float) -> dict[str, np.ndarray]:
+              scale: float, clip: float | None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """Runs the user's update delta = theta_user - theta_received through the channel and adds
-        weight * scale * (theta_global + delta') into `into`; returns the user's private channel state."""
+        weight * scale * (theta_global + delta') into `into`; returns the user's private channel state and
+        the channel's sums (whether it was clipped)."""
         deltas = [p.detach().double() - r.double() for p, r in zip(self.shared, received)]
         stored = self.store.get_param_by_uid(uid) if self.channel.settings.error_feedback else None
         rng = torch.Generator(device="cpu").manual_seed(channel_seed(seed))
-        state = self.channel.apply(uid, deltas, rng, stored, self.layout.names)
+        state, report = self.channel.apply(uid, deltas, rng, stored, self.layout.names, clip=clip)
         into.add_update(self._global_views, deltas, weight * scale, weight)
-        return state
+        return state, report
 
     def evaluate_user(self, uid: str, samples: Mapping[str, np.ndarray], round_index: int = 0) -> dict[str, float]:
         self._load_user(uid)

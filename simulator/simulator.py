@@ -105,7 +105,8 @@ class Simulator:
         for shard in self.shards:
             shard.reset_sum()
         results = self._per_shard(plan, lambda shard, uid: shard.train_user(
-            uid, self.reader.load(plan.day, plan.split, uid), user_seed(self.seed, plan.round, uid), plan.round + 1))
+            uid, self.reader.load(plan.day, plan.split, uid), user_seed(self.seed, plan.round, uid), plan.round + 1,
+            clip=plan.clip))
         sums: dict[str, float] = {"clients": 0.0}
         for group in results:
             for _, user_sums in group:

@@ -171,14 +171,14 @@ def test_top_k_sends_k_values_and_keeps_the_rest_as_the_users_residual():
     channel = UpdateChannel(ChannelSettings(up=Codec("topk", fraction=0.05)), seed=0)
     d = deltas(2)
     original = [t.clone() for t in d]
-    state = channel.apply("u", d, torch.Generator(), None, NAMES)
+    state, _ = channel.apply("u", d, torch.Generator(), None, NAMES)
     total = sum(t.numel() for t in d)
     assert sum(int((t != 0).sum()) for t in d) == math.ceil(0.05 * total)
     for name, sent, orig in zip(NAMES, d, original):
         np.testing.assert_allclose(sent.numpy() + state[RESIDUAL + name], orig.numpy(), atol=1e-6)
     # next round: the residual joins the new update, so nothing is lost over rounds
     d2 = [torch.zeros_like(t) for t in d]
-    state2 = channel.apply("u", d2, torch.Generator(), state, NAMES)
+    state2, _ = channel.apply("u", d2, torch.Generator(), state, NAMES)
     for name, sent in zip(NAMES, d2):
         np.testing.assert_allclose(sent.numpy() + state2[RESIDUAL + name], state[RESIDUAL + name], atol=1e-6)
 
