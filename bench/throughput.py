@@ -19,7 +19,7 @@ model and hyper-parameters (one run, ratios printed at the end).
 - dependency bound (asynchronous mode): a task can start only once the model version it starts from exists,
   and a version only once all its K updates are in, so one long task holds up the next versions; the busy
   share of an ideal, zero-cost list schedule of the run's tasks on N workers (duration = the user's samples,
-  the ranks' rule of taking tasks of at most `simulator.async_simulator.HORIZON` updates ahead) is the
+  the ranks' rule of taking tasks of at most `scheduler.phones.asynchronous.HORIZON` updates ahead) is the
   asynchronous analogue of balance.
   It rises with the concurrency C: more tasks in flight, more work that does not wait.
 - balanced users: the same with every user cut to its first 15 comments (users with fewer left out), so
@@ -323,7 +323,7 @@ def asynchronous(args, out: Path, cores: int) -> None:
     """FedBuff (K = --async-buffer, C = --async-concurrency) at -np `cores` against floor_np training the
     same clients (one server update's K clients per floor round), and the ratio to Flower's synchronous
     simulation (same data, model and trainer) in the same run. The first update is warm-up on both sides."""
-    from simulator.async_simulator import HORIZON
+    from scheduler.phones.asynchronous import HORIZON
 
     k, c, updates = args.async_buffer, args.async_concurrency, args.rounds
     given, tasks = async_users(args.data_dir, updates, k, c)

@@ -8,10 +8,10 @@ it while the other ranks finish theirs: a rank waits for a straggler only when w
 version the straggler holds up.
 
 Once the plan of version v is in, every task of update v + 1 is known, but tasks of update v + 2 still come
-with the plan of v + 1. So the rank trains only tasks of updates up to v + HORIZON (2): a long task of a
+with the plan of v + 1. The rank trains only tasks of updates up to v + HORIZON (2): a long task of a
 later update, started early, would hold up the next one's push when a shorter task of it arrives (priority
-inversion). (Tried: 3, with tasks placed by the work each rank holds for updates up to theirs; an ideal
-schedule of the run's tasks gained, the measured runs did not: bench/results/throughput_async.md.)
+inversion). The scheduler hands tasks out only when they come within that horizon
+(`scheduler.phones.asynchronous`), so a task waits in the scheduler, not in one rank's queue.
 
 A task adds w n theta_i into its target's float64 sum, and w n theta_start is taken off once per start
 version when the sum is pushed; with the scheduler's exact weights (`scheduler.phones.asynchronous`) the
@@ -31,6 +31,7 @@ import torch
 from common.domain import DONE, EVAL, Plan, RankUpdate, TaskSpec
 from common.metrics import add_sums
 from common.streams import user_seed
+from scheduler.phones.asynchronous import HORIZON
 from simulator.data_plane import SchedulerDataPlane
 from simulator.shard import Accumulator
 from simulator.simulator import Simulator, UserError
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 POLL_S = 1e-3     # how long a look for the next plan waits while the rank has work of its own
 WAIT_S = 1.0      # with nothing to do: the longest wait for the plan before a look at the background push
 EMPTY = np.zeros(0, dtype=np.float64)
-HORIZON = 2       # the rank trains tasks of updates up to the current version + HORIZON
 
 
 @dataclass

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common.domain import TaskSpec
-from scheduler.phones.asynchronous import AsyncRounds, exact_weight
+from scheduler.phones.asynchronous import HORIZON, AsyncRounds, exact_weight
 from scheduler.phones.availability import availability_from_option
 from scheduler.phones.devices import profiles_from_option
 from scheduler.phones.fedbuff import AsyncConfig, staleness_weight
@@ -58,7 +58,7 @@ def test_exact_weight_keeps_eight_significant_bits():
     assert exact_weight(1.0) == 1.0 and exact_weight(0.5) == 0.5
 
 
-def test_every_counted_task_is_handed_out_once_at_its_start_and_lands_in_its_buffer():
+def test_every_counted_task_is_handed_out_once_when_it_can_start_and_lands_in_its_buffer():
     plan = rounds(availability="round:0.6", max_staleness=2)
     schedule = rounds(availability="round:0.6", max_staleness=2)._schedule
     buffers = [schedule.next_buffer() for _ in range(30)]
@@ -69,7 +69,9 @@ def test_every_counted_task_is_handed_out_once_at_its_start_and_lands_in_its_buf
     by_id = {a.task.task_id: (b.version, a) for b in buffers for a in b.arrivals}
     for version, task in tasks:
         target, arrival = by_id[task.task_id]
-        assert version == task.start_version == arrival.task.start_version      # no checkpoints: at its start
+        assert task.start_version == arrival.task.start_version
+        # no checkpoints: handed out at its start, or once its target is within the ranks' horizon
+        assert version == max(task.start_version, target - HORIZON)
         assert task.target == target > task.start_version
         assert task.weight == exact_weight(arrival.weight)
         assert arrival.staleness == target - 1 - task.start_version <= 2
@@ -79,7 +81,7 @@ def test_no_task_of_a_later_version_trains_before_a_checkpoint_and_resume_hands_
     whole = handed_out(rounds(checkpoint_every=4), 20)
     for version, task in whole:
         barrier = max((c for c in range(4, 21, 4) if c < task.target), default=0)
-        assert version == max(task.start_version, barrier)
+        assert version == max(task.start_version, task.target - HORIZON, barrier)
         assert version >= barrier      # nothing past a checkpoint is trained before it
     resumed = rounds(checkpoint_every=4)
     first = rounds(checkpoint_every=4)
@@ -91,7 +93,14 @@ def test_no_task_of_a_later_version_trains_before_a_checkpoint_and_resume_hands_
         got += [(v, t) for t in resumed.tasks_at(v)]
         resumed.record(v + 1)
     assert got == after
-    assert resumed.needed_versions(12) == {t.start_version for v, t in whole if v > 12 and t.start_version < 12}
+    # a checkpoint at 12 (written before the plan of 12) holds the older versions that tasks handed out from
+    # 12 on start from
+    at12 = rounds(checkpoint_every=4)
+    for v in range(12):
+        at12.tasks_at(v)
+        at12.record(v + 1)
+    needed = {t.start_version for v, t in whole if v >= 12 and t.start_version < 12}
+    assert needed and at12.needed_versions(12) == needed
 
 
 def test_restore_refuses_a_schedule_that_does_not_replay_to_the_saved_time():

@@ -8,12 +8,15 @@ runs ahead until every task started from a version <= v has arrived, dropped out
 stale: so each task's fate and target are known before anyone trains it, and tasks whose update would not
 count are never trained (their virtual compute is reported as saved).
 
-A task is handed out at version max(start, the last checkpoint version before its target): every task
-that starts from v and counts is trained while v is current, and on any rank, except that no task whose
-update lands after a checkpoint trains before that checkpoint is written. The rule makes a resumed run
-hand out exactly what an uninterrupted one does (the tasks pending at a checkpoint are handed out again at
-it, from their own start versions, which the checkpoint holds), and keeps every private-parameter write
-of a later version out of a checkpoint's state.
+A task is handed out at version max(start, target - HORIZON, the last checkpoint version before its
+target). Ranks train tasks of at most HORIZON updates ahead of the current version (further ahead, a long
+task would hold up a nearer update's push), so a task handed out earlier would only wait on one rank's
+queue; handed out when it can start, it goes to the rank with the least work at that time, as from one
+pool (bench/results/throughput_async.md: fixed early placement cost up to 0.17 of the ranks' time). No
+task whose update lands after a checkpoint trains before that checkpoint is written. The rule makes a
+resumed run hand out exactly what an uninterrupted one does (the tasks pending at a checkpoint are handed
+out again at it, from their own start versions, which the checkpoint holds), and keeps every
+private-parameter write of a later version out of a checkpoint's state.
 
 Exactness. The update of version t is the sum over its buffer's arrivals of w_i n_i (theta_i -
 theta_start_i), divided by the sum of n_i (FedBuff's staleness-weighted buffer, with flock's sample
@@ -36,6 +39,7 @@ from scheduler.phones.report import async_update_record
 from scheduler.phones.rounds import PhoneRounds
 
 WEIGHT_BITS = 8
+HORIZON = 2       # ranks train tasks of updates up to the current version + HORIZON; tasks are handed out then
 
 
 def exact_weight(weight: float, bits: int = WEIGHT_BITS) -> float:
@@ -101,9 +105,10 @@ class AsyncRounds:
         self._resolved_through = version
 
     def handout_version(self, task: TaskSpec) -> int:
-        """The version at which `task` is handed out: its start, or the last checkpoint before its target."""
-        return next((v for v in range(task.target - 1, task.start_version, -1) if self.checkpoint_due(v)),
-                    task.start_version)
+        """The version at which `task` is handed out: its start, or HORIZON versions before its target, or
+        the last checkpoint before its target, whichever is latest."""
+        at = max(task.start_version, task.target - HORIZON)
+        return next((v for v in range(task.target - 1, at, -1) if self.checkpoint_due(v)), at)
 
     def tasks_at(self, version: int) -> list[TaskSpec]:
         """The tasks handed out while `version` is current (by task id); each task is handed out once."""
