@@ -14,6 +14,7 @@ does.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import shutil
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from common.errors import DataError, FlockError
-from reader.vocab import build_vocab, load_vocab, save_json_atomic
+from reader.vocab import load_vocab, save_json_atomic, vocab_from_counts
 
 
 def _sources(src: Path) -> Iterator[tuple[str, callable]]:
@@ -65,6 +66,7 @@ def import_leaf_reddit(src: Path, out: Path, *, train_day: str = "20200101", tes
         raise DataError(f"{out}: already exists; import into a new folder")
     owner: dict[tuple[str, str], str] = {}
     vocab_bytes, used, skipped, users = None, {"train": [], "test": []}, [], {"train": 0, "test": 0}
+    token_counts: collections.Counter = collections.Counter()    # the training day's input tokens
     tmp = out.with_name(f".{out.name}.importing")
     shutil.rmtree(tmp, ignore_errors=True)
     days = {"train": tmp / train_day, "test": tmp / test_day}
@@ -86,6 +88,8 @@ def import_leaf_reddit(src: Path, out: Path, *, train_day: str = "20200101", tes
             save_json_atomic(days[role] / f"{role}_data_{len(used[role]):05d}.json", doc)
             used[role].append(name)
             users[role] += len(doc["users"])
+            if role == "train" and vocab_bytes is None:
+                token_counts.update(_input_tokens(doc))
         for role in ("train", "test"):
             if not used[role]:
                 raise DataError(f"{src}: no {role} JSON file found (a path containing '{role}' and ending in .json)")
@@ -94,8 +98,7 @@ def import_leaf_reddit(src: Path, out: Path, *, train_day: str = "20200101", tes
             repairs = load_vocab(tmp / "vocab.json").repairs   # refuse a broken vocabulary before anything is in place
             vocab_from = "archive" + (f" (flock will repair it when reading: {'; '.join(repairs)})" if repairs else "")
         else:
-            save_json_atomic(tmp / "vocab.json", build_vocab(_train_tokens(sorted(days["train"].glob("*.json"))),
-                                                             vocab_size))
+            save_json_atomic(tmp / "vocab.json", vocab_from_counts(token_counts, vocab_size))
             vocab_from = f"built from the training day ({vocab_size} words)"
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -126,14 +129,12 @@ def _leaf_doc(src: Path, name: str, raw: bytes, role: str, owner: dict[tuple[str
     return out
 
 
-def _train_tokens(files: list[Path]) -> Iterator[str]:
-    """The input tokens of the training files, one file in memory at a time."""
-    for path in files:
-        doc = json.loads(path.read_text())
-        for ud in doc["user_data"].values():
-            for comment in ud.get("x", []):
-                for seq in comment:
-                    yield from seq
+def _input_tokens(doc: dict) -> Iterator[str]:
+    """The input tokens of one LEAF document."""
+    for ud in doc["user_data"].values():
+        for comment in ud.get("x", []):
+            for seq in comment:
+                yield from seq
 
 
 def main(argv: list[str] | None = None) -> int:

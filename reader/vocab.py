@@ -49,7 +49,12 @@ class Vocab:
 
 def build_vocab(tokens: Iterable[str], size: int = 10_000) -> dict:
     """The `size` most frequent tokens (ties by word) after PAD=0 and UNK=1, as a vocab.json document."""
-    counter = collections.Counter(t for t in tokens if t not in (PAD, UNK))
+    return vocab_from_counts(collections.Counter(tokens), size)
+
+
+def vocab_from_counts(counts: Mapping[str, int], size: int = 10_000) -> dict:
+    """`build_vocab` from token counts (gathered a file at a time by a caller that cannot hold every token)."""
+    counter = {t: c for t, c in counts.items() if t not in (PAD, UNK)}
     words = [w for w, _ in sorted(counter.items(), key=lambda wc: (-wc[1], wc[0]))[: size - 2]]
     vocab = {PAD: 0, UNK: 1}
     for i, w in enumerate(words):

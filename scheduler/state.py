@@ -185,8 +185,8 @@ class Scheduler:
                 for mine in per_rank]
 
     def _async_plans(self, step: int, done: int) -> list[Plan]:
-        """The tasks handed out while version `done` is current, spread over the ranks (a user's tasks on
-        one rank, in task order); the scheduler keeps the old versions that tasks still start from."""
+        """The tasks handed out while version `done` is current, spread over the ranks (each rank's in task
+        order); the scheduler keeps the old versions that tasks still start from."""
         day = self.calendar.train_days[0]
         tasks = self._async.tasks_at(done)
         keep = {t.start_version for t in tasks} | self._async.needed_versions(done)

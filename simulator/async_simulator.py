@@ -112,7 +112,7 @@ class AsyncSimulator(Simulator):
             return
         self.store.at_round(plan.round + 1)     # writes from now on belong after the checkpoint of round + 1
         for task in plan.tasks:
-            if task.start_version not in self._versions:     # pending at a checkpoint: an older version
+            if task.start_version not in self._versions:     # an older version this rank has let go
                 self._versions[task.start_version] = self.client.get_params(task.start_version)[1]
         self._queue = sorted(self._queue + list(plan.tasks), key=lambda t: (t.target, t.task_id))
         self._due.append(plan)

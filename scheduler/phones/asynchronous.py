@@ -12,7 +12,7 @@ A task is handed out at version max(start, target - HORIZON, the last checkpoint
 target). Ranks train tasks of at most HORIZON updates ahead of the current version (further ahead, a long
 task would hold up a nearer update's push), so a task handed out earlier would only wait on one rank's
 queue; handed out when it can start, it goes to the rank with the least work at that time, as from one
-pool (bench/results/throughput_async.md: fixed early placement cost up to 0.17 of the ranks' time). No
+pool (bench/results/throughput_async.md: so in a model of the schedule; runs gained at C=20, not at 60). No
 task whose update lands after a checkpoint trains before that checkpoint is written. The rule makes a
 resumed run hand out exactly what an uninterrupted one does (the tasks pending at a checkpoint are handed
 out again at it, from their own start versions, which the checkpoint holds), and keeps every
