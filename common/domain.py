@@ -88,6 +88,9 @@ class Plan:
     # synchronous training steps with DP clipping: the L2 norm every client clips its update to this round,
     # the scheduler's (--dp-clip, or adaptive clipping's norm of the round); 0: no clipping
     clip: float = 0.0
+    # asynchronous training steps: older versions that tasks not yet handed out start from; every rank keeps
+    # them (it cannot know which of them its later tasks will need)
+    keep: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

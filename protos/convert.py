@@ -27,7 +27,7 @@ def layout_from_proto(specs: Iterable[pb.TensorSpec]) -> ParamLayout:
 def plan_to_proto(plan: Plan) -> pb.Plan:
     return pb.Plan(step=plan.step, kind=plan.kind, round=plan.round, day=plan.day, split=plan.split,
                    users=list(plan.users), version=plan.version, total_users=plan.total_users,
-                   checkpoint=plan.checkpoint, train_day=plan.train_day, clip=plan.clip,
+                   checkpoint=plan.checkpoint, train_day=plan.train_day, clip=plan.clip, keep=list(plan.keep),
                    tasks=[pb.Task(task_id=t.task_id, uid=t.uid, start_version=t.start_version, target=t.target,
                                   weight=t.weight) for t in plan.tasks])
 
@@ -35,7 +35,7 @@ def plan_to_proto(plan: Plan) -> pb.Plan:
 def plan_from_proto(msg: pb.Plan) -> Plan:
     return Plan(step=msg.step, kind=msg.kind, round=msg.round, day=msg.day, split=msg.split,
                 users=tuple(msg.users), version=msg.version, total_users=msg.total_users,
-                checkpoint=msg.checkpoint, train_day=msg.train_day, clip=msg.clip,
+                checkpoint=msg.checkpoint, train_day=msg.train_day, clip=msg.clip, keep=tuple(msg.keep),
                 tasks=tuple(TaskSpec(task_id=t.task_id, uid=t.uid, start_version=t.start_version, target=t.target,
                                      weight=t.weight) for t in msg.tasks))
 

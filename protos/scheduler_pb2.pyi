@@ -59,7 +59,7 @@ class PlanRequest(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("step", "kind", "round", "day", "split", "users", "version", "total_users", "checkpoint", "train_day", "tasks", "clip")
+    __slots__ = ("step", "kind", "round", "day", "split", "users", "version", "total_users", "checkpoint", "train_day", "tasks", "clip", "keep")
     STEP_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class Plan(_message.Message):
     TRAIN_DAY_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     CLIP_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     step: int
     kind: str
     round: int
@@ -84,7 +85,8 @@ class Plan(_message.Message):
     train_day: str
     tasks: _containers.RepeatedCompositeFieldContainer[Task]
     clip: float
-    def __init__(self, step: _Optional[int] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., day: _Optional[str] = ..., split: _Optional[str] = ..., users: _Optional[_Iterable[str]] = ..., version: _Optional[int] = ..., total_users: _Optional[int] = ..., checkpoint: _Optional[bool] = ..., train_day: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ..., clip: _Optional[float] = ...) -> None: ...
+    keep: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step: _Optional[int] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., day: _Optional[str] = ..., split: _Optional[str] = ..., users: _Optional[_Iterable[str]] = ..., version: _Optional[int] = ..., total_users: _Optional[int] = ..., checkpoint: _Optional[bool] = ..., train_day: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ..., clip: _Optional[float] = ..., keep: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("task_id", "uid", "start_version", "target", "weight")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import grpc
 import numpy as np
@@ -143,6 +144,11 @@ class LocalSchedulerClient:
     def get_params(self, version: int) -> tuple[ParamLayout, np.ndarray]:
         """The scheduler's own (read-only) array of `version`."""
         return self.scheduler.current_params(version)
+
+    def on_version(self, publish: Callable[[int, np.ndarray], None]) -> None:
+        """Has the scheduler call `publish(version, params)` with every new version as soon as it is made
+        (in the thread that completed the step, under the scheduler's lock)."""
+        self.scheduler.on_version = publish
 
     def push_update(self, update: RankUpdate) -> None:
         self.scheduler.push_update(update)

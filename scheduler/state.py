@@ -95,6 +95,9 @@ class Scheduler:
         self.main_metric = main_metric or next(iter(self.eval_ratios), "")   # per-user values (eval_users.json)
         self.on_record = on_record or (lambda record: None)
         self.before_checkpoint: Callable[[], None] = lambda: None   # e.g. make the records durable first
+        # each new version's parameters (not to be written), under the lock, before its plans are handed out: rank 0's
+        # data plane puts them into its node's shared memory there and then
+        self.on_version: Callable[[int, np.ndarray], None] = lambda version, params: None
         self.checkpoint_path = checkpoint_path
         self.phones = phones              # None: every sampled client trains, and no virtual clock runs
         self.sim_time = 0.0               # virtual seconds since the run began (with phones)
@@ -189,7 +192,8 @@ class Scheduler:
         order); the scheduler keeps the old versions that tasks still start from."""
         day = self.calendar.train_days[0]
         tasks = self._async.tasks_at(done)
-        keep = {t.start_version for t in tasks} | self._async.needed_versions(done)
+        later = self._async.needed_versions(done)      # the ranks keep these too
+        keep = {t.start_version for t in tasks} | later
         self._old_versions = {v: a for v, a in self._old_versions.items() if v in keep}
         counts = self._eligible(day, "train")[1]
         world = self.config.world_size
@@ -207,7 +211,8 @@ class Scheduler:
             mine.sort(key=lambda t: t.task_id)
         checkpoint = self.checkpoint_path is not None and self.config.checkpoint_due(done + 1)
         return [Plan(step=step, kind=TRAIN, round=done, day=day, split="train", users=tuple(t.uid for t in mine),
-                     version=self.version, total_users=len(tasks), checkpoint=checkpoint, tasks=tuple(mine))
+                     version=self.version, total_users=len(tasks), checkpoint=checkpoint, tasks=tuple(mine),
+                     keep=tuple(sorted(later)))
                 for mine in per_rank]
 
     def _start_async(self, layout: ParamLayout) -> None:
@@ -369,11 +374,14 @@ class Scheduler:
         kind, done = self.steps[self.step]
         pushed = [self._pushed[r] for r in sorted(self._pushed)]      # rank order: the same whenever they pushed
         self._pushed = {}
+        version = self.version
         failure = self._finish_train(done, pushed) if kind == TRAIN else self._finish_eval(done, pushed)
         if failure is not None:
             log.error("%s", failure)
             self.failure = failure
         else:
+            if self.version != version:
+                self.on_version(self.version, self.params)
             self.step += 1
             self._plans = self._make_plans(self.step)
         self._cond.notify_all()

@@ -60,6 +60,7 @@ class AsyncSimulator(Simulator):
     def run(self, start_step: int = 0) -> int:
         self._queue: list[TaskSpec] = []          # handed out, not trained; by (target, task id)
         self._versions: dict[int, np.ndarray] = {}
+        self._keep: frozenset[int] = frozenset()     # older versions that tasks not yet handed out start from
         self._parts: dict[int, _Part] = {}
         self._spare: list[Accumulator] = []
         self._due: list[Plan] = []                # training plans whose update this rank has not pushed yet
@@ -111,8 +112,9 @@ class AsyncSimulator(Simulator):
             self.client.push_metrics(self.eval_step(plan))
             return
         self.store.at_round(plan.round + 1)     # writes from now on belong after the checkpoint of round + 1
+        self._keep = frozenset(plan.keep)
         for task in plan.tasks:
-            if task.start_version not in self._versions:     # an older version this rank has let go
+            if task.start_version not in self._versions:     # only after a resume: the checkpoint's old versions
                 self._versions[task.start_version] = self.client.get_params(task.start_version)[1]
         self._queue = sorted(self._queue + list(plan.tasks), key=lambda t: (t.target, t.task_id))
         self._due.append(plan)
@@ -200,8 +202,9 @@ class AsyncSimulator(Simulator):
             self._pushing = None
 
     def _forget_versions(self) -> None:
-        """Drops the parameters no queued task or unpushed part needs (the newest version stays)."""
-        needed = {t.start_version for t in self._queue}
+        """Drops the parameters that no queued task, unpushed part or task still to be handed out needs (the
+        newest version stays)."""
+        needed = {t.start_version for t in self._queue} | self._keep
         for part in self._parts.values():
             needed.update(part.subtract)
         newest = max(self._versions, default=None)

@@ -149,6 +149,7 @@ class MPIDataPlane:
         self._received: np.ndarray | None = None    # a child node's sum, on first ranks that have children
         self._control = ThreadPoolExecutor(1, thread_name_prefix="control") if self.rank != 0 else None
         if self.rank == 0:
+            client.on_version(self._publish)
             log.info("data plane: MPI, %d rank(s) on this node (shared memory), %d node(s)", self.node.size,
                      len(self._nodes))
 
@@ -156,12 +157,21 @@ class MPIDataPlane:
         for arrays in (self._params, self._slots, self._flags):
             arrays.sync()
 
+    def _publish(self, version: int, params: np.ndarray) -> None:
+        """Rank 0, called by its scheduler as it makes `version`: into the node's shared memory at once, so
+        that the node's ranks need not wait for rank 0's loop to ask for it (in asynchronous mode that loop
+        may be in the middle of a long task). No rank reads the old version then: a version is made only
+        once every rank has pushed what it trained from the one before, and read it for the plans before."""
+        np.copyto(self._params.of(0), params)
+        self._params.sync()
+        self._flags.of(0)[VERSION] = version + 1
+
     def params(self, version: int, timeout: float) -> np.ndarray:
         if version == self._version:
             return self._view
         shared, flags = self._params.of(0), self._flags.of(0)
         if self.leaders is not None:
-            if self.rank == 0:
+            if self.rank == 0 and flags[VERSION] != version + 1:    # the run's first version: not published
                 np.copyto(shared, self.client.get_params(version)[1])
             if self.leaders.size > 1:
                 self.leaders.Bcast(shared, root=0)

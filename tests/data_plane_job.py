@@ -1,11 +1,12 @@
 """MPIDataPlane in a real MPI job, with a stand-in for the scheduler: `mpirun -np N python
 tests/data_plane_job.py OUT_DIR [--hang-rank R --timeout S]`.
 
-Every step brings a new parameter version, which every rank checks; every rank whose turn it is pushes a
-known float64 update (values spread over 16 orders of magnitude, so the order of the sum shows in its
-bits; some ranks, rank 0 included, bring nothing in some steps). Rank 0 saves each step's total as its
-scheduler would get it (OUT_DIR/total<step>.npy) and what the other ranks pushed over the control plane
-(OUT_DIR/headers.json). With --hang-rank, that rank stalls in step 1 and the others must time out."""
+Every step brings a new parameter version (rank 0's stand-in scheduler publishes it as the scheduler
+does), which every rank checks; every rank whose turn it is pushes a known float64 update (values spread
+over 16 orders of magnitude, so the order of the sum shows in its bits; some ranks, rank 0 included, bring
+nothing in some steps). Rank 0 saves each step's total as its scheduler would get it
+(OUT_DIR/total<step>.npy) and what the other ranks pushed over the control plane (OUT_DIR/headers.json).
+With --hang-rank, that rank stalls in step 1 and the others must time out."""
 from __future__ import annotations
 
 import argparse
@@ -41,18 +42,27 @@ def delta(rank: int, step: int) -> np.ndarray:
 
 
 class StandIn:
-    """What the data plane asks of the scheduler client."""
+    """What the data plane asks of the scheduler client. On rank 0, the total's push makes the next version,
+    which the stand-in publishes as the scheduler does (so only version 0 is copied by `params`)."""
 
     def __init__(self) -> None:
         self.pushed: list[RankUpdate] = []
+        self.publish = None
 
     def get_params(self, version: int):
+        if version:
+            raise AssertionError(f"version {version} was published: the plane must not ask for it")
         return None, params(version)
+
+    def on_version(self, publish) -> None:
+        self.publish = publish
 
     def push_update(self, update: RankUpdate) -> None:
         self.pushed.append(RankUpdate(step=update.step, rank=update.rank, weight=update.weight,
                                       delta_sum=update.delta_sum.copy(), sums=dict(update.sums),
                                       reduced=update.reduced))
+        if update.rank == 0 and update.step + 1 < STEPS:
+            self.publish(update.step + 1, params(update.step + 1))
 
 
 def main() -> None:

@@ -186,6 +186,33 @@ def test_asynchronous_options_are_checked(tmp_path, extra, message):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_rank_keeps_the_versions_that_tasks_handed_out_later_start_from():
+    """Plans name the older versions that tasks not yet handed out start from (`Plan.keep`): a rank keeps
+    them, so each version is fetched once, when it is current, and a late task trains from the right one."""
+    from common.domain import DONE, TRAIN, ParamLayout, Plan
+    from simulator.async_simulator import AsyncSimulator
+    from simulator.data_server import MemoryStore
+    from simulator.shard import Shard
+
+    theta = {v: np.array([1.0, 2.0, 3.0], dtype=np.float32) * (v + 1) for v in range(3)}
+    plans = [Plan(step=0, kind=TRAIN, round=0, day="d", split="train", version=0, keep=(), tasks=(
+                 TaskSpec(task_id=0, uid="ann", start_version=0, target=1, weight=1.0),)),
+             Plan(step=1, kind=TRAIN, round=1, day="d", split="train", version=1, keep=(0,), tasks=(
+                 TaskSpec(task_id=1, uid="bob", start_version=1, target=2, weight=1.0),)),
+             Plan(step=2, kind=TRAIN, round=2, day="d", split="train", version=2, tasks=(
+                 TaskSpec(task_id=2, uid="cy", start_version=0, target=3, weight=0.5),)),
+             Plan(step=3, kind=DONE, round=3, version=3)]
+    client = _Client(plans, theta)
+    store = MemoryStore()
+    shard = Shard(torch.nn.Linear(3, 1, bias=False), _Trainer(), ParamLayout(names=("weight",), shapes=((1, 3),)),
+                  (), store, {})
+    assert AsyncSimulator(rank=0, client=client, reader=_Reader(), shards=[shard], store=store,
+                          eval_ratios={}).run() == 3
+    assert client.fetched == [0, 1, 2]
+    expected = 0.5 * 5 * ((theta[0] + np.float32(_Trainer.steps["cy"])).astype(np.float64) - theta[0])
+    np.testing.assert_allclose(client.updates[2][2], expected, rtol=0, atol=1e-12)
+
+
 class _Counts:
     def __init__(self, counts):
         self.counts = counts
@@ -219,7 +246,7 @@ class _Client:
     """Opens step s + 1 once step s's update is in (as the scheduler does), and records the updates."""
 
     def __init__(self, plans, versions):
-        self.plans, self.versions, self.updates = plans, versions, []
+        self.plans, self.versions, self.updates, self.fetched = plans, versions, [], []
 
     def get_plan(self, step, wait_s):
         if step > len(self.updates):
@@ -228,6 +255,7 @@ class _Client:
         return self.plans[step]
 
     def get_params(self, version):
+        self.fetched.append(version)
         return None, self.versions[version]
 
     def push_update(self, update):
