@@ -109,10 +109,11 @@ class MPIDataPlane:
     `Win_allocate_shared`); the first rank of every other node receives it into its node's (Bcast among the
     nodes' first ranks). Every rank's shards read that one array: no copy per rank or shard.
 
-    Updates: every rank builds its float64 sum in its own slot of the node's shared memory. Once all of a
-    node's ranks are in, the node's first ranks, as many as it has cores, each sum one slice of the vector
-    over the node's slots in rank order into the slot of the node's first rank (no copies, the work spread
-    over the cores; on one node the sum is bitwise the one the scheduler makes of pushed parts). The nodes'
+    Updates: every rank builds its float64 sum in its own slot of the node's shared memory. The node's first
+    ranks, as many as it has cores, each sum one slice of the vector over the node's slots in rank order into
+    the slot of the node's first rank, as the ranks come in: the slots of ranks that finished early are added
+    while later ones still train (no copies, the work spread over the cores; on one node the sum is bitwise
+    the one the scheduler makes of pushed parts, whenever the ranks came in). The nodes'
     sums then meet in a binomial tree among the nodes' first ranks (point-to-point, the lower node's sum
     first) that ends in rank 0's slot: a fixed order for a given world and placement of ranks on nodes.
     Rank 0 pushes the total to its scheduler in-process; every other rank pushes its weight and metric sums
@@ -205,16 +206,9 @@ class MPIDataPlane:
         self._sync()
         flags[READY] = token
         if me < self._summers:
-            self._wait_node(READY, token, range(self.node.size), deadline, update.step, timeout)
-            present_ranks = [r for r in range(self.node.size) if self._flags.of(r)[PRESENT]]
-            out_is_first = bool(present_ranks) and present_ranks[0] == 0
-            for a in range(self._bounds[me], self._bounds[me + 1], BLOCK):   # one block's sum stays in cache
-                b = min(a + BLOCK, self._bounds[me + 1])
-                sum_in_rank_order(self._slots.of(0)[a:b], [self._slots.of(r)[a:b] for r in present_ranks],
-                                  out_is_first)
+            have = self._sum_node(token, deadline, update.step, timeout)
             self._sync()
             flags[DONE] = token
-            have = bool(present_ranks)
         if self.leaders is not None:
             self._wait_node(DONE, token, range(self._summers), deadline, update.step, timeout)
             # a rank stalled on another node is named by its own node first: waits between nodes allow twice
@@ -223,6 +217,38 @@ class MPIDataPlane:
             self.client.push_update(replace(update, delta_sum=self._slots.of(0) if have else EMPTY))
         if header is not None:
             header.result()
+
+    def _sum_node(self, token: int, deadline: float, step: int, timeout: float) -> bool:
+        """This rank's slice of the node's sum, into the slot of the node's first rank, in rank order as the
+        node's ranks come in: each time, the ranks ready from the next one on are added block by block (one
+        block's sum stays in cache) while later ranks may still train. The same additions in the same order as
+        one pass over every slot: the bits do not depend on when ranks came in. Returns whether any rank of
+        the node brought values."""
+        lo, hi = self._bounds[self.node.rank], self._bounds[self.node.rank + 1]
+        out = self._slots.of(0)
+        added, have = 0, False
+        while added < self.node.size:
+            self._wait_ready(added, token, deadline, step, timeout)
+            ready = added + 1
+            while ready < self.node.size and self._flags.of(ready)[READY] == token:
+                ready += 1
+            self._sync()
+            batch = [self._slots.of(r) for r in range(added, ready) if self._flags.of(r)[PRESENT]]
+            if batch:
+                out_is_first = have or bool(self._flags.of(0)[PRESENT]) and added == 0
+                parts = [out] + batch if have else batch
+                for a in range(lo, hi, BLOCK):
+                    b = min(a + BLOCK, hi)
+                    sum_in_rank_order(out[a:b], [part[a:b] for part in parts], out_is_first)
+                have = True
+            added = ready
+        return have
+
+    def _wait_ready(self, rank: int, token: int, deadline: float, step: int, timeout: float) -> None:
+        """Until the node's `rank` is ready; a time-out names every node rank from it on that is not."""
+        flags = self._flags.of(rank)
+        wait_until(lambda: flags[READY] == token, deadline, lambda: self._late(step, timeout, [
+            self._members[r] for r in range(rank, self.node.size) if self._flags.of(r)[READY] != token]))
 
     def _wait_node(self, word: int, token: int, ranks: range, deadline: float, step: int, timeout: float) -> None:
         """Until the node's `ranks` have set their flag `word` to `token`."""
