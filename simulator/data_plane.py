@@ -161,8 +161,9 @@ class MPIDataPlane:
     def _publish(self, version: int, params: np.ndarray) -> None:
         """Rank 0, called by its scheduler as it makes `version`: into the node's shared memory at once, so
         that the node's ranks need not wait for rank 0's loop to ask for it (in asynchronous mode that loop
-        may be in the middle of a long task). No rank reads the old version then: a version is made only
-        once every rank has pushed what it trained from the one before, and read it for the plans before."""
+        may be in the middle of a long task). No rank still reads the old version then: a version is made
+        only once every rank has pushed what it trained from the one before (asynchronous ranks copy each
+        version when its plan comes, before they push)."""
         np.copyto(self._params.of(0), params)
         self._params.sync()
         self._flags.of(0)[VERSION] = version + 1
@@ -233,10 +234,10 @@ class MPIDataPlane:
             while ready < self.node.size and self._flags.of(ready)[READY] == token:
                 ready += 1
             self._sync()
-            batch = [self._slots.of(r) for r in range(added, ready) if self._flags.of(r)[PRESENT]]
-            if batch:
-                out_is_first = have or bool(self._flags.of(0)[PRESENT]) and added == 0
-                parts = [out] + batch if have else batch
+            present = [r for r in range(added, ready) if self._flags.of(r)[PRESENT]]
+            if present:
+                out_is_first = have or present[0] == 0       # out holds the running sum, or rank 0's part
+                parts = ([out] if have else []) + [self._slots.of(r) for r in present]
                 for a in range(lo, hi, BLOCK):
                     b = min(a + BLOCK, hi)
                     sum_in_rank_order(out[a:b], [part[a:b] for part in parts], out_is_first)

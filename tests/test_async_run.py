@@ -213,6 +213,15 @@ def test_a_rank_keeps_the_versions_that_tasks_handed_out_later_start_from():
     np.testing.assert_allclose(client.updates[2][2], expected, rtol=0, atol=1e-12)
 
 
+def test_an_asynchronous_plan_crosses_the_wire_whole():
+    from common.domain import TRAIN, Plan
+    from protos.convert import plan_from_proto, plan_to_proto
+
+    plan = Plan(step=5, kind=TRAIN, round=4, day="d", split="train", users=("ann",), version=4, keep=(1, 3),
+                tasks=(TaskSpec(task_id=9, uid="ann", start_version=3, target=6, weight=0.71875),))
+    assert plan_from_proto(plan_to_proto(plan)) == plan
+
+
 class _Counts:
     def __init__(self, counts):
         self.counts = counts
