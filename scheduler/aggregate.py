@@ -1,11 +1,12 @@
 """FedAvg's reduction as one pure function: the weighted mean of client deltas from (weight, weighted sum)
 parts. The scheduler, the tests and the plain-PyTorch floor call it; the server optimizer applies the
-result."""
+result. `server_step` does both, with the checks and the copy into shared memory, in one pass over memory."""
 from __future__ import annotations
 
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -59,22 +60,87 @@ def weighted_mean(parts: Sequence[np.ndarray], total_weight: float, *,
     None when no client contributed (total weight 0 or no part)."""
     if total_weight <= 0 or not parts:
         return None
-    in_place = len(parts) == 1 and parts[0].flags.writeable
-    if in_place:
-        total = parts[0]
-    else:
-        total = out if out is not None and out.shape == parts[0].shape else np.empty(parts[0].shape, np.float64)
+    total, in_place = _work_buffer(parts, out)
 
     def block(a: int, b: int) -> None:
         t = total[a:b]
         if not in_place:
-            if len(parts) > 1:
-                np.add(parts[0][a:b], parts[1][a:b], out=t)
-            else:
-                np.copyto(t, parts[0][a:b])
-            for part in parts[2:]:
-                t += part[a:b]
+            _sum_block(t, parts, a, b)
         t /= total_weight
 
     in_blocks(total.size, block)
     return total
+
+
+def _work_buffer(parts: Sequence[np.ndarray], out: np.ndarray | None) -> tuple[np.ndarray, bool]:
+    """Where the sum of `parts` goes: a single writable part itself (no 50 MB copy), else `out` (reused
+    across rounds) or a new array; and whether it is the part itself."""
+    if len(parts) == 1 and parts[0].flags.writeable:
+        return parts[0], True
+    return (out if out is not None and out.shape == parts[0].shape else np.empty(parts[0].shape, np.float64)), False
+
+
+def _sum_block(t: np.ndarray, parts: Sequence[np.ndarray], a: int, b: int) -> None:
+    """t = ((parts[0] + parts[1]) + parts[2]) + ... over elements [a, b)."""
+    if len(parts) > 1:
+        np.add(parts[0][a:b], parts[1][a:b], out=t)
+    else:
+        np.copyto(t, parts[0][a:b])
+    for part in parts[2:]:
+        t += part[a:b]
+
+
+@dataclass
+class StepResult:
+    """What `server_step` made: the new parameters (None when no client contributed), and which check
+    failed, if one did (then `params` must not be used)."""
+
+    params: np.ndarray | None
+    update_finite: bool = True
+    params_finite: bool = True
+
+
+def server_step(parts: Sequence[np.ndarray], total_weight: float, params: np.ndarray, optimizer, *,
+                work: np.ndarray | None = None, mirror: np.ndarray | None = None) -> StepResult:
+    """The server's aggregation in one pass over memory: per cache-sized block, the weighted mean of
+    `parts` (as `weighted_mean`, into `work` or in place), the check that it is finite, the optimizer's
+    step (`step_block`), the check that the new parameters are finite, and their copy into `mirror` (the
+    data plane's shared memory, when given). The same bits as those passes one after another; an optimizer
+    without `step_block` gets them one after another. `params` is left as it was."""
+    if total_weight <= 0 or not parts:
+        return StepResult(None)
+    step_block = getattr(optimizer, "step_block", None)
+    if step_block is None:
+        mean = weighted_mean(parts, total_weight, out=work)
+        if not all_finite(mean):
+            return StepResult(None, update_finite=False)
+        out = optimizer.step(params, mean)
+        if not all_finite(out):
+            return StepResult(None, params_finite=False)
+        if mirror is not None:
+            in_blocks(out.size, lambda a, b: np.copyto(mirror[a:b], out[a:b]))
+        return StepResult(out)
+    total, in_place = _work_buffer(parts, work)
+    optimizer.prepare(params.size)
+    out = np.empty(params.shape, np.float32)
+    bad_update: list[int] = []
+    bad_params: list[int] = []
+
+    def block(a: int, b: int) -> None:
+        t = total[a:b]
+        if not in_place:
+            _sum_block(t, parts, a, b)
+        t /= total_weight
+        if not np.isfinite(t).all():
+            bad_update.append(a)
+            return
+        step_block(a, b, params[a:b], t, out[a:b])
+        if not np.isfinite(out[a:b]).all():
+            bad_params.append(a)
+        elif mirror is not None:
+            mirror[a:b] = out[a:b]
+
+    in_blocks(out.size, block)
+    if bad_update:
+        return StepResult(None, update_finite=False)
+    return StepResult(None, params_finite=False) if bad_params else StepResult(out)

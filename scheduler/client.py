@@ -145,10 +145,13 @@ class LocalSchedulerClient:
         """The scheduler's own (read-only) array of `version`."""
         return self.scheduler.current_params(version)
 
-    def on_version(self, publish: Callable[[int, np.ndarray], None]) -> None:
+    def on_version(self, publish: Callable[[int, np.ndarray], None], *, mirror: np.ndarray | None = None) -> None:
         """Has the scheduler call `publish(version, params)` with every new version as soon as it is made
-        (in the thread that completed the step, under the scheduler's lock)."""
+        (in the thread that completed the step, under the scheduler's lock), after its server step wrote
+        the parameters into `mirror` too (in the same pass; `mirror` must hold the current version's
+        parameters before the first step: the caller copies them there)."""
         self.scheduler.on_version = publish
+        self.scheduler.mirror = mirror
 
     def push_update(self, update: RankUpdate) -> None:
         self.scheduler.push_update(update)

@@ -30,7 +30,7 @@ from common.errors import ConfigError, RefusedError, RunFailed
 from common.metrics import Ratios, add_sums, eval_record, train_record
 from reader.base import Reader
 from reader.users import counts_for
-from scheduler.aggregate import all_finite, weighted_mean
+from scheduler.aggregate import all_finite, server_step
 from scheduler.calendar import Calendar
 from scheduler.checkpoint import load_checkpoint, load_versions, save_checkpoint
 from scheduler.optim.base import ServerOptimizer
@@ -96,8 +96,11 @@ class Scheduler:
         self.on_record = on_record or (lambda record: None)
         self.before_checkpoint: Callable[[], None] = lambda: None   # e.g. make the records durable first
         # each new version's parameters (not to be written), under the lock, before its plans are handed out: rank 0's
-        # data plane puts them into its node's shared memory there and then
+        # data plane announces them to its node there and then
         self.on_version: Callable[[int, np.ndarray], None] = lambda version, params: None
+        # where each server step also writes the new parameters, in its one pass (rank 0's node shared memory);
+        # whoever sets it copies the current version there first, so it always holds the current parameters
+        self.mirror: np.ndarray | None = None
         self.checkpoint_path = checkpoint_path
         self.phones = phones              # None: every sampled client trains, and no virtual clock runs
         self.sim_time = 0.0               # virtual seconds since the run began (with phones)
@@ -331,8 +334,6 @@ class Scheduler:
                                    f"the model has {size}")
             if update.weight == 0 and update.delta_sum.size not in (0, size):
                 raise RefusedError(f"rank {update.rank}: empty update with {update.delta_sum.size} values")
-            if not all_finite(update.delta_sum):
-                raise RefusedError(f"rank {update.rank}: update for step {update.step} has non-finite values")
             self._pushed[update.rank] = update
             self._maybe_finish()
 
@@ -407,15 +408,19 @@ class Scheduler:
         weight, link = sum(u.weight for u in pushed), {}
         if self.channel is not None:      # privacy hook: secure aggregation's decoding, DP noise, bytes, epsilon
             parts, weight, link = self.channel.aggregate(done, parts, weight, sums)
-        mean = weighted_mean(parts, weight, out=self._total)
-        if mean is not None:
-            if len(parts) > 1:
-                self._total = mean        # reused: no 50 MB page-in a round
-            params = self.optimizer.step(self.params, mean)
-            if not all_finite(params):
-                return (f"{where}: the server step gave non-finite parameters (check --server-lr and the server "
-                        f"optimizer's options); the run stops, the last checkpoint is kept")
-            self.params = params
+        if len(parts) > 1 and self._total is None:
+            self._total = np.empty(self.layout.size, np.float64)    # reused: no 50 MB page-in a round
+        result = server_step(parts, weight, self.params, self.optimizer, work=self._total, mirror=self.mirror)
+        if not result.update_finite:
+            bad = [u.rank for u in pushed if u.delta_sum.size and not all_finite(u.delta_sum)]
+            return (f"{where}: the update pushed by rank(s) {', '.join(map(str, bad or [u.rank for u in pushed]))} holds "
+                    f"non-finite values (a data plane may have summed several ranks' values into one push); the run "
+                    f"stops, the last checkpoint is kept")
+        if not result.params_finite:
+            return (f"{where}: the server step gave non-finite parameters (check --server-lr and the server "
+                    f"optimizer's options); the run stops, the last checkpoint is kept")
+        if result.params is not None:
+            self.params = result.params
         # each rank's own time on the step's users (training and its local sum): stragglers show here
         work = [round(float(u.sums.get("train_seconds", 0.0)), 4) for u in pushed]
         clock = (self._async.record(done + 1) if self._async is not None

@@ -150,7 +150,7 @@ class MPIDataPlane:
         self._received: np.ndarray | None = None    # a child node's sum, on first ranks that have children
         self._control = ThreadPoolExecutor(1, thread_name_prefix="control") if self.rank != 0 else None
         if self.rank == 0:
-            client.on_version(self._publish)
+            client.on_version(self._publish, mirror=self._params.of(0))
             log.info("data plane: MPI, %d rank(s) on this node (shared memory), %d node(s)", self.node.size,
                      len(self._nodes))
 
@@ -159,12 +159,12 @@ class MPIDataPlane:
             arrays.sync()
 
     def _publish(self, version: int, params: np.ndarray) -> None:
-        """Rank 0, called by its scheduler as it makes `version`: into the node's shared memory at once, so
-        that the node's ranks need not wait for rank 0's loop to ask for it (in asynchronous mode that loop
-        may be in the middle of a long task). No rank still reads the old version then: a version is made
-        only once every rank has pushed what it trained from the one before (asynchronous ranks copy each
-        version when its plan comes, before they push)."""
-        np.copyto(self._params.of(0), params)
+        """Rank 0, called by its scheduler as it makes `version`, whose parameters its server step has
+        just written into the node's shared memory (the scheduler's mirror): announces them at once, so
+        that the node's ranks need not wait for rank 0's loop to ask for them (in asynchronous mode that
+        loop may be in the middle of a long task). No rank still read the old version when the step wrote
+        over it: a version is made only once every rank has pushed what it trained from the one before
+        (asynchronous ranks copy each version when its plan comes, before they push)."""
         self._params.sync()
         self._flags.of(0)[VERSION] = version + 1
 

@@ -47,21 +47,22 @@ class StandIn:
 
     def __init__(self) -> None:
         self.pushed: list[RankUpdate] = []
-        self.publish = None
+        self.publish = self.mirror = None
 
     def get_params(self, version: int):
         if version:
             raise AssertionError(f"version {version} was published: the plane must not ask for it")
         return None, params(version)
 
-    def on_version(self, publish) -> None:
-        self.publish = publish
+    def on_version(self, publish, *, mirror) -> None:
+        self.publish, self.mirror = publish, mirror
 
     def push_update(self, update: RankUpdate) -> None:
         self.pushed.append(RankUpdate(step=update.step, rank=update.rank, weight=update.weight,
                                       delta_sum=update.delta_sum.copy(), sums=dict(update.sums),
                                       reduced=update.reduced))
         if update.rank == 0 and update.step + 1 < STEPS:
+            np.copyto(self.mirror, params(update.step + 1))     # as the scheduler's server step writes it
             self.publish(update.step + 1, params(update.step + 1))
 
 

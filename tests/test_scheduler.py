@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from common.domain import DONE, EVAL, TRAIN, ParamLayout, RankMetrics, RankUpdate
-from common.errors import ConfigError, RefusedError
+from common.errors import ConfigError, RefusedError, RunFailed
 from reader.leaf import LeafRedditReader
 from scheduler.optim import make_server_optimizer
 from scheduler.state import Scheduler, SchedulerConfig
@@ -66,8 +66,6 @@ def test_refusals(reader):
         s.push_update(RankUpdate(step=1, rank=0, weight=1.0, delta_sum=np.zeros(10)))
     with pytest.raises(RefusedError, match="has 9 values"):
         s.push_update(RankUpdate(step=0, rank=0, weight=1.0, delta_sum=np.zeros(9)))
-    with pytest.raises(RefusedError, match="non-finite"):
-        s.push_update(RankUpdate(step=0, rank=0, weight=1.0, delta_sum=np.full(10, np.nan)))
     with pytest.raises(RefusedError, match="outside the world"):
         s.push_update(RankUpdate(step=0, rank=2, weight=1.0, delta_sum=np.zeros(10)))
     with pytest.raises(RefusedError, match="not eval"):
@@ -78,6 +76,19 @@ def test_refusals(reader):
     with pytest.raises(RefusedError, match="already set"):
         s.init_params(LAYOUT, np.zeros(10, dtype=np.float32))
     np.testing.assert_array_equal(s.params, np.arange(10, dtype=np.float32))   # nothing refused touched them
+
+
+def test_a_non_finite_update_stops_the_run_naming_its_rank(reader):
+    s = make(reader)
+    bad = np.zeros(10)
+    bad[7] = np.inf
+    s.push_update(RankUpdate(step=0, rank=0, weight=1.0, delta_sum=np.ones(10)))
+    s.push_update(RankUpdate(step=0, rank=1, weight=1.0, delta_sum=bad))
+    assert s.failure is not None and "round 1: the update pushed by rank(s) 1 holds non-finite values" in s.failure
+    assert s.version == 0
+    np.testing.assert_array_equal(s.params, np.arange(10, dtype=np.float32))    # the step was not applied
+    with pytest.raises(RunFailed, match="rank\\(s\\) 1 holds non-finite"):
+        s.plan(0, 1, timeout=1)
 
 
 def test_an_empty_rank_and_evaluation_reduce(reader):

@@ -4,6 +4,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from scheduler.aggregate import in_blocks
+
 
 class ServerOptimizer(Protocol):
     """Applies the weighted mean client delta to the global parameters."""
@@ -17,3 +19,31 @@ class ServerOptimizer(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores `state_dict`'s output."""
+
+
+class BlockwiseOptimizer:
+    """A server optimizer whose step is elementwise, written for one block of the parameter vector at a
+    time: the scheduler runs it inside its one pass over memory (mean, step, finiteness checks, the copy
+    into shared memory; `scheduler.aggregate.server_step`) while the block is in cache. `step` runs the
+    same blocks on their own, with the same bits. An optimizer without `step_block` (a Flower strategy, a
+    user's own) gets the plain passes."""
+
+    def prepare(self, size: int) -> None:
+        """Allocates the state for `size` parameters, if the optimizer has state and has none yet."""
+
+    def step_block(self, a: int, b: int, params: np.ndarray, mean: np.ndarray, out: np.ndarray) -> None:
+        """out = the new float32 parameters of elements [a, b), from their float32 `params` and float64
+        `mean` delta (a work block: may be overwritten); advances the state of those elements."""
+        raise NotImplementedError
+
+    def step(self, params: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
+        self.prepare(params.size)
+        out = np.empty(params.shape, np.float32)
+        in_blocks(out.size, lambda a, b: self.step_block(a, b, params[a:b], mean_delta[a:b], out[a:b]))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

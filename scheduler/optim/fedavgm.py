@@ -4,8 +4,10 @@ from typing import Any
 
 import numpy as np
 
+from scheduler.optim.base import BlockwiseOptimizer
 
-class FedAvgM:
+
+class FedAvgM(BlockwiseOptimizer):
     """Server momentum (Hsu et al. 2019): v <- momentum * v + mean_delta; theta <- theta + server_lr * v."""
 
     def __init__(self, *, server_lr: float = 1.0, momentum: float = 0.9) -> None:
@@ -13,14 +15,20 @@ class FedAvgM:
         self.momentum = float(momentum)
         self.velocity: np.ndarray | None = None
 
-    def step(self, params: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
+    def prepare(self, size: int) -> None:
         if self.velocity is None:
-            self.velocity = np.zeros_like(mean_delta, dtype=np.float64)
-        self.velocity = self.momentum * self.velocity + mean_delta
-        return (params.astype(np.float64) + self.server_lr * self.velocity).astype(np.float32)
+            self.velocity = np.zeros(size, dtype=np.float64)
+
+    def step_block(self, a: int, b: int, params: np.ndarray, mean: np.ndarray, out: np.ndarray) -> None:
+        v = self.velocity[a:b]
+        v *= self.momentum
+        v += mean
+        np.multiply(v, self.server_lr, out=mean)
+        mean += params
+        out[...] = mean
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.velocity is None else {"velocity": self.velocity}
+        return {} if self.velocity is None else {"velocity": self.velocity.copy()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.velocity = np.asarray(state["velocity"], dtype=np.float64) if "velocity" in state else None
+        self.velocity = np.array(state["velocity"], dtype=np.float64) if "velocity" in state else None
