@@ -105,6 +105,9 @@ class RankUpdate:
     # the rank's sum travelled over the job's data plane (simulator/data_plane.py) into rank 0's delta_sum,
     # which then holds every rank's: this update carries only the weight and metric sums
     reduced: bool = False
+    # in-process only (never on the wire): further float64 sums, in rank order after delta_sum, that a data
+    # plane left for the scheduler's one pass to add (simulator/data_plane.py: the last rank of a single node)
+    more: tuple[np.ndarray, ...] = ()
 
 
 @dataclass(frozen=True)

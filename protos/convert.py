@@ -125,6 +125,8 @@ def params_from_chunks(chunks: Iterable[pb.ParamChunk | bytes]) -> tuple[int, Pa
 def update_chunks(update: RankUpdate, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
     """A rank's update as serialized UpdateChunk messages: the header, then float64 chunks (none for an
     empty update). Sent with `raw_or_serialize`."""
+    if update.more:
+        raise ValueError(f"rank {update.rank}: an update with in-process parts (`more`) cannot be sent")
     header = pb.UpdateHeader(step=update.step, rank=update.rank, weight=update.weight,
                              total=update.delta_sum.size, sums=dict(update.sums), reduced=update.reduced)
     yield pb.UpdateChunk(header=header).SerializeToString()

@@ -103,10 +103,11 @@ class StepResult:
 def server_step(parts: Sequence[np.ndarray], total_weight: float, params: np.ndarray, optimizer, *,
                 work: np.ndarray | None = None, mirror: np.ndarray | None = None) -> StepResult:
     """The server's aggregation in one pass over memory: per cache-sized block, the weighted mean of
-    `parts` (as `weighted_mean`, into `work` or in place), the check that it is finite, the optimizer's
-    step (`step_block`), the check that the new parameters are finite, and their copy into `mirror` (the
-    data plane's shared memory, when given). The same bits as those passes one after another; an optimizer
-    without `step_block` gets them one after another. `params` is left as it was."""
+    `parts` (summed in the order given, into a block-sized buffer: the parts are only read), the check that
+    it is finite, the optimizer's step (`step_block`), the check that the new parameters are finite, and
+    their copy into `mirror` (the data plane's shared memory, when given). The same bits as those passes
+    one after another. An optimizer without `step_block` gets them one after another (the mean in place
+    in a single writable part, else in `work` when given). `params` is left as it was."""
     if total_weight <= 0 or not parts:
         return StepResult(None)
     step_block = getattr(optimizer, "step_block", None)
@@ -120,17 +121,18 @@ def server_step(parts: Sequence[np.ndarray], total_weight: float, params: np.nda
         if mirror is not None:
             in_blocks(out.size, lambda a, b: np.copyto(mirror[a:b], out[a:b]))
         return StepResult(out)
-    total, in_place = _work_buffer(parts, work)
     optimizer.prepare(params.size)
     out = np.empty(params.shape, np.float32)
     bad_update: list[int] = []
     bad_params: list[int] = []
 
     def block(a: int, b: int) -> None:
-        t = total[a:b]
-        if not in_place:
+        t = _block_buffer(b - a)
+        if len(parts) == 1:
+            np.divide(parts[0][a:b], total_weight, out=t)
+        else:
             _sum_block(t, parts, a, b)
-        t /= total_weight
+            t /= total_weight
         if not np.isfinite(t).all():
             bad_update.append(a)
             return
@@ -144,3 +146,14 @@ def server_step(parts: Sequence[np.ndarray], total_weight: float, params: np.nda
     if bad_update:
         return StepResult(None, update_finite=False)
     return StepResult(None, params_finite=False) if bad_params else StepResult(out)
+
+
+_local = threading.local()
+
+
+def _block_buffer(size: int) -> np.ndarray:
+    """A float64 buffer of `size` <= BLOCK values, one per thread, reused (it stays in that core's cache)."""
+    buffer = getattr(_local, "buffer", None)
+    if buffer is None:
+        buffer = _local.buffer = np.empty(BLOCK, np.float64)
+    return buffer[:size]

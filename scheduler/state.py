@@ -128,7 +128,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self.layout: ParamLayout | None = None
         self.params: np.ndarray | None = None
-        self._total: np.ndarray | None = None     # the aggregation's float64 work buffer
+        self._total: np.ndarray | None = None     # the mean's float64 work buffer (optimizers without step_block)
         self.version = 0
         self.step = 0
         self.failure: str | None = None
@@ -319,9 +319,9 @@ class Scheduler:
     def push_update(self, update: RankUpdate) -> None:
         """One rank's training update for the current step; completes the step when it is the last. A
         `reduced` update brings only its weight and sums: its values are in another rank's delta_sum (a
-        data plane summed them there), which may then be non-empty with that rank's own weight 0. When one
-        update brings all the step's values, its (writable) delta_sum is the aggregation's work buffer and is
-        overwritten."""
+        data plane summed them there), which may then be non-empty with that rank's own weight 0; an update's
+        `more` parts (in-process) follow its delta_sum in the sum. The values are only read (a server
+        optimizer without `step_block` may overwrite a single writable delta_sum: its work buffer)."""
         with self._cond:
             self._check_push(update.step, update.rank, TRAIN)
             size = self.layout.size
@@ -334,6 +334,8 @@ class Scheduler:
                                    f"the model has {size}")
             if update.weight == 0 and update.delta_sum.size not in (0, size):
                 raise RefusedError(f"rank {update.rank}: empty update with {update.delta_sum.size} values")
+            if any(part.shape != (size,) for part in update.more):
+                raise RefusedError(f"rank {update.rank}: an in-process part of the wrong size")
             self._pushed[update.rank] = update
             self._maybe_finish()
 
@@ -404,15 +406,16 @@ class Scheduler:
             return (f"{where}: every client's local training gave non-finite parameters ({int(sums['diverged'])} "
                     f"dropped): local training diverges (check --lr, --max-grad-norm and the data); the run stops")
         before = self.params
-        parts = [u.delta_sum for u in pushed if u.delta_sum.size]    # a data plane may have summed them already
+        # rank order; a data plane may have summed several ranks' values into one part already
+        parts = [part for u in pushed for part in (u.delta_sum, *u.more) if part.size]
         weight, link = sum(u.weight for u in pushed), {}
         if self.channel is not None:      # privacy hook: secure aggregation's decoding, DP noise, bytes, epsilon
             parts, weight, link = self.channel.aggregate(done, parts, weight, sums)
-        if len(parts) > 1 and self._total is None:
+        if len(parts) > 1 and self._total is None and not hasattr(self.optimizer, "step_block"):
             self._total = np.empty(self.layout.size, np.float64)    # reused: no 50 MB page-in a round
         result = server_step(parts, weight, self.params, self.optimizer, work=self._total, mirror=self.mirror)
         if not result.update_finite:
-            bad = [u.rank for u in pushed if u.delta_sum.size and not all_finite(u.delta_sum)]
+            bad = [u.rank for u in pushed if not all(all_finite(part) for part in (u.delta_sum, *u.more))]
             return (f"{where}: the update pushed by rank(s) {', '.join(map(str, bad or [u.rank for u in pushed]))} holds "
                     f"non-finite values (a data plane may have summed several ranks' values into one push); the run "
                     f"stops, the last checkpoint is kept")

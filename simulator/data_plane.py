@@ -113,7 +113,9 @@ class MPIDataPlane:
     ranks, as many as it has cores, each sum one slice of the vector over the node's slots in rank order into
     the slot of the node's first rank, as the ranks come in: the slots of ranks that finished early are added
     while later ones still train (no copies, the work spread over the cores; on one node the sum is bitwise
-    the one the scheduler makes of pushed parts, whenever the ranks came in). The nodes'
+    the one the scheduler makes of pushed parts, whenever the ranks came in). On a single node the last rank
+    is left out: rank 0 hands its slot to the scheduler beside the sum of the others, and the scheduler's one
+    pass adds it (`RankUpdate.more`), which saves a pass over the 50 MB sum. The nodes'
     sums then meet in a binomial tree among the nodes' first ranks (point-to-point, the lower node's sum
     first) that ends in rank 0's slot: a fixed order for a given world and placement of ranks on nodes.
     Rank 0 pushes the total to its scheduler in-process; every other rank pushes its weight and metric sums
@@ -146,6 +148,10 @@ class MPIDataPlane:
         cores = self.node.gather(os.sched_getaffinity(0))
         self._summers: int = self.node.bcast(min(self.node.size, len(set().union(*cores))) if cores else None)
         self._bounds = slice_bounds(size, self._summers)
+        # on a single node the last rank's slot is left to the scheduler's pass, which adds it while it reads
+        # the rest anyway: one pass over 50 MB less, with the same additions in the same order
+        one_node = self.node.bcast(len(self._nodes) == 1 if first else None)
+        self._summed = self.node.size - 1 if one_node and self.node.size > 1 else self.node.size
         self._version: int | None = None
         self._received: np.ndarray | None = None    # a child node's sum, on first ranks that have children
         self._control = ThreadPoolExecutor(1, thread_name_prefix="control") if self.rank != 0 else None
@@ -215,7 +221,14 @@ class MPIDataPlane:
             # a rank stalled on another node is named by its own node first: waits between nodes allow twice
             have = self._sum_nodes(have, deadline + timeout, update.step, timeout)
         if self.rank == 0:
-            self.client.push_update(replace(update, delta_sum=self._slots.of(0) if have else EMPTY))
+            parts = [self._slots.of(0)] if have else []
+            if self._summed < self.node.size:
+                last = self.node.size - 1
+                self._wait_ready(last, token, deadline, update.step, timeout)
+                self._sync()
+                if self._flags.of(last)[PRESENT]:
+                    parts.append(self._slots.of(last))
+            self.client.push_update(replace(update, delta_sum=parts[0] if parts else EMPTY, more=tuple(parts[1:])))
         if header is not None:
             header.result()
 
@@ -228,10 +241,10 @@ class MPIDataPlane:
         lo, hi = self._bounds[self.node.rank], self._bounds[self.node.rank + 1]
         out = self._slots.of(0)
         added, have = 0, False
-        while added < self.node.size:
+        while added < self._summed:
             self._wait_ready(added, token, deadline, step, timeout)
             ready = added + 1
-            while ready < self.node.size and self._flags.of(ready)[READY] == token:
+            while ready < self._summed and self._flags.of(ready)[READY] == token:
                 ready += 1
             self._sync()
             present = [r for r in range(added, ready) if self._flags.of(r)[PRESENT]]

@@ -58,9 +58,11 @@ class StandIn:
         self.publish, self.mirror = publish, mirror
 
     def push_update(self, update: RankUpdate) -> None:
+        total = update.delta_sum.copy()
+        for part in update.more:        # as the scheduler adds them: after delta_sum, in rank order
+            total += part
         self.pushed.append(RankUpdate(step=update.step, rank=update.rank, weight=update.weight,
-                                      delta_sum=update.delta_sum.copy(), sums=dict(update.sums),
-                                      reduced=update.reduced))
+                                      delta_sum=total, sums=dict(update.sums), reduced=update.reduced))
         if update.rank == 0 and update.step + 1 < STEPS:
             np.copyto(self.mirror, params(update.step + 1))     # as the scheduler's server step writes it
             self.publish(update.step + 1, params(update.step + 1))

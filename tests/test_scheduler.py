@@ -91,6 +91,19 @@ def test_a_non_finite_update_stops_the_run_naming_its_rank(reader):
         s.plan(0, 1, timeout=1)
 
 
+def test_in_process_parts_are_added_after_their_update_in_rank_order(reader):
+    rng = np.random.default_rng(3)
+    d = [rng.normal(size=10) * 10.0 ** rng.integers(-8, 8, size=10) for _ in range(2)]
+    apart, together = make(reader), make(reader)
+    apart.push_update(RankUpdate(step=0, rank=0, weight=2.0, delta_sum=d[0].copy()))
+    apart.push_update(RankUpdate(step=0, rank=1, weight=3.0, delta_sum=d[1].copy()))
+    together.push_update(RankUpdate(step=0, rank=1, weight=3.0, delta_sum=np.zeros(0), reduced=True))
+    together.push_update(RankUpdate(step=0, rank=0, weight=2.0, delta_sum=d[0].copy(), more=(d[1].copy(),)))
+    np.testing.assert_array_equal(apart.current_params(1)[1], together.current_params(1)[1])
+    with pytest.raises(RefusedError, match="in-process part of the wrong size"):
+        make(reader).push_update(RankUpdate(step=0, rank=0, weight=2.0, delta_sum=d[0], more=(np.zeros(9),)))
+
+
 def test_an_empty_rank_and_evaluation_reduce(reader):
     records = []
     s = make(reader, rounds=2, records=records)
