@@ -86,20 +86,16 @@ def slice_bounds(size: int, parts: int, align: int = 512) -> list[int]:
     return [size if i == parts else size * i // parts // align * align for i in range(parts + 1)]
 
 
-def sum_in_rank_order(out: np.ndarray, parts: Sequence[np.ndarray], out_is_first: bool) -> None:
-    """out = ((parts[0] + parts[1]) + parts[2]) + ..., elementwise in float64 as the scheduler sums its ranks'
-    parts (so the same values whichever plane brought them); `out_is_first`: out already holds parts[0]."""
-    if not parts:
-        return
-    rest = parts[1:]
-    if not out_is_first:
-        if rest:
-            np.add(parts[0], rest[0], out=out)
-            rest = rest[1:]
-        else:
-            np.copyto(out, parts[0])
-    for part in rest:
-        out += part
+def tree_pairs(n: int) -> list[tuple[int, int]]:
+    """The additions that sum n node ranks' slots, level by level: slot i += slot j for each pair, in this
+    order, which gives ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)) for 8 ranks and the binomial tree for
+    other n (5: ((0 + 1) + (2 + 3)) + 4). A pair can be added as soon as its ranks are in, whatever the
+    others do: after the last rank comes in, at most log2(n) additions are left. The last pair is the root."""
+    pairs, step = [], 1
+    while step < n:
+        pairs += [(i, i + step) for i in range(0, n - step, 2 * step)]
+        step *= 2
+    return pairs
 
 
 class MPIDataPlane:
@@ -110,12 +106,12 @@ class MPIDataPlane:
     nodes' first ranks). Every rank's shards read that one array: no copy per rank or shard.
 
     Updates: every rank builds its float64 sum in its own slot of the node's shared memory. The node's first
-    ranks, as many as it has cores, each sum one slice of the vector over the node's slots in rank order into
-    the slot of the node's first rank, as the ranks come in: the slots of ranks that finished early are added
-    while later ones still train (no copies, the work spread over the cores; on one node the sum is bitwise
-    the one the scheduler makes of pushed parts, whenever the ranks came in). On a single node the last rank
-    is left out: rank 0 hands its slot to the scheduler beside the sum of the others, and the scheduler's one
-    pass adds it (`RankUpdate.more`), which saves a pass over the 50 MB sum. The nodes'
+    ranks, as many as it has cores, each sum one slice of the vector over the node's slots, in a fixed tree
+    over the node's ranks (`tree_pairs`: ((0 + 1) + (2 + 3)) + ...), each pair as soon as its ranks are in:
+    ranks that finished early are added while later ones still train, whatever the order they come in, and
+    after the last one at most log2(ranks) additions are left (no copies, the work spread over the cores).
+    On a single node the root's addition is left out: rank 0 hands the two halves' sums to its scheduler
+    (`RankUpdate.more`), whose one pass adds them, which saves a pass over the 50 MB sum. The nodes'
     sums then meet in a binomial tree among the nodes' first ranks (point-to-point, the lower node's sum
     first) that ends in rank 0's slot: a fixed order for a given world and placement of ranks on nodes.
     Rank 0 pushes the total to its scheduler in-process; every other rank pushes its weight and metric sums
@@ -148,10 +144,11 @@ class MPIDataPlane:
         cores = self.node.gather(os.sched_getaffinity(0))
         self._summers: int = self.node.bcast(min(self.node.size, len(set().union(*cores))) if cores else None)
         self._bounds = slice_bounds(size, self._summers)
-        # on a single node the last rank's slot is left to the scheduler's pass, which adds it while it reads
-        # the rest anyway: one pass over 50 MB less, with the same additions in the same order
+        # the node's additions; on a single node the root's is left to the scheduler's pass, which adds its two
+        # halves while it reads them anyway: one pass over the 50 MB sum less
         one_node = self.node.bcast(len(self._nodes) == 1 if first else None)
-        self._summed = self.node.size - 1 if one_node and self.node.size > 1 else self.node.size
+        self._pairs = tree_pairs(self.node.size)
+        self._root = self._pairs.pop() if one_node and self._pairs else None
         self._version: int | None = None
         self._received: np.ndarray | None = None    # a child node's sum, on first ranks that have children
         self._control = ThreadPoolExecutor(1, thread_name_prefix="control") if self.rank != 0 else None
@@ -213,7 +210,8 @@ class MPIDataPlane:
         self._sync()
         flags[READY] = token
         if me < self._summers:
-            have = self._sum_node(token, deadline, update.step, timeout)
+            where = self._sum_node(token, deadline, update.step, timeout)
+            have = where[0] is not None
             self._sync()
             flags[DONE] = token
         if self.leaders is not None:
@@ -221,53 +219,52 @@ class MPIDataPlane:
             # a rank stalled on another node is named by its own node first: waits between nodes allow twice
             have = self._sum_nodes(have, deadline + timeout, update.step, timeout)
         if self.rank == 0:
-            parts = [self._slots.of(0)] if have else []
-            if self._summed < self.node.size:
-                last = self.node.size - 1
-                self._wait_ready(last, token, deadline, update.step, timeout)
-                self._sync()
-                if self._flags.of(last)[PRESENT]:
-                    parts.append(self._slots.of(last))
+            if self._root is None:
+                parts = [self._slots.of(0)] if have else []
+            else:       # the halves' sums, for the scheduler to add
+                parts = [self._slots.of(where[i]) for i in self._root if where[i] is not None]
             self.client.push_update(replace(update, delta_sum=parts[0] if parts else EMPTY, more=tuple(parts[1:])))
         if header is not None:
             header.result()
 
-    def _sum_node(self, token: int, deadline: float, step: int, timeout: float) -> bool:
-        """This rank's slice of the node's sum, into the slot of the node's first rank, in rank order as the
-        node's ranks come in: each time, the ranks ready from the next one on are added block by block (one
-        block's sum stays in cache) while later ranks may still train. The same additions in the same order as
-        one pass over every slot: the bits do not depend on when ranks came in. Returns whether any rank of
-        the node brought values."""
-        lo, hi = self._bounds[self.node.rank], self._bounds[self.node.rank + 1]
-        out = self._slots.of(0)
-        added, have = 0, False
-        while added < self._summed:
-            self._wait_ready(added, token, deadline, step, timeout)
-            ready = added + 1
-            while ready < self._summed and self._flags.of(ready)[READY] == token:
-                ready += 1
+    def _sum_node(self, token: int, deadline: float, step: int, timeout: float) -> list[int | None]:
+        """This rank's slice of the node's sum (`tree_pairs`, less the root when the scheduler adds it), in
+        the slots themselves: each pair as soon as its ranks are in, block by block (a block's sum stays in
+        cache), while other ranks may still train; the additions do not depend on when ranks came in. A rank
+        that brought nothing drops out of its pairs. Returns where each subtree's sum is (the slot, of one
+        of its ranks; None: no values); without a root left over, the node's sum ends in its first slot."""
+        lo, hi, n = self._bounds[self.node.rank], self._bounds[self.node.rank + 1], self.node.size
+        where: list[int | None] = [None] * n
+        ready = [False] * n
+        todo = list(self._pairs)
+        while True:
+            came = [r for r in range(n) if not ready[r] and self._flags.of(r)[READY] == token]
             self._sync()
-            present = [r for r in range(added, ready) if self._flags.of(r)[PRESENT]]
-            if present:
-                out_is_first = have or present[0] == 0       # out holds the running sum, or rank 0's part
-                parts = ([out] if have else []) + [self._slots.of(r) for r in present]
-                for a in range(lo, hi, BLOCK):
-                    b = min(a + BLOCK, hi)
-                    sum_in_rank_order(out[a:b], [part[a:b] for part in parts], out_is_first)
-                have = True
-            added = ready
-        return have
+            for r in came:
+                ready[r], where[r] = True, r if self._flags.of(r)[PRESENT] else None
+            for i, j in [(i, j) for i, j in todo if all(ready[i:2 * j - i])]:    # the pair's ranks: [i, 2j - i)
+                if where[i] is not None and where[j] is not None:
+                    into, part = self._slots.of(where[i]), self._slots.of(where[j])
+                    for a in range(lo, hi, BLOCK):
+                        b = min(a + BLOCK, hi)
+                        into[a:b] += part[a:b]
+                elif where[i] is None:
+                    where[i] = where[j]
+                todo.remove((i, j))
+            if all(ready) or (not todo and self.node.rank != 0):    # rank 0 says where the halves are
+                break
+            self._wait_node(READY, token, [r for r in range(n) if not ready[r]], deadline, step, timeout, any_of=True)
+        if self._root is None and where[0] not in (None, 0):     # the node's sum goes on from its first slot
+            np.copyto(self._slots.of(0)[lo:hi], self._slots.of(where[0])[lo:hi])
+            where[0] = 0
+        return where
 
-    def _wait_ready(self, rank: int, token: int, deadline: float, step: int, timeout: float) -> None:
-        """Until the node's `rank` is ready; a time-out names every node rank from it on that is not."""
-        flags = self._flags.of(rank)
-        wait_until(lambda: flags[READY] == token, deadline, lambda: self._late(step, timeout, [
-            self._members[r] for r in range(rank, self.node.size) if self._flags.of(r)[READY] != token]))
-
-    def _wait_node(self, word: int, token: int, ranks: range, deadline: float, step: int, timeout: float) -> None:
-        """Until the node's `ranks` have set their flag `word` to `token`."""
+    def _wait_node(self, word: int, token: int, ranks: Sequence[int], deadline: float, step: int, timeout: float,
+                   *, any_of: bool = False) -> None:
+        """Until the node's `ranks` (or, `any_of`, one of them) have set their flag `word` to `token`."""
         flags = [self._flags.of(r) for r in ranks]
-        wait_until(lambda: all(f[word] == token for f in flags), deadline, lambda: self._late(
+        test = any if any_of else all
+        wait_until(lambda: test(f[word] == token for f in flags), deadline, lambda: self._late(
             step, timeout, [self._members[r] for r, f in zip(ranks, flags) if f[word] != token]))
         self._sync()
 

@@ -18,7 +18,7 @@ from scheduler.client import LocalSchedulerClient
 from scheduler.optim import make_server_optimizer
 from scheduler.state import Scheduler, SchedulerConfig
 from simulator.comm import SingleComm
-from simulator.data_plane import EMPTY, MPIDataPlane, SchedulerDataPlane, slice_bounds, sum_in_rank_order
+from simulator.data_plane import EMPTY, MPIDataPlane, SchedulerDataPlane, slice_bounds, tree_pairs
 from tests.data_plane_job import STEPS, brings_values, delta
 from tests.helpers import FAKE_HOSTS, ROOT, make_lm_data, mpirun
 
@@ -45,16 +45,15 @@ def test_slices_cover_the_vector_on_page_boundaries():
         assert all(b % 512 == 0 for b in bounds[:-1])
 
 
-def test_sum_in_rank_order_is_the_left_fold():
-    parts = [delta(rank, 0) for rank in range(4)]
-    expected = functools.reduce(np.add, parts)
-    for out_is_first in (False, True):
-        out = parts[0].copy() if out_is_first else np.empty_like(parts[0])
-        sum_in_rank_order(out, parts, out_is_first=out_is_first)
-        assert np.array_equal(out, expected)
-    out = np.empty_like(parts[0])
-    sum_in_rank_order(out, parts[2:3], out_is_first=False)
-    assert np.array_equal(out, parts[2])
+def test_the_node_sum_is_a_fixed_tree_over_the_ranks():
+    assert tree_pairs(1) == []
+    assert tree_pairs(2) == [(0, 1)]
+    assert tree_pairs(3) == [(0, 1), (0, 2)]                                   # (0 + 1) + 2
+    assert tree_pairs(5) == [(0, 1), (2, 3), (0, 2), (0, 4)]                   # ((0 + 1) + (2 + 3)) + 4
+    assert tree_pairs(8) == [(0, 1), (2, 3), (4, 5), (6, 7), (0, 2), (4, 6), (0, 4)]
+    for n in range(1, 40):       # every rank is added once, into a pair whose left rank holds its subtree
+        pairs = tree_pairs(n)
+        assert len(pairs) == n - 1 and sorted(j for _, j in pairs) == list(range(1, n))
 
 
 def test_reduced_updates_and_a_pre_reduced_total_give_the_plain_result(data):
@@ -100,23 +99,30 @@ def job(out, np_: int, *extra: str, hosts: bool = False, timeout: float = 120) -
                           text=True, timeout=timeout)
 
 
-def fold(ranks: list[int], step: int) -> np.ndarray | None:
-    """The left fold of the given ranks' updates (those that bring values), in the given order."""
-    parts = [delta(r, step) for r in ranks if brings_values(r, step)]
-    return functools.reduce(np.add, parts) if parts else None
+def tree(ranks: list[int], step: int) -> np.ndarray | None:
+    """The given ranks' updates summed over `tree_pairs` (a rank that brings nothing drops out of its pair)."""
+    sums = [delta(r, step) if brings_values(r, step) else None for r in ranks]
+    for i, j in tree_pairs(len(sums)):
+        if sums[i] is not None and sums[j] is not None:
+            sums[i] = sums[i] + sums[j]
+        elif sums[i] is None:
+            sums[i] = sums[j]
+    return sums[0]
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("np_, hosts, nodes", [
-    (3, False, [[0, 1, 2]]),                  # one node: the ranks' sum in rank order, the scheduler's own
+    (3, False, [[0, 1, 2]]),                  # one node: (0 + 1) by the node, + 2 by the scheduler's pass
+    (5, False, [[0, 1, 2, 3, 4]]),
     (4, True, [[0, 2], [1, 3]]),              # mpirun places ranks on the two "hosts" in turn
     (3, True, [[0, 2], [1]]),
+    (6, True, [[0, 2, 4], [1, 3, 5]]),        # each node's own tree, root included, then the nodes'
 ])
 def test_mpi_plane_sums_in_its_documented_order(tmp_path, np_, hosts, nodes):
     proc = job(tmp_path, np_, hosts=hosts)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for step in range(STEPS):
-        node_sums = [s for s in (fold(ranks, step) for ranks in nodes) if s is not None]
+        node_sums = [s for s in (tree(ranks, step) for ranks in nodes) if s is not None]
         expected = functools.reduce(np.add, node_sums) if node_sums else np.zeros(0)   # nodes: a binomial tree
         assert np.array_equal(np.load(tmp_path / f"total{step}.npy"), expected), step
     headers = json.loads((tmp_path / "headers.json").read_text())
