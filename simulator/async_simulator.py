@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -43,20 +42,26 @@ EMPTY = np.zeros(0, dtype=np.float64)
 
 
 def subtract_starts(out: np.ndarray, total: torch.Tensor, starts: list[tuple[float, np.ndarray]],
-                    block: int = BLOCK) -> None:
+                    block: int = BLOCK, *, zero: bool = False) -> None:
     """out = total - alpha_1 theta_1 - alpha_2 theta_2 - ..., for the (alpha, float32 theta) of `starts` in
     their order, a cache-sized block at a time: one pass over memory instead of one per start version and a
-    copy, and the bits of subtracting each term from the whole of `total` in turn (w n theta is exact in
-    float64, so each step rounds once either way)."""
-    into = torch.from_numpy(out)
-    with warnings.catch_warnings():    # read-only arrays: only read here
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        thetas = [(alpha, torch.from_numpy(theta)) for alpha, theta in starts]
+    copy, and the bits of subtracting each term from the whole of `total` in turn (alpha theta is computed
+    in float64, where it is exact: each step rounds once either way). `zero`: `total` is zeroed behind the
+    pass, a block at a time while it is in cache (the accumulator's reset, without a pass of its own)."""
+    on_cpu = total.device.type == "cpu"
+    source = total.numpy() if on_cpu else total.cpu().numpy()      # an accelerator's sum comes over once
+    scaled = np.empty(min(block, out.size))
     for a in range(0, out.size, block):
         b = min(a + block, out.size)
-        into[a:b].copy_(total[a:b])
-        for alpha, theta in thetas:
-            into[a:b].sub_(theta[a:b], alpha=alpha)
+        into, term = out[a:b], scaled[:b - a]
+        np.copyto(into, source[a:b])
+        if zero and on_cpu:
+            source[a:b] = 0.0
+        for alpha, theta in starts:
+            np.multiply(theta[a:b], alpha, out=term, dtype=np.float64)
+            into -= term
+    if zero and not on_cpu:
+        total.zero_()
 
 
 @dataclass
@@ -201,10 +206,12 @@ class AsyncSimulator(Simulator):
                           starts: list[tuple[float, np.ndarray]]) -> None:
         if acc is not None and acc.weight > 0:   # into the plane's buffer, valid until the step is applied
             buffer = self.data_plane.update_buffer(acc.total.numel())
-            subtract_starts(buffer, acc.total, starts)
+            subtract_starts(buffer, acc.total, starts, zero=True)
             update = replace(update, delta_sum=buffer)
-        if acc is not None:
+            acc.reset(zeroed=True)
+        elif acc is not None:
             acc.reset()
+        if acc is not None:
             self._spare.append(acc)
         self.data_plane.push_update(update, self.round_timeout)
 

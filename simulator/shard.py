@@ -41,8 +41,10 @@ class Accumulator:
                 acc.add_(b, alpha=alpha).add_(d, alpha=alpha)
             self.weight += samples
 
-    def reset(self) -> None:
-        self.total.zero_()
+    def reset(self, *, zeroed: bool = False) -> None:
+        """Back to an empty sum (`zeroed`: the caller has zeroed `total` already)."""
+        if not zeroed:
+            self.total.zero_()
         self.weight = 0.0
 
 

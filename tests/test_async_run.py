@@ -319,3 +319,6 @@ def test_subtracting_the_start_versions_a_block_at_a_time_gives_the_bits_of_whol
     subtract_starts(out, total, starts, block=768)
     assert np.array_equal(out, whole.numpy())
     assert torch.equal(total, before)     # the running sum itself is left as it was
+    again = np.empty(size)
+    subtract_starts(again, total, starts, block=768, zero=True)
+    assert np.array_equal(again, whole.numpy()) and not total.any()     # the accumulator zeroed behind the pass
