@@ -203,6 +203,8 @@ def update_from_chunks(chunks: Iterable[pb.UpdateChunk | bytes], expected_size: 
         values = np.frombuffer(data, dtype="<f8")
         if offset != filled or filled + values.size > h.total:
             raise RefusedError(f"rank {h.rank}: update chunk out of order or past the end")
+        if not np.isfinite(values).all():      # bytes off the wire are checked as they come, in cache
+            raise RefusedError(f"rank {h.rank}: update for step {h.step} has non-finite values")
         delta[filled:filled + values.size] = values
         filled += values.size
     if filled != h.total:

@@ -1,6 +1,7 @@
 """FedAvg's reduction as one pure function: the weighted mean of client deltas from (weight, weighted sum)
-parts. The scheduler, the tests and the plain-PyTorch floor call it; the server optimizer applies the
-result. `server_step` does both, with the checks and the copy into shared memory, in one pass over memory."""
+parts, and `server_step`: that mean, the server optimizer's step, their finiteness checks and the copy
+into shared memory in one pass over memory, which the scheduler calls (`weighted_mean` alone: the tests,
+the plain-PyTorch floor, and optimizers without `step_block`)."""
 from __future__ import annotations
 
 import os

@@ -148,10 +148,13 @@ class LocalSchedulerClient:
     def on_version(self, publish: Callable[[int, np.ndarray], None], *, mirror: np.ndarray | None = None) -> None:
         """Has the scheduler call `publish(version, params)` with every new version as soon as it is made
         (in the thread that completed the step, under the scheduler's lock), after its server step wrote
-        the parameters into `mirror` too (in the same pass; `mirror` must hold the current version's
-        parameters before the first step: the caller copies them there)."""
-        self.scheduler.on_version = publish
-        self.scheduler.mirror = mirror
+        the parameters into `mirror` too (in the same pass). The current parameters go into `mirror` here,
+        so that it holds them from now on (a step that changes nothing leaves them). `mirror=None` ends it."""
+        with self.scheduler._cond:
+            if mirror is not None and self.scheduler.params is not None:
+                np.copyto(mirror, self.scheduler.params)
+            self.scheduler.on_version = publish
+            self.scheduler.mirror = mirror
 
     def push_update(self, update: RankUpdate) -> None:
         self.scheduler.push_update(update)

@@ -177,7 +177,9 @@ class ServerChannel:
         arrived = clients - int(sums.get("diverged", 0))
         record: dict[str, Any] = {"bytes_down": clients * self.bytes_down, "bytes_up": arrived * self.bytes_up}
         if self.settings.secagg_bits and parts:
-            total = parts[0].copy() if len(parts) == 1 else np.sum(parts, axis=0)
+            total = parts[0].copy()
+            for part in parts[1:]:        # the left fold np.sum(parts, axis=0) makes, without stacking them
+                total += part
             total, overflow = secagg.decode_sum(total, fraction_bits=self.settings.fraction_bits,
                                                 bits=self.settings.secagg_bits)
             record.update(secagg_overflow=overflow, secagg_dropped=clients - arrived)

@@ -99,7 +99,8 @@ class Scheduler:
         # data plane announces them to its node there and then
         self.on_version: Callable[[int, np.ndarray], None] = lambda version, params: None
         # where each server step also writes the new parameters, in its one pass (rank 0's node shared memory);
-        # whoever sets it copies the current version there first, so it always holds the current parameters
+        # it holds the current parameters (LocalSchedulerClient.on_version), except after a step that failed
+        # (partly written: the run stops there)
         self.mirror: np.ndarray | None = None
         self.checkpoint_path = checkpoint_path
         self.phones = phones              # None: every sampled client trains, and no virtual clock runs
@@ -334,8 +335,10 @@ class Scheduler:
                                    f"the model has {size}")
             if update.weight == 0 and update.delta_sum.size not in (0, size):
                 raise RefusedError(f"rank {update.rank}: empty update with {update.delta_sum.size} values")
-            if any(part.shape != (size,) for part in update.more):
-                raise RefusedError(f"rank {update.rank}: an in-process part of the wrong size")
+            if update.more and (update.reduced or any(part.shape != (size,) or part.dtype != np.float64
+                                                      for part in update.more)):
+                raise RefusedError(f"rank {update.rank}: in-process parts on a reduced update, or of the wrong "
+                                   f"size or type")
             self._pushed[update.rank] = update
             self._maybe_finish()
 
@@ -416,9 +419,10 @@ class Scheduler:
         result = server_step(parts, weight, self.params, self.optimizer, work=self._total, mirror=self.mirror)
         if not result.update_finite:
             bad = [u.rank for u in pushed if not all(all_finite(part) for part in (u.delta_sum, *u.more))]
-            return (f"{where}: the update pushed by rank(s) {', '.join(map(str, bad or [u.rank for u in pushed]))} holds "
-                    f"non-finite values (a data plane may have summed several ranks' values into one push); the run "
-                    f"stops, the last checkpoint is kept")
+            what = (f"the update pushed by rank(s) {', '.join(map(str, bad))} holds non-finite values (a data plane "
+                    f"may have summed several ranks' values into one push)" if bad else
+                    "the mean of the finite pushed updates overflowed")
+            return f"{where}: {what}; the run stops, the last checkpoint is kept"
         if not result.params_finite:
             return (f"{where}: the server step gave non-finite parameters (check --server-lr and the server "
                     f"optimizer's options); the run stops, the last checkpoint is kept")

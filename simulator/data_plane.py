@@ -37,7 +37,7 @@ class DataPlane(Protocol):
 
     def update_buffer(self, size: int) -> np.ndarray:
         """A float64 array of `size` where this rank may build its round's sum of n_k * delta_k (reused:
-        valid until the next push)."""
+        the rank's own until it pushes; the data plane may then add other ranks' sums into it)."""
 
     def push_update(self, update: RankUpdate, timeout: float) -> None:
         """This rank's training update, waiting at most `timeout` seconds for the other ranks' (TimeoutError
@@ -101,8 +101,8 @@ def tree_pairs(n: int) -> list[tuple[int, int]]:
 class MPIDataPlane:
     """The ranks of one MPI job, whose rank 0 hosts the scheduler, move the bulk bytes among themselves.
 
-    Parameters: rank 0 copies each new version from its scheduler into its node's shared memory (MPI-3
-    `Win_allocate_shared`); the first rank of every other node receives it into its node's (Bcast among the
+    Parameters: rank 0's scheduler writes each new version into its node's shared memory (MPI-3
+    `Win_allocate_shared`) in its server step's one pass; the first rank of every other node receives it into its node's (Bcast among the
     nodes' first ranks). Every rank's shards read that one array: no copy per rank or shard.
 
     Updates: every rank builds its float64 sum in its own slot of the node's shared memory. The node's first
@@ -310,6 +310,8 @@ class MPIDataPlane:
         return have
 
     def close(self) -> None:
+        if self.rank == 0:     # the scheduler must not write into memory about to be freed
+            self.client.on_version(lambda version, params: None, mirror=None)
         if self._control is not None:
             self._control.shutdown()
         for arrays in (self._params, self._slots, self._flags):

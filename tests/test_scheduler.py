@@ -5,6 +5,7 @@ import pytest
 
 from common.domain import DONE, EVAL, TRAIN, ParamLayout, RankMetrics, RankUpdate
 from common.errors import ConfigError, RefusedError, RunFailed
+from protos import convert
 from reader.leaf import LeafRedditReader
 from scheduler.optim import make_server_optimizer
 from scheduler.state import Scheduler, SchedulerConfig
@@ -89,6 +90,11 @@ def test_a_non_finite_update_stops_the_run_naming_its_rank(reader):
     np.testing.assert_array_equal(s.params, np.arange(10, dtype=np.float32))    # the step was not applied
     with pytest.raises(RunFailed, match="rank\\(s\\) 1 holds non-finite"):
         s.plan(0, 1, timeout=1)
+    # over gRPC the bytes are refused as they arrive; in-process parts cannot go on the wire at all
+    with pytest.raises(RefusedError, match="rank 1: update for step 0 has non-finite values"):
+        convert.update_from_chunks(convert.update_chunks(RankUpdate(step=0, rank=1, weight=1.0, delta_sum=bad)), 10)
+    with pytest.raises(ValueError, match="in-process parts"):
+        list(convert.update_chunks(RankUpdate(step=0, rank=0, weight=1.0, delta_sum=bad, more=(bad,))))
 
 
 def test_in_process_parts_are_added_after_their_update_in_rank_order(reader):
@@ -100,7 +106,7 @@ def test_in_process_parts_are_added_after_their_update_in_rank_order(reader):
     together.push_update(RankUpdate(step=0, rank=1, weight=3.0, delta_sum=np.zeros(0), reduced=True))
     together.push_update(RankUpdate(step=0, rank=0, weight=2.0, delta_sum=d[0].copy(), more=(d[1].copy(),)))
     np.testing.assert_array_equal(apart.current_params(1)[1], together.current_params(1)[1])
-    with pytest.raises(RefusedError, match="in-process part of the wrong size"):
+    with pytest.raises(RefusedError, match="in-process parts on a reduced update, or of the wrong size"):
         make(reader).push_update(RankUpdate(step=0, rank=0, weight=2.0, delta_sum=d[0], more=(np.zeros(9),)))
 
 

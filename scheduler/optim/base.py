@@ -25,16 +25,17 @@ class BlockwiseOptimizer:
     """A server optimizer whose step is elementwise, written for one block of the parameter vector at a
     time: the scheduler runs it inside its one pass over memory (mean, step, finiteness checks, the copy
     into shared memory; `scheduler.aggregate.server_step`) while the block is in cache. `step` runs the
-    same blocks on their own, with the same bits. An optimizer without `step_block` (a Flower strategy, a
-    user's own) gets the plain passes."""
+    same blocks on their own, with the same bits. A subclass defines
+
+        step_block(self, a, b, params, mean, out) -> None
+
+    out = the new float32 parameters of elements [a, b), from their float32 `params` and float64 `mean`
+    delta (a work block: may be overwritten), advancing the state of those elements. An optimizer without
+    `step_block` (a Flower strategy, a user's own, a subclass that overrides only `step`) gets the plain
+    passes."""
 
     def prepare(self, size: int) -> None:
         """Allocates the state for `size` parameters, if the optimizer has state and has none yet."""
-
-    def step_block(self, a: int, b: int, params: np.ndarray, mean: np.ndarray, out: np.ndarray) -> None:
-        """out = the new float32 parameters of elements [a, b), from their float32 `params` and float64
-        `mean` delta (a work block: may be overwritten); advances the state of those elements."""
-        raise NotImplementedError
 
     def step(self, params: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
         self.prepare(params.size)
