@@ -102,8 +102,9 @@ class MPIDataPlane:
     """The ranks of one MPI job, whose rank 0 hosts the scheduler, move the bulk bytes among themselves.
 
     Parameters: rank 0's scheduler writes each new version into its node's shared memory (MPI-3
-    `Win_allocate_shared`) in its server step's one pass; the first rank of every other node receives it into its node's (Bcast among the
-    nodes' first ranks). Every rank's shards read that one array: no copy per rank or shard.
+    `Win_allocate_shared`) in its server step's one pass (and the current one when the plane starts); the
+    first rank of every other node receives it into its node's (Bcast among the nodes' first ranks). Every
+    rank's shards read that one array: no copy per rank or shard.
 
     Updates: every rank builds its float64 sum in its own slot of the node's shared memory. The node's first
     ranks, as many as it has cores, each sum one slice of the vector over the node's slots, in a fixed tree
@@ -175,9 +176,7 @@ class MPIDataPlane:
         if version == self._version:
             return self._view
         shared, flags = self._params.of(0), self._flags.of(0)
-        if self.leaders is not None:
-            if self.rank == 0 and flags[VERSION] != version + 1:    # the run's first version: not published
-                np.copyto(shared, self.client.get_params(version)[1])
+        if self.leaders is not None:      # rank 0's node memory holds every version from the start (the mirror)
             if self.leaders.size > 1:
                 self.leaders.Bcast(shared, root=0)
             self._sync()

@@ -43,18 +43,18 @@ def delta(rank: int, step: int) -> np.ndarray:
 
 class StandIn:
     """What the data plane asks of the scheduler client. On rank 0, the total's push makes the next version,
-    which the stand-in publishes as the scheduler does (so only version 0 is copied by `params`)."""
+    which the stand-in publishes as the scheduler does (version 0 goes into the mirror when it is registered)."""
 
     def __init__(self) -> None:
         self.pushed: list[RankUpdate] = []
         self.publish = self.mirror = None
 
     def get_params(self, version: int):
-        if version:
-            raise AssertionError(f"version {version} was published: the plane must not ask for it")
-        return None, params(version)
+        raise AssertionError(f"version {version} is in the mirror: the plane must not ask for it")
 
     def on_version(self, publish, *, mirror) -> None:
+        if mirror is not None:      # as LocalSchedulerClient does: the current version goes in at once
+            np.copyto(mirror, params(0))
         self.publish, self.mirror = publish, mirror
 
     def push_update(self, update: RankUpdate) -> None:
