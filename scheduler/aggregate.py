@@ -91,6 +91,11 @@ def _sum_block(t: np.ndarray, parts: Sequence[np.ndarray], a: int, b: int) -> No
         t += part[a:b]
 
 
+def blockwise(optimizer) -> bool:
+    """Whether `optimizer` has a `step_block` for `server_step`'s one pass (else: the plain passes)."""
+    return callable(getattr(optimizer, "step_block", None))
+
+
 @dataclass
 class StepResult:
     """What `server_step` made: the new parameters (None when no client contributed), and which check
@@ -111,8 +116,7 @@ def server_step(parts: Sequence[np.ndarray], total_weight: float, params: np.nda
     in a single writable part, else in `work` when given). `params` is left as it was."""
     if total_weight <= 0 or not parts:
         return StepResult(None)
-    step_block = getattr(optimizer, "step_block", None)
-    if step_block is None:
+    if not blockwise(optimizer):
         mean = weighted_mean(parts, total_weight, out=work)
         if not all_finite(mean):
             return StepResult(None, update_finite=False)
@@ -137,7 +141,7 @@ def server_step(parts: Sequence[np.ndarray], total_weight: float, params: np.nda
         if not np.isfinite(t).all():
             bad_update.append(a)
             return
-        step_block(a, b, params[a:b], t, out[a:b])
+        optimizer.step_block(a, b, params[a:b], t, out[a:b])
         if not np.isfinite(out[a:b]).all():
             bad_params.append(a)
         elif mirror is not None:

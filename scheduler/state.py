@@ -30,7 +30,7 @@ from common.errors import ConfigError, RefusedError, RunFailed
 from common.metrics import Ratios, add_sums, eval_record, train_record
 from reader.base import Reader
 from reader.users import counts_for
-from scheduler.aggregate import all_finite, server_step
+from scheduler.aggregate import all_finite, blockwise, server_step
 from scheduler.calendar import Calendar
 from scheduler.checkpoint import load_checkpoint, load_versions, save_checkpoint
 from scheduler.optim.base import ServerOptimizer
@@ -414,7 +414,7 @@ class Scheduler:
         weight, link = sum(u.weight for u in pushed), {}
         if self.channel is not None:      # privacy hook: secure aggregation's decoding, DP noise, bytes, epsilon
             parts, weight, link = self.channel.aggregate(done, parts, weight, sums)
-        if len(parts) > 1 and self._total is None and not hasattr(self.optimizer, "step_block"):
+        if len(parts) > 1 and self._total is None and not blockwise(self.optimizer):
             self._total = np.empty(self.layout.size, np.float64)    # reused: no 50 MB page-in a round
         result = server_step(parts, weight, self.params, self.optimizer, work=self._total, mirror=self.mirror)
         if not result.update_finite:

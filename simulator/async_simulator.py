@@ -204,14 +204,13 @@ class AsyncSimulator(Simulator):
 
     def _push_and_recycle(self, update: RankUpdate, acc: Accumulator | None,
                           starts: list[tuple[float, np.ndarray]]) -> None:
-        if acc is not None and acc.weight > 0:   # into the plane's buffer, valid until the step is applied
-            buffer = self.data_plane.update_buffer(acc.total.numel())
-            subtract_starts(buffer, acc.total, starts, zero=True)
-            update = replace(update, delta_sum=buffer)
-            acc.reset(zeroed=True)
-        elif acc is not None:
-            acc.reset()
         if acc is not None:
+            pushed = acc.weight > 0
+            if pushed:      # into the plane's buffer, valid until the step is applied; zeroes the sum behind it
+                buffer = self.data_plane.update_buffer(acc.total.numel())
+                subtract_starts(buffer, acc.total, starts, zero=True)
+                update = replace(update, delta_sum=buffer)
+            acc.reset(zeroed=pushed)
             self._spare.append(acc)
         self.data_plane.push_update(update, self.round_timeout)
 
