@@ -156,6 +156,18 @@ class LocalSchedulerClient:
             self.scheduler.on_version = publish
             self.scheduler.mirror = mirror
 
+    def on_plans(self, post: Callable[[int, list[Plan] | None, str | None], None] | None) -> None:
+        """Has the scheduler call `post(step, plans, None)` with every rank's plans as each step opens, or
+        `post(step, None, failure)` when the run fails (under its lock, in the thread that did it); the
+        current step's plans (or failure) are posted here at once. `None` ends it."""
+        s = self.scheduler
+        with s._cond:
+            s.on_plans = post or (lambda step, plans, failure: None)
+            if post is not None and s.failure is not None:
+                post(s.step, None, s.failure)
+            elif post is not None and s.params is not None:
+                post(s.step, s._plans, None)
+
     def push_update(self, update: RankUpdate) -> None:
         self.scheduler.push_update(update)
 

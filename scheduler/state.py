@@ -102,6 +102,9 @@ class Scheduler:
         # it holds the current parameters (LocalSchedulerClient.on_version), except after a step that failed
         # (partly written: the run stops there)
         self.mirror: np.ndarray | None = None
+        # each step's plans as the step opens (every rank's, in rank order), or the run's failure: under the lock,
+        # in the thread that opened the step or failed the run; rank 0's data plane posts them to its node's ranks
+        self.on_plans: Callable[[int, list[Plan] | None, str | None], None] = lambda step, plans, failure: None
         self.checkpoint_path = checkpoint_path
         self.phones = phones              # None: every sampled client trains, and no virtual clock runs
         self.sim_time = 0.0               # virtual seconds since the run began (with phones)
@@ -241,9 +244,8 @@ class Scheduler:
                 raise RefusedError(f"initial parameters: expected {layout.size} float32 values")
             self.layout, self.params = layout, flat.copy()
             self._start_async(layout)
-            self._plans = self._make_plans(0)
+            self._open(0)
             self._step_started = time.perf_counter()
-            self._cond.notify_all()
 
     def current_params(self, version: int) -> tuple[ParamLayout, np.ndarray]:
         """The layout and parameters of `version`, which must be the current one (read-only array)."""
@@ -292,9 +294,8 @@ class Scheduler:
             if self._async is not None:
                 self._async.restore(self.version, self.sim_time)
                 self._old_versions = load_versions(path)
-            self._plans = self._make_plans(self.step)
+            self._open(self.step)
             self._step_started = time.perf_counter()
-            self._cond.notify_all()
         return int(meta["round"])
 
     # -- steps ------------------------------------------------------------------------------------------
@@ -385,11 +386,18 @@ class Scheduler:
         if failure is not None:
             log.error("%s", failure)
             self.failure = failure
+            self.on_plans(self.step, None, failure)
+            self._cond.notify_all()
         else:
             if self.version != version:
                 self.on_version(self.version, self.params)
-            self.step += 1
-            self._plans = self._make_plans(self.step)
+            self._open(self.step + 1)
+
+    def _open(self, step: int) -> None:
+        """Under the lock: makes `step` the current one and hands out its plans."""
+        self.step = step
+        self._plans = self._make_plans(step)
+        self.on_plans(step, self._plans, None)
         self._cond.notify_all()
 
     def _step_seconds(self) -> float:

@@ -118,7 +118,7 @@ class AsyncSimulator(Simulator):
             if self._pushing is not None and self._pushing.done():
                 self._finish_pushes()          # a failed push raises here
             try:
-                return self.client.get_plan(step, min(WAIT_S, max(deadline - time.monotonic(), POLL_S))
+                return self.data_plane.plan(step, min(WAIT_S, max(deadline - time.monotonic(), POLL_S))
                                             if wait else POLL_S)
             except TimeoutError:
                 if not wait or time.monotonic() >= deadline:

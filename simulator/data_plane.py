@@ -1,16 +1,17 @@
-"""How a step's bulk bytes move: the global parameters out to the ranks (float32, once per version) and the
-ranks' float64 update sums in. The control plane (plans, every rank's weight and metric sums, evaluation
-sums) always goes through the scheduler client; the data plane is pluggable:
+"""How a step's plans and bulk bytes reach the ranks: the plans and global parameters out (float32, once per
+version) and the ranks' float64 update sums in. Every rank's weight and metric sums and the evaluation sums
+always go through the scheduler client; the data plane is pluggable:
 
-- `SchedulerDataPlane`: the bulk bytes go through the scheduler client as well: gRPC streams for a
-  scheduler that is not one of the job's ranks (or with `--data-plane grpc`), in-process calls on the rank
-  that hosts it.
-- `MPIDataPlane`: rank 0 hosts the scheduler and the ranks move the bytes among themselves over MPI.
+- `SchedulerDataPlane`: everything goes through the scheduler client: gRPC for a scheduler that is not one
+  of the job's ranks (or with `--data-plane grpc`), in-process calls on the rank that hosts it.
+- `MPIDataPlane`: rank 0 hosts the scheduler and the ranks move the bytes among themselves over MPI; the
+  ranks on rank 0's node read their plans from the node's shared memory.
 """
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -18,19 +19,31 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from common.domain import RankUpdate
+from common.domain import Plan, RankUpdate
+from common.errors import RunFailed
 from scheduler.client import LocalSchedulerClient, SchedulerClient
 from simulator.comm import Comm, Request
+from simulator.doorbell import Doorbells
 
 log = logging.getLogger(__name__)
 EMPTY = np.zeros(0, dtype=np.float64)
-READY, PRESENT, DONE, VERSION = range(4)   # each rank's flag words in its node's shared memory
+# each rank's flag words in its node's shared memory
+READY, PRESENT, DONE, VERSION, POSTED, POST_BYTES, HEADER_BYTES = range(7)
+FAILED = 1 << 62                           # POSTED when the board holds the run's failure
+BOARD_BYTES = 1 << 20                      # the plans posted to rank 0's node: larger ones are asked for over gRPC
+HEADER_SPACE = 1 << 16                     # a rank's update header in rank 0's node: a larger one goes over gRPC
 CHUNK = 1 << 19                            # float64 elements per message between nodes (4 MiB)
 BLOCK = 1 << 17                            # float64 elements a rank sums over all slots at a time (1 MiB)
+SUM_BLOCK = 1 << 15                        # the same for the node's sum, whose passes hold a few blocks (256 KiB)
 MAX_PAUSE_S = 5e-4                         # the longest sleep between two looks at what a rank waits for
+RUNG_PAUSE_S = 0.1                         # the same, when the rank is rung as it changes (a safety net only)
 
 
 class DataPlane(Protocol):
+    def plan(self, step: int, timeout: float) -> Plan:
+        """This rank's plan of `step`, waiting at most `timeout` seconds for the step to open (TimeoutError);
+        RunFailed when the run failed. Every rank asks for every step, in step order."""
+
     def params(self, version: int, timeout: float) -> np.ndarray:
         """The global shared parameters of `version` (float32, read-only; the same array while the
         version is current). Every rank asks for every step's version, in step order."""
@@ -54,6 +67,9 @@ class SchedulerDataPlane:
         self.client = client
         self._buffer: np.ndarray | None = None
 
+    def plan(self, step: int, timeout: float) -> Plan:
+        return self.client.get_plan(step, timeout)
+
     def params(self, version: int, timeout: float) -> np.ndarray:
         return self.client.get_params(version)[1]
 
@@ -69,15 +85,21 @@ class SchedulerDataPlane:
         pass
 
 
-def wait_until(done: Callable[[], bool], deadline: float, waiting_for: Callable[[], str]) -> None:
-    """Polls `done` with short sleeps until it is true, or raises TimeoutError(waiting_for()) once
-    time.monotonic() passes `deadline`. Never a busy wait: the ranks still training share the cores."""
-    pause = 1e-5
+def wait_until(done: Callable[[], bool], deadline: float, waiting_for: Callable[[], str],
+               bell: Doorbells | None = None) -> None:
+    """Looks at `done` until it is true, or raises TimeoutError(waiting_for()) once time.monotonic() passes
+    `deadline`; in between it sleeps on `bell` (which whoever makes `done` true rings), or without one for
+    ever longer short sleeps. Never a busy wait: the ranks still training share the cores."""
+    pause, longest = 1e-5, (MAX_PAUSE_S if bell is None else RUNG_PAUSE_S)
     while not done():
-        if time.monotonic() >= deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             raise TimeoutError(waiting_for())
-        time.sleep(pause)
-        pause = min(2 * pause, MAX_PAUSE_S)
+        if bell is None:
+            time.sleep(min(pause, left))
+        else:
+            bell.wait(min(pause, left))
+        pause = min(2 * pause, longest)
 
 
 def slice_bounds(size: int, parts: int, align: int = 512) -> list[int]:
@@ -118,8 +140,18 @@ class MPIDataPlane:
     Rank 0 pushes the total to its scheduler in-process; every other rank pushes its weight and metric sums
     over the control plane meanwhile (`reduced` updates).
 
-    Every wait polls with short sleeps, up to the round timeout, and names the ranks it waited for: a rank
-    inside a blocking MPI call can neither time out nor leave its core to the ranks still training. The one
+    Control: on rank 0's node no rank calls rank 0's gRPC server in a training round. Rank 0's scheduler
+    posts every step's plans for the node's ranks to the node's shared memory as the step opens
+    (`Scheduler.on_plans`, in the thread that completed the step); each rank leaves its update's header
+    (weight and metric sums) beside its values, and rank 0 hands the headers to its scheduler in-process
+    with the node's sum. The post is overwritten only when the next step opens, after every rank has
+    pushed, so after every rank has read it; the run's failure is posted the same way. Plans and headers
+    too large for their space (`BOARD_BYTES`, `HEADER_SPACE`), and the ranks of other nodes, use gRPC.
+
+    Every wait for another rank of the node sleeps on the rank's doorbell (`simulator.doorbell`), which
+    that rank rings as it sets the flag waited for, up to the round timeout, and names the ranks it waited
+    for; waits for other nodes poll MPI with short sleeps: a rank inside a blocking MPI call can neither
+    time out nor leave its core to the ranks still training. The one
     blocking call is the Bcast among nodes, which their first ranks enter together, each just given the
     step's plan.
     """
@@ -133,10 +165,15 @@ class MPIDataPlane:
         self._nodes: list[list[int]] = (self.leaders.bcast(self.leaders.gather(self._members))
                                         if self.leaders is not None else [])
         first = self.node.rank == 0
+        # the ranks of rank 0's node read their plans from its board and leave their headers beside their values
+        self._at_scheduler: bool = self.node.bcast(self.rank == 0 if first else None)
         self._params = self.node.allocate_shared(size if first else 0, np.float32)
         self._slots = self.node.allocate_shared(size, np.float64)
-        self._flags = self.node.allocate_shared(4, np.int64)
+        self._flags = self.node.allocate_shared(HEADER_BYTES + 1, np.int64)
+        self._board = self.node.allocate_shared(BOARD_BYTES if self.rank == 0 else 0, np.uint8)
+        self._headers = self.node.allocate_shared(HEADER_SPACE if self._at_scheduler else 0, np.uint8)
         self._flags.of(self.node.rank)[:] = 0
+        self._bells = Doorbells.for_node(self.node)
         self._sync()
         self.node.barrier()
         self._view = self._params.of(0).view()
@@ -155,11 +192,17 @@ class MPIDataPlane:
         self._control = ThreadPoolExecutor(1, thread_name_prefix="control") if self.rank != 0 else None
         if self.rank == 0:
             client.on_version(self._publish, mirror=self._params.of(0))
+            client.on_plans(self._post)
             log.info("data plane: MPI, %d rank(s) on this node (shared memory), %d node(s)", self.node.size,
                      len(self._nodes))
 
+    def _ring(self, ranks: Sequence[int]) -> None:
+        """Wakes the node's `ranks` but this one, after a flag they may wait for was set."""
+        if self._bells is not None:
+            self._bells.ring(r for r in ranks if r != self.node.rank)
+
     def _sync(self) -> None:
-        for arrays in (self._params, self._slots, self._flags):
+        for arrays in (self._params, self._slots, self._flags, self._board, self._headers):
             arrays.sync()
 
     def _publish(self, version: int, params: np.ndarray) -> None:
@@ -171,6 +214,36 @@ class MPIDataPlane:
         (asynchronous ranks copy each version when its plan comes, before they push)."""
         self._params.sync()
         self._flags.of(0)[VERSION] = version + 1
+        self._ring(range(self.node.size))
+
+    def _post(self, step: int, plans: list[Plan] | None, failure: str | None) -> None:
+        """Rank 0, called by its scheduler: posts the node's ranks' plans of `step` (or the run's failure) to
+        the node's board. Plans that do not fit post None instead: the ranks ask the scheduler for them."""
+        entry = pickle.dumps(failure if plans is None else [plans[r] for r in self._members], pickle.HIGHEST_PROTOCOL)
+        if len(entry) > BOARD_BYTES:
+            entry = pickle.dumps(None)
+        board, flags = self._board.of(0), self._flags.of(0)
+        board[:len(entry)] = np.frombuffer(entry, dtype=np.uint8)
+        flags[POST_BYTES] = len(entry)
+        self._sync()
+        flags[POSTED] = FAILED if plans is None else step + 1
+        self._ring(range(self.node.size))
+
+    def plan(self, step: int, timeout: float) -> Plan:
+        if self.rank == 0 or not self._at_scheduler:
+            return self.client.get_plan(step, timeout)
+        flags = self._flags.of(0)
+        wait_until(lambda: flags[POSTED] >= step + 1, time.monotonic() + timeout,
+                   lambda: f"rank {self.rank}: step {step} did not open within {timeout:.0f} s (--round-timeout); "
+                           f"rank {self._members[0]}'s scheduler is at step {flags[POSTED] - 1}", self._bells)
+        self._sync()
+        posted = flags[POSTED]
+        entry = pickle.loads(self._board.of(0)[:flags[POST_BYTES]].tobytes())    # the job's own memory
+        if posted == FAILED:
+            raise RunFailed(entry)
+        if posted != step + 1 or entry is None:     # too large for the board (or not this step: the scheduler says why)
+            return self.client.get_plan(step, timeout)
+        return entry[self.node.rank]
 
     def params(self, version: int, timeout: float) -> np.ndarray:
         if version == self._version:
@@ -181,10 +254,11 @@ class MPIDataPlane:
                 self.leaders.Bcast(shared, root=0)
             self._sync()
             flags[VERSION] = version + 1
+            self._ring(range(self.node.size))
         else:
             wait_until(lambda: flags[VERSION] == version + 1, time.monotonic() + timeout,
                        lambda: f"rank {self.rank}: the parameters of version {version} did not come from rank "
-                               f"{self._members[0]} within {timeout:.0f} s (--round-timeout)")
+                               f"{self._members[0]} within {timeout:.0f} s (--round-timeout)", self._bells)
             self._sync()
         self._version = version
         return self._view
@@ -196,11 +270,17 @@ class MPIDataPlane:
 
     def push_update(self, update: RankUpdate, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        header = None
-        if self.rank != 0:     # the weight and sums, while the values take the data plane
-            header = self._control.submit(self.client.push_update, replace(update, delta_sum=EMPTY, reduced=True))
         me = self.node.rank
         slot, flags = self._slots.of(me), self._flags.of(me)
+        header = None
+        if self.rank != 0:     # the weight and sums: beside the values for rank 0, or over gRPC meanwhile
+            reduced = replace(update, delta_sum=EMPTY, reduced=True)
+            entry = pickle.dumps(reduced, pickle.HIGHEST_PROTOCOL) if self._at_scheduler else b""
+            flags[HEADER_BYTES] = len(entry) if 0 < len(entry) <= HEADER_SPACE else 0
+            if flags[HEADER_BYTES]:
+                self._headers.of(me)[:len(entry)] = np.frombuffer(entry, dtype=np.uint8)
+            else:
+                header = self._control.submit(self.client.push_update, reduced)
         present = update.delta_sum.size > 0
         if present and update.delta_sum.ctypes.data != slot.ctypes.data:
             np.copyto(slot, update.delta_sum)          # built elsewhere than in update_buffer()
@@ -208,16 +288,22 @@ class MPIDataPlane:
         flags[PRESENT] = present
         self._sync()
         flags[READY] = token
+        self._ring(range(self._summers))
         if me < self._summers:
             where = self._sum_node(token, deadline, update.step, timeout)
             have = where[0] is not None
             self._sync()
             flags[DONE] = token
+            self._ring([0])
         if self.leaders is not None:
             self._wait_node(DONE, token, range(self._summers), deadline, update.step, timeout)
             # a rank stalled on another node is named by its own node first: waits between nodes allow twice
             have = self._sum_nodes(have, deadline + timeout, update.step, timeout)
         if self.rank == 0:
+            for r in range(1, self.node.size):    # every rank of the node is in: their headers are there
+                length = self._flags.of(r)[HEADER_BYTES]
+                if length:
+                    self.client.push_update(pickle.loads(self._headers.of(r)[:length].tobytes()))
             if self._root is None:
                 parts = [self._slots.of(0)] if have else []
             else:       # the halves' sums, for the scheduler to add
@@ -241,15 +327,9 @@ class MPIDataPlane:
             self._sync()
             for r in came:
                 ready[r], where[r] = True, r if self._flags.of(r)[PRESENT] else None
-            for i, j in [(i, j) for i, j in todo if all(ready[i:2 * j - i])]:    # the pair's ranks: [i, 2j - i)
-                if where[i] is not None and where[j] is not None:
-                    into, part = self._slots.of(where[i]), self._slots.of(where[j])
-                    for a in range(lo, hi, BLOCK):
-                        b = min(a + BLOCK, hi)
-                        into[a:b] += part[a:b]
-                elif where[i] is None:
-                    where[i] = where[j]
-                todo.remove((i, j))
+            batch = [(i, j) for i, j in todo if all(ready[i:2 * j - i])]    # the pair's ranks: [i, 2j - i)
+            self._add_pairs(batch, where, lo, hi)
+            todo = [pair for pair in todo if pair not in batch]
             if all(ready) or (not todo and self.node.rank != 0):    # rank 0 says where the halves are
                 break
             self._wait_node(READY, token, [r for r in range(n) if not ready[r]], deadline, step, timeout, any_of=True)
@@ -258,13 +338,50 @@ class MPIDataPlane:
             where[0] = 0
         return where
 
+    def _add_pairs(self, batch: list[tuple[int, int]], where: list[int | None], lo: int, hi: int) -> None:
+        """Adds the pairs of `batch` (in tree order) over [lo, hi) of the slots: slot of i += slot of j, with
+        `where` saying which slot holds each subtree's sum (updated). All of them in one pass, a block at a
+        time: a sum that only a later pair of the batch reads (after the last rank came in, the path up
+        from it) stays in a block buffer, never written: the same additions in the same order, with a pass
+        over memory less per level."""
+        Place = tuple[str, int]     # ("slot", node rank) or ("temp", k)
+        ops: list[tuple[Place, Place, Place | None]] = []    # out = left + right (right None: a copy)
+        at: dict[int, Place] = {i: ("slot", where[i]) for pair in batch for i in pair if where[i] is not None}
+        for k, (i, j) in enumerate(batch):
+            if j not in at:             # nothing in subtree j
+                continue
+            read_later = any(i in pair for pair in batch[k + 1:])
+            if i not in at:             # nothing in subtree i: j's sum is the pair's
+                where[i], at[i] = where[j], at.pop(j)
+                continue
+            out = ("temp", k) if read_later else ("slot", where[i])
+            ops.append((out, at[i], at.pop(j)))
+            at[i] = out
+        # a sum kept for a later pair that then had nothing to add goes into its subtree's slot all the same
+        held = {place: i for i, place in at.items() if place[0] == "temp" and where[i] is not None}
+        ops += [(("slot", where[i]), place, None) for place, i in held.items()]
+        if not ops:
+            return
+        temps = {key: np.empty(min(SUM_BLOCK, hi - lo)) for out, _, _ in ops for key in [out] if out[0] == "temp"}
+        for a in range(lo, hi, SUM_BLOCK):
+            b = min(a + SUM_BLOCK, hi)
+
+            def block(place: tuple[str, int]) -> np.ndarray:
+                return self._slots.of(place[1])[a:b] if place[0] == "slot" else temps[place][:b - a]
+
+            for out, left, right in ops:
+                if right is None:
+                    np.copyto(block(out), block(left))
+                else:
+                    np.add(block(left), block(right), out=block(out))
+
     def _wait_node(self, word: int, token: int, ranks: Sequence[int], deadline: float, step: int, timeout: float,
                    *, any_of: bool = False) -> None:
         """Until the node's `ranks` (or, `any_of`, one of them) have set their flag `word` to `token`."""
         flags = [self._flags.of(r) for r in ranks]
         test = any if any_of else all
         wait_until(lambda: test(f[word] == token for f in flags), deadline, lambda: self._late(
-            step, timeout, [self._members[r] for r, f in zip(ranks, flags) if f[word] != token]))
+            step, timeout, [self._members[r] for r, f in zip(ranks, flags) if f[word] != token]), self._bells)
         self._sync()
 
     def _late(self, step: int, timeout: float, ranks: list[int]) -> str:
@@ -311,9 +428,12 @@ class MPIDataPlane:
     def close(self) -> None:
         if self.rank == 0:     # the scheduler must not write into memory about to be freed
             self.client.on_version(lambda version, params: None, mirror=None)
+            self.client.on_plans(None)
         if self._control is not None:
             self._control.shutdown()
-        for arrays in (self._params, self._slots, self._flags):
+        if self._bells is not None:
+            self._bells.close()
+        for arrays in (self._params, self._slots, self._flags, self._board, self._headers):
             arrays.free()
 
 

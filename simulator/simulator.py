@@ -54,7 +54,7 @@ class Simulator:
         step = start_step
         while True:
             t0 = time.perf_counter()
-            plan = self.client.get_plan(step, self.round_timeout)
+            plan = self.data_plane.plan(step, self.round_timeout)
             if plan.kind == DONE:
                 return step - start_step
             t1 = time.perf_counter()

@@ -56,6 +56,51 @@ def test_the_node_sum_is_a_fixed_tree_over_the_ranks():
         assert len(pairs) == n - 1 and sorted(j for _, j in pairs) == list(range(1, n))
 
 
+class _Slots:
+    def __init__(self, arrays):
+        self.arrays = arrays
+
+    def of(self, rank):
+        return self.arrays[rank]
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8])
+def test_the_node_sum_in_batches_has_the_bits_of_the_tree_whatever_order_ranks_come_in(n):
+    """`_add_pairs` adds every pair whose ranks are in, in one pass (a sum read only by a later pair of the
+    batch in a block buffer): whatever order the ranks come in and whichever bring nothing, the sum in the
+    first subtree's slot has the bits of the plain tree."""
+    rng = np.random.default_rng(n)
+    size = 70_001                        # more than one block, and a ragged last one
+    for trial in range(12):
+        values = [rng.normal(size=size) * 10.0 ** rng.integers(-8, 8, size=size) for _ in range(n)]
+        present = rng.random(n) < 0.75
+        plane = MPIDataPlane.__new__(MPIDataPlane)
+        plane._slots = _Slots([v.copy() for v in values])
+        where = [None] * n
+        ready = [False] * n
+        todo = tree_pairs(n)
+        for r in rng.permutation(n):      # one rank in at a time, or several (the same look)
+            ready[r], where[r] = True, int(r) if present[r] else None
+            if rng.random() < 0.5 and not all(ready):
+                continue
+            batch = [(i, j) for i, j in todo if all(ready[i:2 * j - i])]
+            plane._add_pairs(batch, where, 0, size)
+            todo = [pair for pair in todo if pair not in batch]
+        if not all(ready) or todo:
+            batch = [(i, j) for i, j in todo if all(ready[i:2 * j - i])]
+            plane._add_pairs(batch, where, 0, size)
+        sums = [v if p else None for v, p in zip(values, present)]
+        for i, j in tree_pairs(n):
+            if sums[i] is not None and sums[j] is not None:
+                sums[i] = sums[i] + sums[j]
+            elif sums[i] is None:
+                sums[i] = sums[j]
+        if sums[0] is None:
+            assert where[0] is None
+        else:
+            assert np.array_equal(plane._slots.of(where[0]), sums[0]), (trial, present)
+
+
 def test_reduced_updates_and_a_pre_reduced_total_give_the_plain_result(data):
     rng = np.random.default_rng(1)
     parts = [rng.normal(size=LAYOUT.size) for _ in range(3)]
@@ -126,10 +171,28 @@ def test_mpi_plane_sums_in_its_documented_order(tmp_path, np_, hosts, nodes):
         expected = functools.reduce(np.add, node_sums) if node_sums else np.zeros(0)   # nodes: a binomial tree
         assert np.array_equal(np.load(tmp_path / f"total{step}.npy"), expected), step
     headers = json.loads((tmp_path / "headers.json").read_text())
-    assert headers[0] == [[step, 0, float(brings_values(0, step)), np.load(tmp_path / f"total{step}.npy").size,
-                           False] for step in range(STEPS)]
-    for rank in range(1, np_):     # the other ranks' weights went over the control plane, without values
-        assert headers[rank] == [[step, rank, float(brings_values(rank, step)), 0, True] for step in range(STEPS)]
+    by_rank0 = {(h[0], h[1]): h for h in headers[0]}
+    for step in range(STEPS):
+        assert by_rank0[step, 0] == [step, 0, float(brings_values(0, step)),
+                                     np.load(tmp_path / f"total{step}.npy").size, False]
+    for rank in range(1, np_):     # the other ranks' weights, without values: from beside the values on rank 0's
+        for step in range(STEPS):  # node (rank 1's large one of step 1 over the control plane), else over it
+            beside = rank in nodes[0] and (rank, step) != (1, 1)
+            where = by_rank0 if beside else {(h[0], h[1]): h for h in headers[rank]}
+            assert where.pop((step, rank)) == [step, rank, float(brings_values(rank, step)), 0, True]
+    assert len(by_rank0) == STEPS and all(not h for r, h in enumerate(headers) if r not in (0, 1)
+                                          and r in nodes[0])
+    asked = json.loads((tmp_path / "asked.json").read_text())
+    for rank in range(np_):        # plans: rank 0 in-process, its node's ranks from the board but step 2's (too
+        # large), the other nodes' ranks over the control plane
+        assert asked[rank] == (list(range(STEPS)) if rank == 0 or rank not in nodes[0] else [2]), rank
+
+
+@pytest.mark.mpi
+def test_a_failed_run_reaches_the_ranks_that_read_the_board(tmp_path):
+    proc = job(tmp_path, 3, "--fail-at", "1", timeout=60)
+    assert proc.returncode != 0
+    assert "run failed: step 1 failed" in proc.stdout, proc.stdout + proc.stderr
 
 
 @pytest.mark.mpi
