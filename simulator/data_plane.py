@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -23,7 +25,7 @@ from common.domain import Plan, RankUpdate
 from common.errors import RunFailed
 from scheduler.client import LocalSchedulerClient, SchedulerClient
 from simulator.comm import Comm, Request
-from simulator.doorbell import Doorbells
+from simulator.doorbell import MAIN, SUM, Doorbells
 
 log = logging.getLogger(__name__)
 EMPTY = np.zeros(0, dtype=np.float64)
@@ -86,20 +88,22 @@ class SchedulerDataPlane:
 
 
 def wait_until(done: Callable[[], bool], deadline: float, waiting_for: Callable[[], str],
-               bell: Doorbells | None = None) -> None:
+               bell: Callable[[float], None] | None = None) -> None:
     """Looks at `done` until it is true, or raises TimeoutError(waiting_for()) once time.monotonic() passes
-    `deadline`; in between it sleeps on `bell` (which whoever makes `done` true rings), or without one for
-    ever longer short sleeps. Never a busy wait: the ranks still training share the cores."""
+    `deadline`; in between it sleeps on `bell` (a sleep of at most the seconds given, which whoever makes
+    `done` true cuts short: a doorbell), or without one for ever longer short sleeps. Never a busy wait:
+    the ranks still training share the cores."""
     pause, longest = 1e-5, (MAX_PAUSE_S if bell is None else RUNG_PAUSE_S)
     while not done():
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(waiting_for())
-        if bell is None:
-            time.sleep(min(pause, left))
-        else:
-            bell.wait(min(pause, left))
+        (bell or time.sleep)(min(pause, left))
         pause = min(2 * pause, longest)
+
+
+class _Closing(Exception):
+    """The plane is closing while its node-sum thread waits."""
 
 
 def slice_bounds(size: int, parts: int, align: int = 512) -> list[int]:
@@ -130,9 +134,10 @@ class MPIDataPlane:
 
     Updates: every rank builds its float64 sum in its own slot of the node's shared memory. The node's first
     ranks, as many as it has cores, each sum one slice of the vector over the node's slots, in a fixed tree
-    over the node's ranks (`tree_pairs`: ((0 + 1) + (2 + 3)) + ...), each pair as soon as its ranks are in:
-    ranks that finished early are added while later ones still train, whatever the order they come in, and
-    after the last one at most log2(ranks) additions are left (no copies, the work spread over the cores).
+    over the node's ranks (`tree_pairs`: ((0 + 1) + (2 + 3)) + ...), each pair as soon as its ranks are in,
+    in a thread of their own: ranks that finished early are added while later ones, the summing ranks
+    included, still train, whatever the order they come in, and after the last one at most log2(ranks)
+    additions are left, in one pass (no copies, the work spread over the cores).
     On a single node the root's addition is left out: rank 0 hands the two halves' sums to its scheduler
     (`RankUpdate.more`), whose one pass adds them, which saves a pass over the 50 MB sum. The nodes'
     sums then meet in a binomial tree among the nodes' first ranks (point-to-point, the lower node's sum
@@ -190,16 +195,28 @@ class MPIDataPlane:
         self._version: int | None = None
         self._received: np.ndarray | None = None    # a child node's sum, on first ranks that have children
         self._control = ThreadPoolExecutor(1, thread_name_prefix="control") if self.rank != 0 else None
+        # a summing rank's slice of the node's sum, each push's as its ranks come in (`_sum_loop`)
+        self._timeout = 600.0                 # the latest push's round timeout
+        self._closing = False
+        self._summed: queue.Queue = queue.Queue()
+        self._summer: threading.Thread | None = None
+        if self.node.rank < self._summers:
+            self._summer = threading.Thread(target=self._sum_loop, name="node-sum", daemon=True)
+            self._summer.start()
         if self.rank == 0:
             client.on_version(self._publish, mirror=self._params.of(0))
             client.on_plans(self._post)
             log.info("data plane: MPI, %d rank(s) on this node (shared memory), %d node(s)", self.node.size,
                      len(self._nodes))
 
-    def _ring(self, ranks: Sequence[int]) -> None:
-        """Wakes the node's `ranks` but this one, after a flag they may wait for was set."""
+    def _ring(self, ranks: Sequence[int], bell: int = MAIN) -> None:
+        """Wakes the thread `bell` of the node's `ranks`, after a flag it may wait for was set."""
         if self._bells is not None:
-            self._bells.ring(r for r in ranks if r != self.node.rank)
+            self._bells.ring(ranks, bell)
+
+    def _bell(self, bell: int = MAIN) -> Callable[[float], None] | None:
+        """The sleep of this rank's thread `bell` (None: no doorbells, short sleeps)."""
+        return None if self._bells is None else lambda seconds: self._bells.wait(seconds, bell)
 
     def _sync(self) -> None:
         for arrays in (self._params, self._slots, self._flags, self._board, self._headers):
@@ -214,7 +231,7 @@ class MPIDataPlane:
         (asynchronous ranks copy each version when its plan comes, before they push)."""
         self._params.sync()
         self._flags.of(0)[VERSION] = version + 1
-        self._ring(range(self.node.size))
+        self._ring(range(1, self.node.size))
 
     def _post(self, step: int, plans: list[Plan] | None, failure: str | None) -> None:
         """Rank 0, called by its scheduler: posts the node's ranks' plans of `step` (or the run's failure) to
@@ -227,7 +244,7 @@ class MPIDataPlane:
         flags[POST_BYTES] = len(entry)
         self._sync()
         flags[POSTED] = FAILED if plans is None else step + 1
-        self._ring(range(self.node.size))
+        self._ring(range(1, self.node.size))
 
     def plan(self, step: int, timeout: float) -> Plan:
         if self.rank == 0 or not self._at_scheduler:
@@ -235,7 +252,7 @@ class MPIDataPlane:
         flags = self._flags.of(0)
         wait_until(lambda: flags[POSTED] >= step + 1, time.monotonic() + timeout,
                    lambda: f"rank {self.rank}: step {step} did not open within {timeout:.0f} s (--round-timeout); "
-                           f"rank {self._members[0]}'s scheduler is at step {flags[POSTED] - 1}", self._bells)
+                           f"rank {self._members[0]}'s scheduler is at step {flags[POSTED] - 1}", self._bell())
         self._sync()
         posted = flags[POSTED]
         entry = pickle.loads(self._board.of(0)[:flags[POST_BYTES]].tobytes())    # the job's own memory
@@ -254,11 +271,11 @@ class MPIDataPlane:
                 self.leaders.Bcast(shared, root=0)
             self._sync()
             flags[VERSION] = version + 1
-            self._ring(range(self.node.size))
+            self._ring(range(1, self.node.size))
         else:
             wait_until(lambda: flags[VERSION] == version + 1, time.monotonic() + timeout,
                        lambda: f"rank {self.rank}: the parameters of version {version} did not come from rank "
-                               f"{self._members[0]} within {timeout:.0f} s (--round-timeout)", self._bells)
+                               f"{self._members[0]} within {timeout:.0f} s (--round-timeout)", self._bell())
             self._sync()
         self._version = version
         return self._view
@@ -270,6 +287,7 @@ class MPIDataPlane:
 
     def push_update(self, update: RankUpdate, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        self._timeout = timeout
         me = self.node.rank
         slot, flags = self._slots.of(me), self._flags.of(me)
         header = None
@@ -288,13 +306,17 @@ class MPIDataPlane:
         flags[PRESENT] = present
         self._sync()
         flags[READY] = token
-        self._ring(range(self._summers))
-        if me < self._summers:
-            where = self._sum_node(token, deadline, update.step, timeout)
+        self._ring(range(self._summers), SUM)
+        if me < self._summers:      # its node-sum thread's slice
+            try:
+                summed, where = self._summed.get(timeout=max(deadline - time.monotonic(), 0.0) + timeout)
+            except queue.Empty:
+                raise TimeoutError(self._late(update.step, timeout, [self.rank])) from None
+            if isinstance(summed, BaseException):
+                raise summed
+            if summed != token:
+                raise RuntimeError(f"rank {self.rank}: the node summed push {summed - 1} in step {update.step}")
             have = where[0] is not None
-            self._sync()
-            flags[DONE] = token
-            self._ring([0])
         if self.leaders is not None:
             self._wait_node(DONE, token, range(self._summers), deadline, update.step, timeout)
             # a rank stalled on another node is named by its own node first: waits between nodes allow twice
@@ -311,6 +333,30 @@ class MPIDataPlane:
             self.client.push_update(replace(update, delta_sum=parts[0] if parts else EMPTY, more=tuple(parts[1:])))
         if header is not None:
             header.result()
+
+    def _sum_loop(self) -> None:
+        """The node-sum thread of a summing rank: for each push, from the first of the node's ranks to come in
+        with it, this rank's slice of the node's sum (`_sum_node`, within the round timeout from then), then
+        its DONE flag; hands (token, where) or the exception that ended it to `push_update`."""
+        flags, last = [self._flags.of(r) for r in range(self.node.size)], 0
+        while True:
+            try:
+                wait_until(lambda: self._closing or max(f[READY] for f in flags) > last, float("inf"),
+                           lambda: "", self._bell(SUM))
+                if self._closing:
+                    return
+                token, timeout = max(f[READY] for f in flags), self._timeout
+                where = self._sum_node(token, time.monotonic() + timeout, token - 1, timeout)
+                self._sync()
+                self._flags.of(self.node.rank)[DONE] = token
+                self._ring([0])
+            except _Closing:
+                return
+            except BaseException as e:       # the push that waits for this raises it
+                self._summed.put((e, None))
+                return
+            self._summed.put((token, where))
+            last = token
 
     def _sum_node(self, token: int, deadline: float, step: int, timeout: float) -> list[int | None]:
         """This rank's slice of the node's sum (`tree_pairs`, less the root when the scheduler adds it), in
@@ -332,7 +378,10 @@ class MPIDataPlane:
             todo = [pair for pair in todo if pair not in batch]
             if all(ready) or (not todo and self.node.rank != 0):    # rank 0 says where the halves are
                 break
-            self._wait_node(READY, token, [r for r in range(n) if not ready[r]], deadline, step, timeout, any_of=True)
+            self._wait_node(READY, token, [r for r in range(n) if not ready[r]], deadline, step, timeout, any_of=True,
+                            bell=SUM)
+            if self._closing:
+                raise _Closing
         if self._root is None and where[0] not in (None, 0):     # the node's sum goes on from its first slot
             np.copyto(self._slots.of(0)[lo:hi], self._slots.of(where[0])[lo:hi])
             where[0] = 0
@@ -376,12 +425,14 @@ class MPIDataPlane:
                     np.add(block(left), block(right), out=block(out))
 
     def _wait_node(self, word: int, token: int, ranks: Sequence[int], deadline: float, step: int, timeout: float,
-                   *, any_of: bool = False) -> None:
-        """Until the node's `ranks` (or, `any_of`, one of them) have set their flag `word` to `token`."""
+                   *, any_of: bool = False, bell: int = MAIN) -> None:
+        """Until the node's `ranks` (or, `any_of`, one of them) have set their flag `word` to `token` (or the
+        plane closes, for the node-sum thread: `bell` SUM)."""
         flags = [self._flags.of(r) for r in ranks]
         test = any if any_of else all
-        wait_until(lambda: test(f[word] == token for f in flags), deadline, lambda: self._late(
-            step, timeout, [self._members[r] for r, f in zip(ranks, flags) if f[word] != token]), self._bells)
+        wait_until(lambda: test(f[word] == token for f in flags) or (bell == SUM and self._closing), deadline,
+                   lambda: self._late(step, timeout, [self._members[r] for r, f in zip(ranks, flags)
+                                                      if f[word] != token]), self._bell(bell))
         self._sync()
 
     def _late(self, step: int, timeout: float, ranks: list[int]) -> str:
@@ -431,6 +482,10 @@ class MPIDataPlane:
             self.client.on_plans(None)
         if self._control is not None:
             self._control.shutdown()
+        self._closing = True
+        if self._summer is not None:     # it must not read the slots once they are freed
+            self._ring([self.node.rank], SUM)
+            self._summer.join()
         if self._bells is not None:
             self._bells.close()
         for arrays in (self._params, self._slots, self._flags, self._board, self._headers):

@@ -6,6 +6,7 @@ rank 0's server step ran in 33 ms with seven ranks polling for their next plan, 
 is one datagram to the sleeper's socket (Linux's abstract namespace: no file to create or clean up), sent
 after the flag is set; a ring that comes before the sleeper sleeps stays in its socket and ends the sleep
 at once. Rings carry nothing: the sleeper looks at its flags again, so a ring too many only costs a look.
+A rank has a bell per thread that waits (`BELLS`): a ring that one thread took would be lost to the other.
 """
 from __future__ import annotations
 
@@ -17,16 +18,23 @@ from typing import Iterable
 
 from simulator.comm import Comm
 
+MAIN, SUM = range(2)     # a rank's bells: its main thread's, and its node-sum thread's
+BELLS = 2
+
 
 class Doorbells:
-    """This rank's doorbell and the way to ring the other ranks' of its node. Collective to build."""
+    """This rank's doorbells and the way to ring those of its node's ranks. Collective to build."""
 
     def __init__(self, node: Comm) -> None:
         job = node.bcast(secrets.token_hex(8) if node.rank == 0 else None)
-        self._addresses = [f"\0flock-{job}-{r}" for r in range(node.size)]
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._socket.bind(self._addresses[node.rank])
-        self._socket.setblocking(False)
+        self._addresses = [[f"\0flock-{job}-{r}-{b}" for b in range(BELLS)] for r in range(node.size)]
+        self._sockets = []
+        for address in self._addresses[node.rank]:
+            bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            bell.bind(address)
+            bell.setblocking(False)
+            self._sockets.append(bell)
+        self._ringer = self._sockets[MAIN]     # sendto on a socket is safe from any thread
         node.barrier()       # every bell is there before any rank rings one
 
     @classmethod
@@ -36,24 +44,26 @@ class Doorbells:
         available = node.bcast(sys.platform.startswith("linux") if node.rank == 0 else None)
         return cls(node) if available else None
 
-    def ring(self, ranks: Iterable[int]) -> None:
-        """Wakes the node's `ranks` (call after setting the flag they wait for)."""
+    def ring(self, ranks: Iterable[int], bell: int = MAIN) -> None:
+        """Wakes the thread `bell` of the node's `ranks` (call after setting the flag it waits for)."""
         for r in ranks:
             try:
-                self._socket.sendto(b"\1", self._addresses[r])
+                self._ringer.sendto(b"\1", self._addresses[r][bell])
             except BlockingIOError:       # its socket is full of rings already: it will look anyway
                 pass
             except OSError:               # a rank that is gone cannot be woken (its death is dealt with elsewhere)
                 pass
 
-    def wait(self, timeout: float) -> None:
-        """Sleeps until this rank is rung or `timeout` seconds pass; forgets the rings that woke it."""
-        readable, _, _ = select.select([self._socket], [], [], max(timeout, 0.0))
+    def wait(self, timeout: float, bell: int = MAIN) -> None:
+        """Sleeps until this rank's `bell` is rung or `timeout` seconds pass; forgets the rings that woke it."""
+        mine = self._sockets[bell]
+        readable, _, _ = select.select([mine], [], [], max(timeout, 0.0))
         while readable:
             try:
-                self._socket.recv(64)
+                mine.recv(64)
             except BlockingIOError:
                 break
 
     def close(self) -> None:
-        self._socket.close()
+        for bell in self._sockets:
+            bell.close()

@@ -10,7 +10,7 @@ nothing in some steps). Rank 0 saves each step's total as its scheduler would ge
 (OUT_DIR/total<step>.npy); OUT_DIR/headers.json holds what each rank's stand-in was handed (rank 0's: the
 headers of its node's ranks too) and OUT_DIR/asked.json the plans each rank asked its stand-in for.
 With --hang-rank, that rank stalls in step 1 and the others must time out; with --fail-at S, the
-stand-in posts a failure instead of step S's plans."""
+stand-in posts a failure instead of step S's plans; with --no-doorbells the ranks wait with short sleeps."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +28,7 @@ from common.domain import TRAIN, Plan, RankUpdate  # noqa: E402
 from common.errors import RunFailed  # noqa: E402
 from simulator.comm import MPIComm  # noqa: E402
 from simulator.data_plane import EMPTY, MPIDataPlane  # noqa: E402
+from simulator.doorbell import Doorbells  # noqa: E402
 
 SIZE = 3 * (1 << 19) + 12345      # several messages between nodes, slices of unequal length
 STEPS = 4
@@ -105,7 +106,10 @@ def main() -> None:
     p.add_argument("--hang-rank", type=int, default=-1)
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--fail-at", type=int, default=-1)
+    p.add_argument("--no-doorbells", action="store_true", help="wait as outside Linux: short sleeps")
     args = p.parse_args()
+    if args.no_doorbells:
+        Doorbells.for_node = classmethod(lambda cls, node: None)
     comm = MPIComm()
     client = StandIn(comm.rank, comm.size, args.fail_at)
     plane = MPIDataPlane(comm, client, SIZE)

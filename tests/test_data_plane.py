@@ -156,15 +156,16 @@ def tree(ranks: list[int], step: int) -> np.ndarray | None:
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("np_, hosts, nodes", [
-    (3, False, [[0, 1, 2]]),                  # one node: (0 + 1) by the node, + 2 by the scheduler's pass
-    (5, False, [[0, 1, 2, 3, 4]]),
-    (4, True, [[0, 2], [1, 3]]),              # mpirun places ranks on the two "hosts" in turn
-    (3, True, [[0, 2], [1]]),
-    (6, True, [[0, 2, 4], [1, 3, 5]]),        # each node's own tree, root included, then the nodes'
+@pytest.mark.parametrize("np_, hosts, nodes, extra", [
+    (3, False, [[0, 1, 2]], ()),              # one node: (0 + 1) by the node, + 2 by the scheduler's pass
+    (5, False, [[0, 1, 2, 3, 4]], ()),
+    (5, False, [[0, 1, 2, 3, 4]], ("--no-doorbells",)),     # outside Linux
+    (4, True, [[0, 2], [1, 3]], ()),          # mpirun places ranks on the two "hosts" in turn
+    (3, True, [[0, 2], [1]], ()),
+    (6, True, [[0, 2, 4], [1, 3, 5]], ()),    # each node's own tree, root included, then the nodes'
 ])
-def test_mpi_plane_sums_in_its_documented_order(tmp_path, np_, hosts, nodes):
-    proc = job(tmp_path, np_, hosts=hosts)
+def test_mpi_plane_sums_in_its_documented_order(tmp_path, np_, hosts, nodes, extra):
+    proc = job(tmp_path, np_, *extra, hosts=hosts)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for step in range(STEPS):
         node_sums = [s for s in (tree(ranks, step) for ranks in nodes) if s is not None]
@@ -201,3 +202,30 @@ def test_a_stalled_rank_times_out_by_name(tmp_path, hosts):
     proc = job(tmp_path, 3, "--hang-rank", "2", "--timeout", "2", hosts=hosts, timeout=60)
     assert proc.returncode != 0
     assert "step 1 did not complete within 2 s (--round-timeout): waiting for ranks [2]" in proc.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="doorbells live in Linux's abstract namespace")
+def test_a_doorbell_ends_a_sleep_when_rung_and_only_then():
+    import threading
+    import time
+    from simulator.doorbell import MAIN, SUM, Doorbells
+
+    bells = Doorbells.for_node(SingleComm())
+    try:
+        started = time.monotonic()
+        bells.wait(0.2, SUM)                              # nobody rings: the whole timeout
+        assert time.monotonic() - started >= 0.19
+        bells.ring([0], MAIN)                             # a ring before the sleep ends it at once, once
+        started = time.monotonic()
+        bells.wait(5, MAIN)
+        assert time.monotonic() - started < 1
+        threading.Timer(0.1, lambda: bells.ring([0], SUM)).start()     # a ring during the sleep ends it
+        started = time.monotonic()
+        bells.wait(5, SUM)
+        assert 0.05 < time.monotonic() - started < 2
+        started = time.monotonic()
+        bells.wait(0.1, MAIN)                             # the rings were taken: the next sleep is whole
+        assert time.monotonic() - started >= 0.09
+    finally:
+        bells.close()
+    bells.ring([0])                                       # a closed bell: ringing it is harmless
