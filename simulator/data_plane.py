@@ -339,10 +339,13 @@ class MPIDataPlane:
         with it, this rank's slice of the node's sum (`_sum_node`, within the round timeout from then), then
         its DONE flag; hands (token, where) or the exception that ended it to `push_update`."""
         flags, last = [self._flags.of(r) for r in range(self.node.size)], 0
+
+        def next_push_or_closing() -> bool:
+            return self._closing or max(f[READY] for f in flags) > last
+
         while True:
             try:
-                wait_until(lambda: self._closing or max(f[READY] for f in flags) > last, float("inf"),
-                           lambda: "", self._bell(SUM))
+                wait_until(next_push_or_closing, float("inf"), lambda: "", self._bell(SUM))
                 if self._closing:
                     return
                 token, timeout = max(f[READY] for f in flags), self._timeout
@@ -412,17 +415,16 @@ class MPIDataPlane:
         if not ops:
             return
         temps = {key: np.empty(min(SUM_BLOCK, hi - lo)) for out, _, _ in ops for key in [out] if out[0] == "temp"}
+        def block(place: Place, a: int, b: int) -> np.ndarray:
+            return self._slots.of(place[1])[a:b] if place[0] == "slot" else temps[place][:b - a]
+
         for a in range(lo, hi, SUM_BLOCK):
             b = min(a + SUM_BLOCK, hi)
-
-            def block(place: tuple[str, int]) -> np.ndarray:
-                return self._slots.of(place[1])[a:b] if place[0] == "slot" else temps[place][:b - a]
-
             for out, left, right in ops:
                 if right is None:
-                    np.copyto(block(out), block(left))
+                    np.copyto(block(out, a, b), block(left, a, b))
                 else:
-                    np.add(block(left), block(right), out=block(out))
+                    np.add(block(left, a, b), block(right, a, b), out=block(out, a, b))
 
     def _wait_node(self, word: int, token: int, ranks: Sequence[int], deadline: float, step: int, timeout: float,
                    *, any_of: bool = False, bell: int = MAIN) -> None:

@@ -208,6 +208,7 @@ def test_a_stalled_rank_times_out_by_name(tmp_path, hosts):
 def test_a_doorbell_ends_a_sleep_when_rung_and_only_then():
     import threading
     import time
+
     from simulator.doorbell import MAIN, SUM, Doorbells
 
     bells = Doorbells.for_node(SingleComm())
