@@ -287,7 +287,8 @@ def _run(config: Config, comm: Comm, stack: ExitStack, sink: _Sink, progress: st
     start_step = client.hello().step
     if rank == 0 and resume_round == 0:
         client.init_params(built.layout, built.layout.flatten(built.tensors(built.layout.names)))
-    data_plane = make_data_plane(config.data_plane, comm, client, built.layout.size)
+    data_plane = make_data_plane(config.data_plane, comm, client, built.layout.size, timeout=config.round_timeout)
+    stack.callback(data_plane.stop)     # on every exit: no thread of it reads shared memory any more
     simulator = _simulator(config, built, comm, reader, client, data_plane, train_config, resume_round, stack)
     simulator.run(start_step)
     # freeing MPI shared memory is collective: only on success (a failing rank aborts the job, which frees it)

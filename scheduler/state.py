@@ -386,8 +386,10 @@ class Scheduler:
         if failure is not None:
             log.error("%s", failure)
             self.failure = failure
-            self.on_plans(self.step, None, failure)
-            self._cond.notify_all()
+            try:
+                self.on_plans(self.step, None, failure)
+            finally:
+                self._cond.notify_all()
         else:
             if self.version != version:
                 self.on_version(self.version, self.params)
@@ -397,8 +399,10 @@ class Scheduler:
         """Under the lock: makes `step` the current one and hands out its plans."""
         self.step = step
         self._plans = self._make_plans(step)
-        self.on_plans(step, self._plans, None)
-        self._cond.notify_all()
+        try:
+            self.on_plans(step, self._plans, None)
+        finally:
+            self._cond.notify_all()
 
     def _step_seconds(self) -> float:
         """A step's time runs from the previous step's end to the end of its aggregation; recording and

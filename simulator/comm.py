@@ -33,6 +33,7 @@ class Comm(Protocol):
     rank: int
     size: int
     local_size: int    # ranks on this node
+    threads: bool      # whether any thread may call MPI (MPI_THREAD_MULTIPLE)
 
     def bcast(self, obj: Any, root: int = 0) -> Any: ...
     def gather(self, obj: Any, root: int = 0) -> list[Any] | None: ...
@@ -56,7 +57,7 @@ class Comm(Protocol):
 class SingleComm:
     """A world of one process (no MPI)."""
 
-    rank, size, local_size = 0, 1, 1
+    rank, size, local_size, threads = 0, 1, 1, True
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
         return obj
@@ -114,6 +115,7 @@ class MPIComm:
         node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_size = node.Get_size()
         node.Free()
+        self.threads = MPI.Query_thread() == MPI.THREAD_MULTIPLE
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
         return self._comm.bcast(obj, root=root)

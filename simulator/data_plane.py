@@ -39,6 +39,7 @@ BLOCK = 1 << 17                            # float64 elements a rank sums over a
 SUM_BLOCK = 1 << 15                        # the same for the node's sum, whose passes hold a few blocks (256 KiB)
 MAX_PAUSE_S = 5e-4                         # the longest sleep between two looks at what a rank waits for
 RUNG_PAUSE_S = 0.1                         # the same, when the rank is rung as it changes (a safety net only)
+IDLE_PAUSE_S = 5e-3                        # a node-sum thread's, between pushes, when there are no doorbells
 
 
 class DataPlane(Protocol):
@@ -55,11 +56,14 @@ class DataPlane(Protocol):
         the rank's own until it pushes; the data plane may then add other ranks' sums into it)."""
 
     def push_update(self, update: RankUpdate, timeout: float) -> None:
-        """This rank's training update, waiting at most `timeout` seconds for the other ranks' (TimeoutError
-        naming the ranks it waited for)."""
+        """This rank's training update; TimeoutError naming the ranks it waited for once `timeout` seconds
+        pass with none of them coming in."""
+
+    def stop(self) -> None:
+        """Stops the plane's threads, alone (any rank, on any exit; again is harmless)."""
 
     def close(self) -> None:
-        """Releases the plane's memory (every rank at the end of the run)."""
+        """Stops the plane and releases its memory (every rank together, at the end of the run)."""
 
 
 class SchedulerDataPlane:
@@ -83,19 +87,26 @@ class SchedulerDataPlane:
     def push_update(self, update: RankUpdate, timeout: float) -> None:
         self.client.push_update(update)
 
+    def stop(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
 
-def wait_until(done: Callable[[], bool], deadline: float, waiting_for: Callable[[], str],
-               bell: Callable[[float], None] | None = None) -> None:
+def wait_until(done: Callable[[], bool], deadline: float | Callable[[], float], waiting_for: Callable[[], str],
+               bell: Callable[[float], None] | None = None, *, longest: float = MAX_PAUSE_S) -> None:
     """Looks at `done` until it is true, or raises TimeoutError(waiting_for()) once time.monotonic() passes
-    `deadline`; in between it sleeps on `bell` (a sleep of at most the seconds given, which whoever makes
-    `done` true cuts short: a doorbell), or without one for ever longer short sleeps. Never a busy wait:
-    the ranks still training share the cores."""
-    pause, longest = 1e-5, (MAX_PAUSE_S if bell is None else RUNG_PAUSE_S)
+    `deadline` (a time, or a function that says it: a deadline that moves); in between it sleeps on `bell`
+    (a sleep of at most the seconds given, which whoever makes `done` true cuts short: a doorbell, whose
+    old rings it takes first), or without one for ever longer short sleeps, up to `longest`. Never a busy
+    wait: the ranks still training share the cores."""
+    pause, longest = 1e-5, (longest if bell is None else RUNG_PAUSE_S)
+    if bell is not None:
+        bell(0.0)
+    when = deadline if callable(deadline) else (lambda: deadline)
     while not done():
-        left = deadline - time.monotonic()
+        left = when() - time.monotonic()
         if left <= 0:
             raise TimeoutError(waiting_for())
         (bell or time.sleep)(min(pause, left))
@@ -153,15 +164,19 @@ class MPIDataPlane:
     pushed, so after every rank has read it; the run's failure is posted the same way. Plans and headers
     too large for their space (`BOARD_BYTES`, `HEADER_SPACE`), and the ranks of other nodes, use gRPC.
 
-    Every wait for another rank of the node sleeps on the rank's doorbell (`simulator.doorbell`), which
-    that rank rings as it sets the flag waited for, up to the round timeout, and names the ranks it waited
-    for; waits for other nodes poll MPI with short sleeps: a rank inside a blocking MPI call can neither
+    Every wait for another rank of the node sleeps on the rank's doorbell (`simulator.doorbell`, on
+    Linux; elsewhere short sleeps), which that rank rings as it sets the flag waited for, until no rank
+    has come in for the round timeout, and names the ranks it waited for; waits for other nodes poll MPI with short sleeps: a rank inside a blocking MPI call can neither
     time out nor leave its core to the ranks still training. The one
     blocking call is the Bcast among nodes, which their first ranks enter together, each just given the
     step's plan.
     """
 
-    def __init__(self, comm: Comm, client: SchedulerClient | LocalSchedulerClient, size: int) -> None:
+    def __init__(self, comm: Comm, client: SchedulerClient | LocalSchedulerClient, size: int, *,
+                 timeout: float = 600.0) -> None:
+        if not comm.threads:
+            raise RuntimeError("the MPI data plane calls MPI from several threads, and this MPI was started "
+                               "without MPI_THREAD_MULTIPLE: use --data-plane grpc")
         self.rank = comm.rank
         self.client = client
         self.size = size
@@ -196,7 +211,8 @@ class MPIDataPlane:
         self._received: np.ndarray | None = None    # a child node's sum, on first ranks that have children
         self._control = ThreadPoolExecutor(1, thread_name_prefix="control") if self.rank != 0 else None
         # a summing rank's slice of the node's sum, each push's as its ranks come in (`_sum_loop`)
-        self._timeout = 600.0                 # the latest push's round timeout
+        self._timeout = timeout                # the round timeout (the latest push's)
+        self._token = 0                        # the latest push's
         self._closing = False
         self._summed: queue.Queue = queue.Queue()
         self._summer: threading.Thread | None = None
@@ -236,7 +252,8 @@ class MPIDataPlane:
     def _post(self, step: int, plans: list[Plan] | None, failure: str | None) -> None:
         """Rank 0, called by its scheduler: posts the node's ranks' plans of `step` (or the run's failure) to
         the node's board. Plans that do not fit post None instead: the ranks ask the scheduler for them."""
-        entry = pickle.dumps(failure if plans is None else [plans[r] for r in self._members], pickle.HIGHEST_PROTOCOL)
+        posted = failure[:BOARD_BYTES // 8] if plans is None else [plans[r] for r in self._members]
+        entry = pickle.dumps(posted, pickle.HIGHEST_PROTOCOL)
         if len(entry) > BOARD_BYTES:
             entry = pickle.dumps(None)
         board, flags = self._board.of(0), self._flags.of(0)
@@ -250,9 +267,13 @@ class MPIDataPlane:
         if self.rank == 0 or not self._at_scheduler:
             return self.client.get_plan(step, timeout)
         flags = self._flags.of(0)
-        wait_until(lambda: flags[POSTED] >= step + 1, time.monotonic() + timeout,
-                   lambda: f"rank {self.rank}: step {step} did not open within {timeout:.0f} s (--round-timeout); "
-                           f"rank {self._members[0]}'s scheduler is at step {flags[POSTED] - 1}", self._bell())
+        try:
+            wait_until(lambda: flags[POSTED] >= step + 1, time.monotonic() + timeout, lambda: "", self._bell())
+        except TimeoutError:
+            late = [self._members[r] for r in range(self.node.size) if self._flags.of(r)[READY] != self._token]
+            if self._token and late:      # the node's sum waits for them
+                raise TimeoutError(self._late(self._token - 1, timeout, late)) from None
+            return self.client.get_plan(step, min(timeout, 5.0))     # the scheduler says what it waits for
         self._sync()
         posted = flags[POSTED]
         entry = pickle.loads(self._board.of(0)[:flags[POST_BYTES]].tobytes())    # the job's own memory
@@ -291,8 +312,10 @@ class MPIDataPlane:
         me = self.node.rank
         slot, flags = self._slots.of(me), self._flags.of(me)
         header = None
+        self._token = update.step + 1
         if self.rank != 0:     # the weight and sums: beside the values for rank 0, or over gRPC meanwhile
-            reduced = replace(update, delta_sum=EMPTY, reduced=True)
+            reduced = replace(update, delta_sum=EMPTY, reduced=True, weight=float(update.weight),   # as gRPC has them
+                              sums={key: float(value) for key, value in update.sums.items()})
             entry = pickle.dumps(reduced, pickle.HIGHEST_PROTOCOL) if self._at_scheduler else b""
             flags[HEADER_BYTES] = len(entry) if 0 < len(entry) <= HEADER_SPACE else 0
             if flags[HEADER_BYTES]:
@@ -308,15 +331,13 @@ class MPIDataPlane:
         flags[READY] = token
         self._ring(range(self._summers), SUM)
         if me < self._summers:      # its node-sum thread's slice
-            try:
-                summed, where = self._summed.get(timeout=max(deadline - time.monotonic(), 0.0) + timeout)
-            except queue.Empty:
-                raise TimeoutError(self._late(update.step, timeout, [self.rank])) from None
+            summed, where = self._summed.get()      # the thread hands on its slice or what stopped it
             if isinstance(summed, BaseException):
                 raise summed
             if summed != token:
                 raise RuntimeError(f"rank {self.rank}: the node summed push {summed - 1} in step {update.step}")
             have = where[0] is not None
+            deadline = time.monotonic() + timeout       # the node's last rank came in just now, or later
         if self.leaders is not None:
             self._wait_node(DONE, token, range(self._summers), deadline, update.step, timeout)
             # a rank stalled on another node is named by its own node first: waits between nodes allow twice
@@ -345,11 +366,11 @@ class MPIDataPlane:
 
         while True:
             try:
-                wait_until(next_push_or_closing, float("inf"), lambda: "", self._bell(SUM))
+                wait_until(next_push_or_closing, float("inf"), lambda: "", self._bell(SUM), longest=IDLE_PAUSE_S)
                 if self._closing:
                     return
                 token, timeout = max(f[READY] for f in flags), self._timeout
-                where = self._sum_node(token, time.monotonic() + timeout, token - 1, timeout)
+                where = self._sum_node(token, token - 1, timeout)
                 self._sync()
                 self._flags.of(self.node.rank)[DONE] = token
                 self._ring([0])
@@ -361,18 +382,22 @@ class MPIDataPlane:
             self._summed.put((token, where))
             last = token
 
-    def _sum_node(self, token: int, deadline: float, step: int, timeout: float) -> list[int | None]:
+    def _sum_node(self, token: int, step: int, timeout: float) -> list[int | None]:
         """This rank's slice of the node's sum (`tree_pairs`, less the root when the scheduler adds it), in
         the slots themselves: each pair as soon as its ranks are in, block by block (a block's sum stays in
         cache), while other ranks may still train; the additions do not depend on when ranks came in. A rank
         that brought nothing drops out of its pairs. Returns where each subtree's sum is (the slot, of one
-        of its ranks; None: no values); without a root left over, the node's sum ends in its first slot."""
+        of its ranks; None: no values); without a root left over, the node's sum ends in its first slot.
+        TimeoutError naming the ranks not in once `timeout` seconds pass without one coming in."""
         lo, hi, n = self._bounds[self.node.rank], self._bounds[self.node.rank + 1], self.node.size
         where: list[int | None] = [None] * n
         ready = [False] * n
         todo = list(self._pairs)
+        deadline = time.monotonic() + timeout
         while True:
             came = [r for r in range(n) if not ready[r] and self._flags.of(r)[READY] == token]
+            if came:
+                deadline = time.monotonic() + timeout
             self._sync()
             for r in came:
                 ready[r], where[r] = True, r if self._flags.of(r)[PRESENT] else None
@@ -478,25 +503,32 @@ class MPIDataPlane:
             bit *= 2
         return have
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
         if self.rank == 0:     # the scheduler must not write into memory about to be freed
             self.client.on_version(lambda version, params: None, mirror=None)
             self.client.on_plans(None)
         if self._control is not None:
             self._control.shutdown()
-        self._closing = True
         if self._summer is not None:     # it must not read the slots once they are freed
             self._ring([self.node.rank], SUM)
             self._summer.join()
         if self._bells is not None:
             self._bells.close()
+
+    def close(self) -> None:
+        self.stop()
         for arrays in (self._params, self._slots, self._flags, self._board, self._headers):
             arrays.free()
 
 
-def make_data_plane(kind: str, comm: Comm, client: SchedulerClient | LocalSchedulerClient, size: int) -> DataPlane:
+def make_data_plane(kind: str, comm: Comm, client: SchedulerClient | LocalSchedulerClient, size: int, *,
+                    timeout: float = 600.0) -> DataPlane:
     """"mpi": `MPIDataPlane` when the job has more than one rank (its rank 0 hosting the scheduler), else (or
-    "grpc") `SchedulerDataPlane`. Every rank calls it at the same point (it allocates shared memory)."""
+    "grpc") `SchedulerDataPlane`; `timeout`: the round timeout. Every rank calls it at the same point (it
+    allocates shared memory)."""
     if kind == "mpi" and comm.size > 1:
-        return MPIDataPlane(comm, client, size)
+        return MPIDataPlane(comm, client, size, timeout=timeout)
     return SchedulerDataPlane(client)

@@ -10,6 +10,7 @@ A rank has a bell per thread that waits (`BELLS`): a ring that one thread took w
 """
 from __future__ import annotations
 
+import logging
 import secrets
 import select
 import socket
@@ -18,6 +19,7 @@ from typing import Iterable
 
 from simulator.comm import Comm
 
+log = logging.getLogger(__name__)
 MAIN, SUM = range(2)     # a rank's bells: its main thread's, and its node-sum thread's
 BELLS = 2
 
@@ -28,13 +30,17 @@ class Doorbells:
     def __init__(self, node: Comm) -> None:
         job = node.bcast(secrets.token_hex(8) if node.rank == 0 else None)
         self._addresses = [[f"\0flock-{job}-{r}-{b}" for b in range(BELLS)] for r in range(node.size)]
-        self._sockets = []
+        self._sockets, self._polls = [], []
         for address in self._addresses[node.rank]:
             bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             bell.bind(address)
             bell.setblocking(False)
+            poll = select.poll()      # not select(): no limit on the descriptor's number
+            poll.register(bell, select.POLLIN)
             self._sockets.append(bell)
+            self._polls.append(poll)
         self._ringer = self._sockets[MAIN]     # sendto on a socket is safe from any thread
+        self._told = False
         node.barrier()       # every bell is there before any rank rings one
 
     @classmethod
@@ -51,13 +57,15 @@ class Doorbells:
                 self._ringer.sendto(b"\1", self._addresses[r][bell])
             except BlockingIOError:       # its socket is full of rings already: it will look anyway
                 pass
-            except OSError:               # a rank that is gone cannot be woken (its death is dealt with elsewhere)
-                pass
+            except OSError as e:          # gone (its death is dealt with elsewhere), or out of reach
+                if not self._told:
+                    self._told = True
+                    log.warning("doorbell of node rank %d: %s; waits fall back to looks every 0.1 s", r, e)
 
     def wait(self, timeout: float, bell: int = MAIN) -> None:
         """Sleeps until this rank's `bell` is rung or `timeout` seconds pass; forgets the rings that woke it."""
         mine = self._sockets[bell]
-        readable, _, _ = select.select([mine], [], [], max(timeout, 0.0))
+        readable = self._polls[bell].poll(max(timeout, 0.0) * 1000)
         while readable:
             try:
                 mine.recv(64)

@@ -1,5 +1,5 @@
 """MPIDataPlane in a real MPI job, with a stand-in for the scheduler: `mpirun -np N python
-tests/data_plane_job.py OUT_DIR [--hang-rank R --timeout S]`.
+tests/data_plane_job.py OUT_DIR [--hang-rank R --hang-step STEP --timeout S]`.
 
 Every step brings a new parameter version (rank 0's stand-in scheduler publishes it as the scheduler
 does), which every rank checks, and a plan per rank (posted to rank 0's node as the scheduler posts them;
@@ -9,7 +9,7 @@ over 16 orders of magnitude, so the order of the sum shows in its bits; some ran
 nothing in some steps). Rank 0 saves each step's total as its scheduler would get it
 (OUT_DIR/total<step>.npy); OUT_DIR/headers.json holds what each rank's stand-in was handed (rank 0's: the
 headers of its node's ranks too) and OUT_DIR/asked.json the plans each rank asked its stand-in for.
-With --hang-rank, that rank stalls in step 1 and the others must time out; with --fail-at S, the
+With --hang-rank, that rank stalls in step --hang-step (1) and the others must time out; with --fail-at S, the
 stand-in posts a failure instead of step S's plans; with --no-doorbells the ranks wait with short sleeps."""
 from __future__ import annotations
 
@@ -104,6 +104,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out")
     p.add_argument("--hang-rank", type=int, default=-1)
+    p.add_argument("--hang-step", type=int, default=1)
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--fail-at", type=int, default=-1)
     p.add_argument("--no-doorbells", action="store_true", help="wait as outside Linux: short sleeps")
@@ -112,7 +113,7 @@ def main() -> None:
         Doorbells.for_node = classmethod(lambda cls, node: None)
     comm = MPIComm()
     client = StandIn(comm.rank, comm.size, args.fail_at)
-    plane = MPIDataPlane(comm, client, SIZE)
+    plane = MPIDataPlane(comm, client, SIZE, timeout=args.timeout)
     try:
         for step in range(STEPS):
             if plane.plan(step, args.timeout) != plans(step, comm.size)[comm.rank]:
@@ -120,7 +121,7 @@ def main() -> None:
             got = plane.params(step, args.timeout)
             if not np.array_equal(got, params(step)) or got.flags.writeable:
                 raise AssertionError(f"rank {comm.rank}: wrong parameters of version {step}")
-            if step == 1 and comm.rank == args.hang_rank:
+            if step == args.hang_step and comm.rank == args.hang_rank:
                 time.sleep(60)
             present = brings_values(comm.rank, step)
             buffer = plane.update_buffer(SIZE)

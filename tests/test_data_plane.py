@@ -197,11 +197,19 @@ def test_a_failed_run_reaches_the_ranks_that_read_the_board(tmp_path):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("hosts", [False, True])
-def test_a_stalled_rank_times_out_by_name(tmp_path, hosts):
-    proc = job(tmp_path, 3, "--hang-rank", "2", "--timeout", "2", hosts=hosts, timeout=60)
+@pytest.mark.parametrize("np_, hang, step, hosts", [
+    (3, 2, 1, False), (3, 2, 1, True),
+    (4, 3, 0, False),      # the first step (the plane's own timeout, not a push's), and ranks that do not sum
+])
+def test_a_stalled_rank_times_out_by_name(tmp_path, np_, hang, step, hosts):
+    proc = job(tmp_path, np_, "--hang-rank", str(hang), "--hang-step", str(step), "--timeout", "2", hosts=hosts,
+               timeout=60)
     assert proc.returncode != 0
-    assert "step 1 did not complete within 2 s (--round-timeout): waiting for ranks [2]" in proc.stdout
+    timeouts = [line for line in proc.stdout.splitlines() if line.startswith("timeout: ")]
+    assert timeouts, proc.stdout + proc.stderr
+    for line in timeouts:      # whichever rank said it first
+        assert line.endswith(f"step {step} did not complete within 2 s (--round-timeout): waiting for ranks "
+                             f"[{hang}]"), line
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="doorbells live in Linux's abstract namespace")
