@@ -268,8 +268,11 @@ class MPIDataPlane:
             return self.client.get_plan(step, timeout)
         flags = self._flags.of(0)
         try:
-            wait_until(lambda: flags[POSTED] >= step + 1, time.monotonic() + timeout, lambda: "", self._bell())
+            wait_until(lambda: flags[POSTED] >= step + 1, time.monotonic() + timeout,
+                       lambda: f"rank {self.rank}: step {step} did not open within {timeout:g} s", self._bell())
         except TimeoutError:
+            if timeout < self._timeout:   # a look, or a part of a longer wait: the caller's to judge
+                raise
             late = [self._members[r] for r in range(self.node.size) if self._flags.of(r)[READY] != self._token]
             if self._token and late:      # the node's sum waits for them
                 raise TimeoutError(self._late(self._token - 1, timeout, late)) from None

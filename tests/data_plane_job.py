@@ -116,6 +116,12 @@ def main() -> None:
     plane = MPIDataPlane(comm, client, SIZE, timeout=args.timeout)
     try:
         for step in range(STEPS):
+            if comm.rank != 0 and plane._at_scheduler:    # a look at a step not open yet: from the board alone
+                try:
+                    plane.plan(step + 1, 1e-6)
+                    raise AssertionError(f"rank {comm.rank}: a plan for step {step + 1} before step {step}")
+                except TimeoutError:
+                    pass
             if plane.plan(step, args.timeout) != plans(step, comm.size)[comm.rank]:
                 raise AssertionError(f"rank {comm.rank}: wrong plan for step {step}")
             got = plane.params(step, args.timeout)
