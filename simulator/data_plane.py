@@ -94,23 +94,27 @@ class SchedulerDataPlane:
         pass
 
 
-def wait_until(done: Callable[[], bool], deadline: float | Callable[[], float], waiting_for: Callable[[], str],
+def wait_until(done: Callable[[], bool], deadline: float, waiting_for: Callable[[], str],
                bell: Callable[[float], None] | None = None, *, longest: float = MAX_PAUSE_S) -> None:
     """Looks at `done` until it is true, or raises TimeoutError(waiting_for()) once time.monotonic() passes
-    `deadline` (a time, or a function that says it: a deadline that moves); in between it sleeps on `bell`
+    `deadline`; in between it sleeps on `bell`
     (a sleep of at most the seconds given, which whoever makes `done` true cuts short: a doorbell, whose
     old rings it takes first), or without one for ever longer short sleeps, up to `longest`. Never a busy
     wait: the ranks still training share the cores."""
     pause, longest = 1e-5, (longest if bell is None else RUNG_PAUSE_S)
     if bell is not None:
         bell(0.0)
-    when = deadline if callable(deadline) else (lambda: deadline)
     while not done():
-        left = when() - time.monotonic()
+        left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(waiting_for())
         (bell or time.sleep)(min(pause, left))
         pause = min(2 * pause, longest)
+
+
+def _unpickle(space: np.ndarray, length: int):
+    """What a rank of the node pickled into the first `length` bytes of `space` (the job's own memory)."""
+    return pickle.loads(space[:length].tobytes())
 
 
 class _Closing(Exception):
@@ -279,7 +283,7 @@ class MPIDataPlane:
             return self.client.get_plan(step, min(timeout, 5.0))     # the scheduler says what it waits for
         self._sync()
         posted = flags[POSTED]
-        entry = pickle.loads(self._board.of(0)[:flags[POST_BYTES]].tobytes())    # the job's own memory
+        entry = _unpickle(self._board.of(0), flags[POST_BYTES])
         if posted == FAILED:
             raise RunFailed(entry)
         if posted != step + 1 or entry is None:     # too large for the board (or not this step: the scheduler says why)
@@ -349,7 +353,7 @@ class MPIDataPlane:
             for r in range(1, self.node.size):    # every rank of the node is in: their headers are there
                 length = self._flags.of(r)[HEADER_BYTES]
                 if length:
-                    self.client.push_update(pickle.loads(self._headers.of(r)[:length].tobytes()))
+                    self.client.push_update(_unpickle(self._headers.of(r), length))
             if self._root is None:
                 parts = [self._slots.of(0)] if have else []
             else:       # the halves' sums, for the scheduler to add
