@@ -69,6 +69,12 @@ def launcher_rank() -> int:
     return 0
 
 
+def say_error(message: str) -> None:
+    """The one line a user's error gets, as before the run started: `error: ...` on stderr."""
+    sys.stdout.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The CLI: `mpirun -np N python application.py DATA_DIR [options]` (or the `flock` command). Bad input
     gets one message (from rank 0) and exit status 2; a failed rank aborts the whole job."""
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_config(argv)   # the same on every rank: all exit alike, rank 0 says why
     except FlockError as e:
         if launcher_rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
+            say_error(str(e))
         return 2
     from flock.run import simulate
     from simulator.comm import world
@@ -88,11 +94,18 @@ def main(argv: list[str] | None = None) -> int:
             simulate(config, comm=comm, progress=progress_mode(config))
         except SharedError as e:       # every rank raised it: one message, nobody left waiting
             if comm.rank == 0:
-                log.error("%s", e)
+                say_error(str(e))
             code = 2
         except FlockError as e:
-            log.error("%s", e)
+            say_error(str(e) if comm.rank == 0 else f"rank {comm.rank}: {e}")
             code, abort = 2, True
+        except OSError as e:
+            if e.filename is None:     # not about a path the user gave: a fault of flock's, with its traceback
+                log.exception("rank %d failed", comm.rank)
+                code, abort = 1, True
+            else:
+                say_error(f"{e.filename}: {e.strerror or e}")
+                code, abort = 2, True
         except BaseException:
             log.exception("rank %d failed", comm.rank)
             code, abort = 1, True

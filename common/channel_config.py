@@ -71,6 +71,11 @@ def channel_settings(config: Config, noise_multiplier: float | None = None) -> C
                            if bits else 0)
 
 
+def phones_come_and_go(config: Config) -> bool:
+    """Whether the run's users are on-line only at times (--availability other than always)."""
+    return bool(config.device_profiles) and config.availability not in ("", "always")
+
+
 def check_channel_options(config: Config) -> None:
     """The combinations no run can honour, each a ConfigError naming the option."""
     from common.config import FIELDS
@@ -101,6 +106,12 @@ def check_channel_options(config: Config) -> None:
                           f"{config.clients_per_round}")
     if config.secagg:
         fixed_point_fraction_bits(config.secagg_bits, config.dp_clip, config.clients_per_round)
+    accounted = (config.dp_noise_multiplier > 0 or config.dp_target_epsilon > 0) and not config.dp_local
+    per_round = [_flag(n) for n in ("dp_target_epsilon", "dp_population", "dp_noise_cohort") if getattr(config, n)]
+    if accounted and phones_come_and_go(config) and per_round:
+        raise ConfigError(f"{', '.join(per_round)}: with --availability {config.availability} the accountant counts "
+                          f"each round's own rate (candidates / users on-line), known only as the run goes: not with "
+                          f"a population, cohort or target fixed in advance (give --dp-noise-multiplier)")
     check_adaptive_clipping(config)
     if down.kind == "topk":
         raise ConfigError(f"--compress-down {down}: a sparse model is not a model; use fp16 or qB")

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,13 @@ from scheduler.optim import SERVER_OPTIMIZERS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 BUILTIN_DATA = "lm_data"      # the documented DATA_DIR that is built from the built-in corpus when missing
+# upper bounds that no real study reaches and a machine can hold (nothing is built in proportion to them up
+# front: the schedule is computed step by step, a round's lists are as long as its clients)
+MAX_ROUNDS = 10_000_000
+MAX_USERS = 1_000_000          # clients a round, test users evaluated, results a round needs
+MAX_POPULATION = 10_000_000_000
+MAX_EPOCHS = 10_000
+MAX_STEP = 1e300               # step sizes: any finite one may be studied (a diverging run is stopped, not hidden)
 
 
 def opt(default: Any, help: str, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
@@ -35,31 +43,35 @@ def _flag(name: str) -> str:
 @dataclass(frozen=True)
 class Config:
     data_dir: str = opt("", "day folders (YYYYMMDD/train_data.json, ...) and vocab.json")
-    rounds: int = opt(100, "training rounds (FL-mobile's Reddit benchmark: 100)", lo=1)
-    clients_per_round: int = opt(10, "users sampled uniformly without replacement each round", lo=1)
-    local_epochs: int = opt(1, "local epochs over each user's data (in order, unshuffled)", lo=1)
-    batch_size: int = opt(5, "local batch size (sequences)", lo=1)
-    lr: float = opt(1.0, "client SGD learning rate", lo=0, lo_open=True)
+    rounds: int = opt(100, "training rounds (FL-mobile's Reddit benchmark: 100)", lo=1, hi=MAX_ROUNDS)
+    clients_per_round: int = opt(10, "users sampled uniformly without replacement each round", lo=1,
+                                   hi=MAX_USERS)
+    local_epochs: int = opt(1, "local epochs over each user's data (in order, unshuffled)", lo=1, hi=MAX_EPOCHS)
+    batch_size: int = opt(5, "local batch size (sequences)", lo=1, hi=1_000_000)
+    lr: float = opt(1.0, "client SGD learning rate", lo=0, lo_open=True, hi=MAX_STEP)
     server_lr: float = opt(1.85, "server learning rate: theta += server_lr * weighted mean client delta",
-                           lo=0, lo_open=True)
+                           lo=0, lo_open=True, hi=MAX_STEP)
     server_opt: str = opt("fedavg", "server optimizer: fedavg, fedavgm (server momentum), fedadam, fedyogi, "
                           "fedadagrad (FedOpt)", choices=SERVER_OPTIMIZERS)
     server_momentum: float = opt(0.9, "fedavgm's momentum", lo=0, hi=1, hi_open=True)
     server_beta1: float = opt(0.9, "fedadam/fedyogi/fedadagrad: first-moment decay", lo=0, hi=1, hi_open=True)
     server_beta2: float = opt(0.99, "fedadam/fedyogi: second-moment decay", lo=0, hi=1, hi_open=True)
-    server_tau: float = opt(1e-3, "fedadam/fedyogi/fedadagrad: adaptivity (epsilon) tau", lo=0, lo_open=True)
+    server_tau: float = opt(1e-3, "fedadam/fedyogi/fedadagrad: adaptivity (epsilon) tau", lo=0, lo_open=True,
+                             hi=1e6)
     prox_mu: float = opt(0.0, "FedProx: weight mu of the local proximal term mu/2 ||w - w_global||^2 (0: FedAvg)",
-                         lo=0)
+                         lo=0, hi=1e6)
     momentum: float = opt(0.0, "local SGD momentum (0: plain SGD, as FL-mobile)", lo=0, hi=1, hi_open=True)
     finetune_epochs: int = opt(0, "also report each user's accuracy after this many local epochs of fine-tuning "
                                "on its training data (personalization; reported as top1_ft, top1_ft_user_mean); "
-                               "0: off", lo=0)
-    max_grad_norm: float = opt(5.0, "clip each local step's gradient to this global norm (0: no clipping)", lo=0)
+                               "0: off", lo=0, hi=MAX_EPOCHS)
+    max_grad_norm: float = opt(5.0, "clip each local step's gradient to this global norm (0: no clipping)", lo=0,
+                                hi=1e9)
     seed: int = opt(0, "fixes initialisation, sampling and evaluation users; same seed, same metrics at any -np",
                     lo=0, hi=2**63 - 1)
     eval_every: int = opt(10, "evaluate on the test day every this many rounds (and after the last); 0: only "
-                          "at the end", lo=0)
-    eval_users: int = opt(0, "evaluate this many test users (a fixed seeded subset); 0: all of them", lo=0)
+                          "at the end", lo=0, hi=MAX_ROUNDS)
+    eval_users: int = opt(0, "evaluate this many test users (a fixed seeded subset); 0: all of them", lo=0,
+                         hi=MAX_USERS)
     run_dir: str = opt("", "where config.json and metrics.jsonl go; empty means runs/<timestamp>")
     reader: str = opt("leaf", "data reader: built-in short name or module:Class")
     model: str = opt("lstm", "model: built-in short name or module:Class")
@@ -83,7 +95,7 @@ class Config:
                           "MPI between nodes; plans and metrics still go through the scheduler) or grpc (every "
                           "rank through the scheduler's gRPC service)", choices=("mpi", "grpc"))
     shards: int = opt(0, "trainers per rank, each a thread with one torch thread (0: this node's cores / its "
-                      "ranks)", lo=0)
+                      "ranks)", lo=0, hi=1024)
     device: str = opt("auto", "where shards train: cuda when visible (auto), or cpu, or cuda; same-seed-same-"
                       "metrics across rank counts is guaranteed on cpu", choices=("auto", "cpu", "cuda"))
     scheduler_host: str = opt("127.0.0.1", "address the scheduler binds on rank 0 (loopback by default)")
@@ -109,7 +121,7 @@ class Config:
     deadline: float = opt(0.0, "virtual seconds a synchronous round waits at most; later results are "
                           "discarded (0: no deadline; needs --device-profiles)", lo=0, hi=1e9)
     min_clients: int = opt(1, "fewer results than this make a failed round (counted, nothing applied; needs "
-                           "--device-profiles)", lo=1)
+                           "--device-profiles)", lo=1, hi=MAX_USERS)
     async_buffer: int = opt(0, "asynchronous aggregation (FedBuff): a server update every K client updates, "
                             "in virtual-time order (1: FedAsync); --rounds then counts server updates; 0: "
                             "synchronous rounds. Phones time the tasks (--device-profiles, builtin by default)",
@@ -117,7 +129,7 @@ class Config:
     async_concurrency: int = opt(0, "asynchronous mode: clients training at once (0: --clients-per-round)", lo=0,
                                  hi=1_000_000)
     async_max_staleness: int = opt(-1, "asynchronous mode: discard updates made from a version more than this "
-                                   "many updates old (-1: no limit)", lo=-1)
+                                   "many updates old (-1: no limit)", lo=-1, hi=MAX_ROUNDS)
     staleness_exponent: float = opt(0.5, "asynchronous mode: an update s versions stale weighs (1 + s)^-a "
                                     "(0.5: FedBuff's 1/sqrt(1 + s); 0: all alike)", lo=0, hi=16)
     # privacy and communication (issue 15): common/channel_config.py checks how they combine
@@ -133,9 +145,10 @@ class Config:
                              "K/population, add/remove one user), or rdp-fixed (fixed-size sampling without "
                              "replacement, replace one user: flock's sampler)", choices=("rdp", "pld", "rdp-fixed"))
     dp_noise_cohort: int = opt(0, "DP-FedAvg: calibrate the noise for a deployed cohort of this many users per "
-                               "round (noise std on the sum z*C*K/M; the accountant uses M/population); 0: K", lo=0)
+                               "round (noise std on the sum z*C*K/M; the accountant uses M/population); 0: K", lo=0,
+                               hi=MAX_POPULATION)
     dp_population: int = opt(0, "DP-FedAvg: the population the accountant samples from (0: the smallest "
-                             "training day's users)", lo=0)
+                             "training day's users)", lo=0, hi=MAX_POPULATION)
     dp_adaptive_quantile: float = opt(0.0, "adaptive clipping (Andrew et al. 2021): move the clipping norm each "
                                       "round towards this quantile of the clients' update norms, starting from "
                                       "--dp-clip (0: off, a fixed norm)", lo=0, hi=1, hi_open=True)
@@ -150,14 +163,14 @@ class Config:
                        "2^--secagg-bits within [-C, C] (needs --dp-clip), pairwise masks, dropout threshold")
     secagg_bits: int = opt(32, "secure aggregation: bits of the modulus 2^b", lo=8, hi=52)
     secagg_neighbors: int = opt(0, "secure aggregation: masking partners per user (SecAgg+'s k-regular graph); "
-                                "0: every other user of the round", lo=0)
+                                "0: every other user of the round", lo=0, hi=MAX_USERS)
     secagg_threshold: float = opt(0.5, "secure aggregation: the round fails (nothing applied) when fewer than "
                                   "this fraction of its clients survive to unmasking", lo=0, hi=1, lo_open=True)
     compress_up: str = opt("fp32", "how clients send updates: fp32, fp16, qB (B-bit stochastic quantization, "
                            "B in 1..32, e.g. q8), topk:F (the largest F of the values, with error feedback)")
     compress_down: str = opt("fp32", "how clients receive the model: fp32, fp16 or qB")
     checkpoint_every: int = opt(10, "checkpoint the scheduler (and private params) every this many rounds; "
-                                "0: never", lo=0)
+                                "0: never", lo=0, hi=MAX_ROUNDS)
     resume: str = opt("", "continue the run saved in this run directory from its last checkpoint (its "
                       "config.json gives every option; DATA_DIR may point to the data's new place)")
     token: str = opt("", "shared secret every scheduler call must carry (default: FLOCK_TOKEN, else a fresh "
@@ -375,9 +388,19 @@ def load_config_file(path: str) -> dict:
     return values
 
 
+def _given_on_command_line(argv: Sequence[str] | None) -> set[str]:
+    """The options named on the command line (whatever their values): a parser without defaults."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
 def parse_config(argv: Sequence[str] | None = None) -> Config:
     """Options (a --config file, then the command line over it) -> Config. Malformed options and invalid
-    values raise ConfigError (the caller prints one message and exits with status 2)."""
+    values raise ConfigError (the caller prints one message and exits with status 2); an error about how
+    options combine names the --config file when one of them came from it. With --resume the saved run's
+    options come back, changed only where a continued run may change (`resumed_config`)."""
     pre = _Parser(add_help=False)
     pre.add_argument("--config", default="")
     known, _ = pre.parse_known_args(argv)
@@ -387,22 +410,67 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     values = vars(parser.parse_args(argv))
     values["private"] = tuple(values["private"])
     values["log_level"] = values["log_level"].upper()
-    return Config(**values)
-
-
-def resumed_config(config: Config) -> Config:
-    """The saved run's Config for `--resume RUN_DIR` (DATA_DIR from the command line if given); the saved
-    values pass the same checks as any other."""
-    path = Path(config.resume) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"--resume {config.resume}: no config.json there, not a flock run directory")
-    saved = _read_table(str(path))
-    values = {k: (tuple(v) if k == "private" and isinstance(v, list) else v) for k, v in saved.items() if k in FIELDS}
+    given = (set(from_file) | _given_on_command_line(argv)) - {"config"}
     try:
-        return Config(**{**values, "data_dir": config.data_dir or values.get("data_dir", ""),
-                         "run_dir": config.resume, "resume": config.resume, "token": config.token})
+        config = Config(**values)
+        return resumed_config(config, given) if config.resume else config
+    except ConfigError as e:
+        at_fault = e.options or [n for n in FIELDS if re.search(rf"{_flag(n)}\b", str(e))]
+        named = [_flag(n) for n in from_file if n in at_fault]
+        if named:
+            raise ConfigError(f"{e} ({', '.join(named)} from --config {known.config})") from None
+        raise
+
+
+# what a continued run may change (it trains for more rounds, evaluates and checkpoints as now asked), and what
+# only says where and how this attempt runs; every other option is the saved run's
+RESUME_CHANGES = ("rounds", "eval_every", "checkpoint_every")
+RESUME_LOCAL = ("data_dir", "run_dir", "resume", "config", "token", "log_level", "quiet", "round_timeout",
+                "scheduler_host", "tls_cert", "tls_key", "tls_ca", "shards", "data_plane")
+
+
+def saved_options(run_dir: str) -> dict[str, Any]:
+    """The options a run directory's config.json saved (a fault names the file)."""
+    folder = Path(run_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--resume {run_dir}: not a folder")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.json there, not a flock run directory")
+    saved = _read_table(str(folder / "config.json"))
+    return {k: (tuple(v) if k == "private" and isinstance(v, list) else v) for k, v in saved.items() if k in FIELDS}
+
+
+def resumed_config(config: Config, given: set[str] | None = None) -> Config:
+    """The Config that continues the run saved in `config.resume`: its saved options, with --rounds,
+    --eval-every and --checkpoint-every (RESUME_CHANGES) and this attempt's own settings (RESUME_LOCAL: the
+    data's place, logging, timeouts, TLS, shards) from `config` where `given` names them. Any other option in
+    `given` that differs from the saved run is refused, each one named. `given`: the options the user set (the
+    CLI knows them); None: those that differ from their defaults, or every option when `config` is resolved
+    already (its run_dir is the resumed folder), so that resolving twice changes nothing. The saved values pass
+    the same checks as any other."""
+    values = saved_options(config.resume)
+    same_folder = bool(config.run_dir) and Path(config.run_dir).resolve() == Path(config.resume).resolve()
+    if config.run_dir and not same_folder:
+        raise ConfigError(f"--run-dir {config.run_dir}: a resumed run continues in its own folder (--resume "
+                          f"{config.resume}); to copy its options into a new run: --config {config.resume}/config.json "
+                          f"--run-dir NEW")
+    if given is None:
+        given = set(FIELDS) if same_folder else {n for n in FIELDS if getattr(config, n) != FIELDS[n].default}
+    differ = [n for n in FIELDS if n in given and n not in RESUME_CHANGES + RESUME_LOCAL
+              and getattr(config, n) != values.get(n, FIELDS[n].default)]
+    if differ:
+        shown = "; ".join(f"{_flag(n)} {getattr(config, n)!r} (saved: {values.get(n, FIELDS[n].default)!r})"
+                          for n in differ)
+        raise ConfigError(f"--resume {config.resume}: {shown}: a resumed run keeps its options (only "
+                          f"{', '.join(map(_flag, RESUME_CHANGES))} may change); to change others start a new run "
+                          f"with --config {config.resume}/config.json --run-dir NEW", options=tuple(differ))
+    changed = {n: getattr(config, n) for n in FIELDS if n in given and n in RESUME_CHANGES + RESUME_LOCAL}
+    merged = {**values, **changed, "data_dir": config.data_dir or values.get("data_dir", ""),
+              "run_dir": config.resume, "resume": config.resume, "token": config.token, "config": ""}
+    try:
+        return Config(**merged)
     except (ConfigError, TypeError) as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{Path(config.resume) / 'config.json'}: {e}") from None
 
 
 def redact_argv(argv: Sequence[str]) -> list[str]:

@@ -11,7 +11,12 @@ class DataError(FlockError):
 
 
 class ConfigError(FlockError):
-    """Options that are invalid or contradict each other or the data."""
+    """Options that are invalid or contradict each other or the data. `options`: the options at fault, by
+    name, where the message also names others (so that a config file can be named beside the ones it set)."""
+
+    def __init__(self, message: str, *, options: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.options = options
 
 
 class RefusedError(FlockError):

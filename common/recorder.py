@@ -133,8 +133,9 @@ class Recorder:
         if r["kind"] == "train":
             loss = "n/a" if train_loss(r) is None else f"{train_loss(r):.4f}"
             staleness = f", staleness {r['staleness_mean']:.1f}" if r.get("staleness_max") else ""
+            voided = f", {r['voided']} in time" if r.get("voided") else ""
             phones = (f"  sim {r['sim_time'] / 3600:.3f} h (+{r['round_s']:.0f} s, {r['dropped']} off-line, "
-                      f"{r['stale']} late{staleness}{', FAILED' if r.get('failed') else ''})"
+                      f"{r['stale']} late{voided}{staleness}{', FAILED' if r.get('failed') else ''})"
                       if "sim_time" in r else "")
             return (f"round {r['round']}/{self.rounds}  loss {loss}  clients {r['clients']}  "
                     f"samples {r['samples']}  {r['seconds']:.2f} s  {r['clients_per_s']:.2f} clients/s{phones}"
@@ -142,7 +143,9 @@ class Recorder:
         ratios = "  ".join(f"{k} {v:.4%}" if k.startswith("top") else f"{k} {v:.4f}"
                            for k, v in r.items() if isinstance(v, float) and (k.endswith("_user_mean") or
                                                                               f"{k}_user_mean" in r))
-        return f"eval @ round {r['round']}: {ratios}  users {r['users']}{_epsilon(r)}  ({r['seconds']:.2f} s)"
+        failed = f"  ({r['failed_rounds']} of {r['round']} rounds failed: nothing applied)" if r.get("failed_rounds") else ""
+        return (f"eval @ round {r['round']}: {ratios}  users {r['users']}{_epsilon(r)}  ({r['seconds']:.2f} s)"
+                f"{failed}")
 
     def __enter__(self) -> "Recorder":
         return self

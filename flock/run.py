@@ -94,6 +94,8 @@ def prepare_data(config: Config) -> None:
     README's default (a folder called lm_data), or --builtin-data says so; any other missing DATA_DIR is an
     error (a mistyped path must not train on film quotes)."""
     data_dir = Path(config.data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"DATA_DIR {data_dir}: not a folder (day folders and vocab.json, or an arrays data set)")
     if data_dir.exists():
         return
     if not (config.builtin_data or data_dir.name == BUILTIN_DATA):
@@ -107,6 +109,35 @@ def prepare_data(config: Config) -> None:
     summary = popquotes.build(data_dir)
     log.info("built %s: %d users, %d training and %d test comments, vocabulary %d",
              data_dir, summary["users"], summary["train_comments"], summary["test_comments"], summary["vocab_size"])
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    """Whether a folder holds a run that a new one must not overwrite: a checkpoint, or at least one record
+    (a start that failed before its first record leaves neither, and does not block the next attempt)."""
+    metrics = run_dir / "metrics.jsonl"
+    return (run_dir / "checkpoint.npz").exists() or (metrics.is_file() and metrics.stat().st_size > 0)
+
+
+def check_run_dir(config: Config) -> None:
+    """Rank 0, before anything is read: the run folder exists (made here if need be) and can be written; an
+    OS refusal is one message naming the path."""
+    run_dir = Path(config.run_dir)
+    option = "--resume" if config.resume else "--run-dir"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{option} {run_dir}: exists and is not a folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{option} {run_dir}: cannot create the folder ({e.strerror or e})") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {run_dir}: the folder is not writable")
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """`value` as JSON in `path`, written whole or not at all (a temporary file renamed over it)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def package_versions() -> dict[str, str]:
@@ -130,6 +161,7 @@ def simulate(config: Config, *, comm: Comm | None = None, on_record: Callable[[d
     comm = comm or SingleComm()
     config = agreed(comm, lambda: resumed_config(config) if config.resume else config)
     config = replace(config, run_dir=comm.bcast(config.run_dir or default_run_dir() if comm.rank == 0 else None))
+    agreed(comm, lambda: check_run_dir(config) if comm.rank == 0 else None)
     sink = _Sink(on_record)
     with ExitStack() as stack:
         stack.enter_context(torch_threads(1))
@@ -231,7 +263,16 @@ def _build(config: Config, comm: Comm, reader, plugins: tuple, train_config) -> 
             raise ConfigError("--device cuda: no CUDA device is visible")
         if config.centralized and comm.size != 1:
             raise ConfigError("--centralized runs in one process: start it without mpirun (or with -np 1)")
-        return spec, model_cls, trainer_cls, model_cls.build(spec), n_shards, torch.device("cuda" if use_cuda else "cpu")
+        what = "the Flower app's model" if config.flower_client or config.flower_app else f"--model {config.model}"
+        try:
+            model = model_cls.build(spec)
+        except Exception as e:     # a plug-in that does not fit the data: one message on every rank
+            log.debug("building the model raised", exc_info=True)
+            raise ConfigError(f"{what}: {getattr(model_cls, '__name__', model_cls)}.build(spec) raised "
+                              f"{type(e).__name__}: {e} (the data's spec: {dict(spec)})") from None
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"{what}: build(spec) returned {type(model).__name__}, not a torch.nn.Module")
+        return spec, model_cls, trainer_cls, model, n_shards, torch.device("cuda" if use_cuda else "cpu")
 
     spec, model_cls, trainer_cls, model, n_shards, device = agreed(comm, build)
     private = private_names(model, config.private)
@@ -301,6 +342,9 @@ def _run(config: Config, comm: Comm, stack: ExitStack, sink: _Sink, progress: st
     (run_dir / "resources.json").write_text(json.dumps({"peak_rss_mb": [round(m, 1) for m in peak_mb]}))
     log.info("done: metrics in %s; peak memory (RSS) per rank: %s", run_dir / "metrics.jsonl",
              " ".join(f"{r}={m:.0f}MB" for r, m in enumerate(peak_mb)))
+    if scheduler.failed_rounds:
+        log.warning("%d of %d training rounds failed: nothing was applied in them (the train rows say why)",
+                    scheduler.failed_rounds, config.rounds)
     if scheduler.channel is not None and scheduler.channel.summary():
         log.info("%s", scheduler.channel.summary())
     return {n: v.copy() for n, v in built.layout.split(scheduler.params).items()}
@@ -338,14 +382,15 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
 
     run_dir = Path(config.run_dir)
     checkpoint = run_dir / "checkpoint.npz"
-    if not config.resume and ((run_dir / "metrics.jsonl").exists() or checkpoint.exists()):
+    if not config.resume and holds_a_run(run_dir):
         raise ConfigError(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, "
                           f"or choose another --run-dir")
     trainer_cls, layout = built.trainer_cls, built.layout
     channel = server_channel(config, layout.sizes, training_population(reader))     # privacy and bytes
     phones = phone_rounds(config)
     if phones is not None:      # compressed transfers take their own time on the virtual clock
-        phones = replace(phones, client_bytes=(channel.bytes_down, channel.bytes_up))
+        phones = replace(phones, client_bytes=(channel.bytes_down, channel.bytes_up),
+                         count_online=channel.accounting is not None and channel.accounting.per_round)
     scheduler = Scheduler(
         SchedulerConfig(world_size=world, rounds=config.rounds, clients_per_round=config.clients_per_round,
                         eval_every=config.eval_every, eval_users=config.eval_users, seed=config.seed,
@@ -365,11 +410,13 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
     if config.resume:
         truncate_metrics(run_dir / "metrics.jsonl", resume_round)
         log.info("resuming %s after round %d", run_dir, resume_round)
-    else:
-        (run_dir / "config.json").write_text(json.dumps(
-            {**config.to_saved_json(), "world_size": world, "shards_per_rank": built.n_shards, "run_id": run_id,
-             "argv": redact_argv(sys.argv), "private_params": list(built.private), "shared_params": layout.size,
-             "versions": package_versions(), **channel.run_fields()}, indent=1))
+    else:       # what a start that failed before its first record left is not a run: it is replaced
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    # a resumed run's too: --rounds, --eval-every and --checkpoint-every may have changed
+    write_json_atomic(run_dir / "config.json", {
+        **config.to_saved_json(), "world_size": world, "shards_per_rank": built.n_shards, "run_id": run_id,
+        "argv": redact_argv(sys.argv), "private_params": list(built.private), "shared_params": layout.size,
+        "versions": package_versions(), **channel.run_fields()})
     sink.recorder = stack.enter_context(Recorder(run_dir, config.rounds, mode=progress, done=resume_round))
     scheduler.on_record = sink       # before rank 0's parameters arrive, no step can finish
     scheduler.before_checkpoint = sink.recorder.sync

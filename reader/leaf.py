@@ -36,6 +36,7 @@ import numpy as np
 
 from common.errors import DataError
 from reader.base import DayIndex
+from reader.leaf_format import leaf_users
 from reader.users import UserIds, first_duplicate, fixed_width, sort_ids
 from reader.vocab import Vocab, load_vocab
 
@@ -258,14 +259,8 @@ def parse_leaf_reddit(path: Path, vocab: Vocab, *, seq_len: int | None = None):
             doc = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("user_data"), dict):
-        raise DataError(f"{path}: expected a LEAF object with a 'user_data' mapping")
+    users = leaf_users(doc, str(path))
     user_data = doc["user_data"]
-    users = doc.get("users", list(user_data))
-    if not isinstance(users, list) or not all(isinstance(u, str) and "\0" not in u for u in users):
-        raise DataError(f"{path}: 'users' must be a list of user ids (strings without NUL)")
-    if len(set(users)) != len(users):
-        raise DataError(f"{path}: 'users' lists a user twice")
     # sequences as lists (fast to build), turned into numpy a chunk at a time (compact to keep)
     xs: list[list[int]] = []
     ys: list[list[int]] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from common.errors import DataError
 from reader.vocab import BOS, EOS, PAD, save_json_atomic
 
 SEQ_LEN = 10
@@ -44,3 +45,37 @@ def write_day(data_dir: Path, day: str, split: str, comments_by_user) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_json_atomic(path, leaf_document(comments_by_user))
     return path
+
+
+def leaf_users(doc: object, where: str) -> list[str]:
+    """The users of a LEAF document, checked for what contradicts itself: `users` (when present) must list
+    every user of `user_data` exactly once and nothing else, and `num_samples` (when present) must give each
+    listed user's number of comments (its `x` entries). A DataError names the file (`where`) and the user."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("user_data"), dict):
+        raise DataError(f"{where}: expected a LEAF object with a 'user_data' mapping")
+    user_data = doc["user_data"]
+    users = doc.get("users", list(user_data))
+    if not isinstance(users, list) or not all(isinstance(u, str) and "\0" not in u for u in users):
+        raise DataError(f"{where}: 'users' must be a list of user ids (strings without NUL)")
+    if len(set(users)) != len(users):
+        raise DataError(f"{where}: 'users' lists a user twice")
+    unlisted = [uid for uid in user_data if uid not in set(users)]
+    if unlisted:
+        raise DataError(f"{where}: {len(unlisted)} user(s) have user_data but are not in 'users' (first: "
+                        f"{unlisted[0]!r}); their data would be left out")
+    missing = [uid for uid in users if uid not in user_data]
+    if missing:
+        raise DataError(f"{where}: user {missing[0]!r} is listed in 'users' but has no user_data "
+                        f"({len(missing)} such user(s))")
+    if "num_samples" in doc:
+        counts = doc["num_samples"]
+        if not isinstance(counts, list) or len(counts) != len(users):
+            raise DataError(f"{where}: 'num_samples' must be a list with one count per user of 'users' "
+                            f"({len(users)}), got {type(counts).__name__} of "
+                            f"{len(counts) if isinstance(counts, list) else 'no'} length")
+        for uid, count in zip(users, counts):
+            x = user_data[uid].get("x") if isinstance(user_data[uid], dict) else None
+            if isinstance(x, list) and count != len(x):
+                raise DataError(f"{where}: user {uid!r}: num_samples says {count!r} but user_data has {len(x)} "
+                                f"comments")
+    return users

@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from common.errors import DataError, FlockError
+from reader.leaf_format import leaf_users
 from reader.vocab import load_vocab, save_json_atomic, vocab_from_counts
 
 
@@ -114,14 +115,10 @@ def _leaf_doc(src: Path, name: str, raw: bytes, role: str, owner: dict[tuple[str
         doc = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{src}: {name}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("user_data"), dict):
-        raise DataError(f"{src}: {name}: expected a LEAF object with 'user_data'")
     out = {"users": [], "num_samples": [], "user_data": {}}
-    for uid in doc.get("users", list(doc["user_data"])):
+    for uid in leaf_users(doc, f"{src}: {name}"):
         if (role, uid) in owner:
             raise DataError(f"{src}: user {uid!r} is in both {owner[(role, uid)]} and {name}")
-        if uid not in doc["user_data"]:
-            raise DataError(f"{src}: {name}: user {uid!r} is listed but has no user_data")
         owner[(role, uid)] = name
         out["users"].append(uid)
         out["user_data"][uid] = doc["user_data"][uid]

@@ -9,6 +9,15 @@ estimator: the number of contributors is not released). With a noise cohort M (p
 the sum gets std z*C*K/M: the mean is as noisy as a deployed round of M users, and the accountant counts
 rounds at the deployed rate M/population. Epsilon comes from Google's dp-accounting (RDP or PLD).
 
+With phones the accountant's rate bounds each user's real chance of being in a round: over-selection asks
+for c = ceil(K x over_select) candidates, and every user who contributes is one of them, so with phones
+always on-line the rate is c / population (a deadline or a quorum only removes contributors). When phones
+come and go (`--availability`), the candidates are c of the m users on-line at the round's start, drawn
+uniformly, so a user on-line then is a candidate with probability c / m (at most: the search for on-line
+users may stop early) and one off-line is not: each round is accounted at its own rate min(1, c / m), m
+counted over the round's population, and the rounds composed. Those rates are known only as the run goes,
+so such runs cannot calibrate to a target epsilon.
+
 With adaptive clipping (`scheduler/adaptive_clipping.py`) C is the round's C_t, which the scheduler hands the
 clients in the round's plan, the update's noise multiplier is z_delta (the count of unclipped clients takes
 the rest of the budget), and the accountant still counts rounds of multiplier z.
@@ -23,7 +32,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from common.channel_config import ChannelSettings
+from common.channel_config import ChannelSettings, phones_come_and_go
 from common.errors import ConfigError
 from common.streams import privacy_rng
 from scheduler import secagg
@@ -50,13 +59,15 @@ def quiet_absl() -> Iterator[None]:
 class DpAccounting:
     """The accountant's view of a run: each round is the Gaussian mechanism with `noise_multiplier`,
     sampled at `sampling_rate` (Poisson, add/remove one user: "rdp", "pld"), or as `cohort` of `population`
-    without replacement (replace one user: "rdp-fixed")."""
+    without replacement (replace one user: "rdp-fixed"). `per_round`: each round brings its own (population,
+    cohort) (phones that come and go), and `cohort`/`population` are only the run's nominal ones."""
 
     noise_multiplier: float
     cohort: int
     population: int
     delta: float
     kind: str = "rdp"
+    per_round: bool = False
 
     def __post_init__(self) -> None:
         if self.cohort > self.population:
@@ -67,15 +78,21 @@ class DpAccounting:
     def sampling_rate(self) -> float:
         return self.cohort / self.population
 
-    def _event(self, noise_multiplier: float, rounds: int):
+    def _sampled(self, noise_multiplier: float, population: int, cohort: int):
+        """One round: `cohort` of `population` (everyone when the cohort is not smaller)."""
         import dp_accounting as dpa
 
         gaussian = dpa.GaussianDpEvent(noise_multiplier)
+        if cohort >= population:
+            return gaussian
         if self.kind == "rdp-fixed":
-            sampled = dpa.SampledWithoutReplacementDpEvent(self.population, self.cohort, gaussian)
-        else:
-            sampled = dpa.PoissonSampledDpEvent(self.sampling_rate, gaussian)
-        return dpa.SelfComposedDpEvent(sampled, rounds)
+            return dpa.SampledWithoutReplacementDpEvent(population, cohort, gaussian)
+        return dpa.PoissonSampledDpEvent(cohort / population, gaussian)
+
+    def _event(self, noise_multiplier: float, rounds: int):
+        import dp_accounting as dpa
+
+        return dpa.SelfComposedDpEvent(self._sampled(noise_multiplier, self.population, self.cohort), rounds)
 
     def _accountant(self):
         import dp_accounting as dpa
@@ -99,11 +116,19 @@ class DpAccounting:
             accountant.compose(self._event(z, rounds))
             return float(accountant.get_epsilon(self.delta))
 
+    def round_by_round(self) -> "RoundByRound":
+        """An accountant that composes rounds one at a time, each at its own (population, cohort)."""
+        return RoundByRound(self)
+
     def calibrate(self, target_epsilon: float, rounds: int) -> float:
         """The smallest noise multiplier whose epsilon after `rounds` rounds is at most `target_epsilon`; a
         ConfigError naming --dp-target-epsilon when even MAX_NOISE_MULTIPLIER does not reach it."""
         import dp_accounting as dpa
 
+        if self.per_round:
+            raise ConfigError("--dp-target-epsilon: with --availability the accountant's rate is counted in each "
+                              "round (candidates / users on-line), known only as the run goes; give "
+                              "--dp-noise-multiplier and read epsilon from the run")
         reachable = self.epsilon(rounds, MAX_NOISE_MULTIPLIER)
         if reachable > target_epsilon:
             raise ConfigError(f"--dp-target-epsilon {target_epsilon:g} is unreachable in {rounds} rounds at sampling "
@@ -113,6 +138,28 @@ class DpAccounting:
             return float(dpa.calibrate_dp_mechanism(
                 self._accountant, lambda z: self._event(z, rounds), target_epsilon, self.delta,
                 dpa.ExplicitBracketInterval(1e-3, MAX_NOISE_MULTIPLIER), tol=1e-4))
+
+
+class RoundByRound:
+    """Rounds of a run composed as they are released, each at its own rate (phones that come and go). The
+    rounds are kept in order, so a resumed run composes the same events in the same order: the same epsilon."""
+
+    def __init__(self, accounting: DpAccounting) -> None:
+        self.accounting = accounting
+        with quiet_absl():
+            self._accountant = accounting._accountant()
+        self.rounds: list[tuple[int, int]] = []      # (population, cohort) of each released round, in order
+
+    def add(self, population: int, cohort: int) -> float:
+        """Composes one round; returns epsilon at the accounting's delta after it."""
+        a = self.accounting
+        self.rounds.append((population, cohort))
+        with quiet_absl():
+            self._accountant.compose(a._sampled(a.noise_multiplier, population, cohort))
+            return float(self._accountant.get_epsilon(a.delta)) if a.noise_multiplier > 0 else math.inf
+
+    def mean_rate(self) -> float:
+        return sum(min(1.0, c / p) if p else 1.0 for p, c in self.rounds) / max(len(self.rounds), 1)
 
 
 def local_accounting(noise_multiplier: float, delta: float) -> DpAccounting:
@@ -155,6 +202,8 @@ class ServerChannel:
         self.bytes_down, self.bytes_up = client_bytes(settings, sizes, secagg_neighbors=secagg_neighbors,
                                                       clients_per_round=clients_per_round)
         self.released = 0            # rounds whose aggregate was released (the accountant's count)
+        # rounds at their own rates (phones that come and go); None: every round at the run's rate
+        self.by_round = accounting.round_by_round() if accounting is not None and accounting.per_round else None
         self.epsilon = 0.0
 
     @property
@@ -167,12 +216,13 @@ class ServerChannel:
         """The std of the Gaussian noise on the current round's sum of clipped updates."""
         return self.central_noise * self.round_clip * self.clients_per_round / self.noise_cohort
 
-    def aggregate(self, round_index: int, parts: list[np.ndarray], weight: float,
-                  sums: dict[str, float]) -> tuple[list[np.ndarray], float, dict[str, Any]]:
+    def aggregate(self, round_index: int, parts: list[np.ndarray], weight: float, sums: dict[str, float], *,
+                  sampling: tuple[int, int] | None = None) -> tuple[list[np.ndarray], float, dict[str, Any]]:
         """Round `round_index` (0-based): the ranks' `parts` (sums of weighted deltas, float64) and total
         `weight` -> the parts and weight for the mean, and the record's fields (bytes, epsilon, ...). With
         adaptive clipping `sums["unclipped"]` (the clients whose update norm was at most the round's C) moves
-        the norm for the next round."""
+        the norm for the next round. `sampling`: the round's own (population, cohort) for the accountant
+        (phones that come and go); None: the run's."""
         clients = int(sums.get("clients", 0))
         arrived = clients - int(sums.get("diverged", 0))
         record: dict[str, Any] = {"bytes_down": clients * self.bytes_down, "bytes_up": arrived * self.bytes_up}
@@ -201,7 +251,13 @@ class ServerChannel:
                 record["dp_unclipped_fraction"] = self.adaptive.release(round_index, sums.get("unclipped", 0.0))
         if self.accounting is not None and arrived > 0:
             self.released += 1
-            self.epsilon = self.accounting.epsilon(self.released)
+            if self.by_round is None:
+                self.epsilon = self.accounting.epsilon(self.released)
+            else:
+                if sampling is None:
+                    raise ValueError("per-round accounting needs each round's (population, cohort)")
+                self.epsilon = self.by_round.add(*sampling)
+                record["dp_sampling_rate"] = min(1.0, sampling[1] / sampling[0]) if sampling[0] else 1.0
         return parts, weight, self._privacy_fields(record)
 
     def _privacy_fields(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -217,11 +273,16 @@ class ServerChannel:
         """For the checkpoint: the accountant's count of released rounds (epsilon follows from it) and the
         next round's adaptive clipping norm."""
         return {"released": self.released, "epsilon": self.epsilon,
+                **({"rounds_at": [list(r) for r in self.by_round.rounds]} if self.by_round is not None else {}),
                 **(self.adaptive.state_dict() if self.adaptive is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         state = state or {}
         self.released, self.epsilon = int(state.get("released", 0)), float(state.get("epsilon", 0.0))
+        if self.by_round is not None:        # the same rounds composed again, in order: the same epsilon
+            self.by_round = self.accounting.round_by_round()
+            for population, cohort in state.get("rounds_at", []):
+                self.epsilon = self.by_round.add(int(population), int(cohort))
         if self.adaptive is not None:
             self.adaptive.load_state_dict(state)
 
@@ -230,7 +291,18 @@ class ServerChannel:
         a calibrated one included."""
         if self.accounting is None:
             return {}
-        fields = {"noise_multiplier": self.accounting.noise_multiplier}
+        a = self.accounting
+        fields: dict[str, Any] = {"noise_multiplier": a.noise_multiplier, "accountant": a.kind}
+        if self.settings.local_noise_std:
+            fields["sampling"] = "local DP: rate 1, every round (a bound for the user who takes part most)"
+        elif a.per_round:
+            fields["sampling"] = (f"per round: min(1, c / m), c = {a.cohort} candidates asked for (--clients-per-"
+                                  f"round x --over-select, rounded up), m = the users on-line at the round's start "
+                                  f"(records: dp_sampling_rate)")
+        else:
+            fields.update(sampling=f"{a.cohort} / {a.population} every round (candidates asked for, or "
+                                   f"--dp-noise-cohort; / the smallest training day's users, or --dp-population)",
+                          sampling_rate=a.sampling_rate)
         if self.adaptive is not None:
             fields.update(update_noise_multiplier=self.central_noise, count_noise=self.adaptive.settings.count_noise)
         return {"privacy": fields}
@@ -247,8 +319,14 @@ class ServerChannel:
         a = self.accounting
         return (f"privacy: epsilon {self.epsilon:.4g} at delta {a.delta:g} after {self.released} rounds "
                 f"(noise multiplier {a.noise_multiplier:.4g}, {clip}, "
-                f"{'local DP' if self.settings.local_noise_std else f'sampling rate {a.sampling_rate:.4g}'}, "
+                f"{'local DP' if self.settings.local_noise_std else self._rate_text()}, "
                 f"{a.kind} accountant)")
+
+
+    def _rate_text(self) -> str:
+        if self.by_round is None:
+            return f"sampling rate {self.accounting.sampling_rate:.4g}"
+        return f"per-round sampling rates (candidates / users on-line), mean {self.by_round.mean_rate():.4g}"
 
 
 def training_population(reader) -> int:
@@ -266,8 +344,15 @@ def accounting_of(config, noise_multiplier: float, population: int) -> DpAccount
         return None
     if config.dp_local:
         return local_accounting(noise_multiplier, config.dp_delta)
-    return DpAccounting(noise_multiplier=noise_multiplier, cohort=config.dp_noise_cohort or config.clients_per_round,
-                        population=config.dp_population or population, delta=config.dp_delta, kind=config.dp_accountant)
+    from scheduler.phones.sync_round import over_selected
+
+    # every contributor is one of the candidates asked for: over-selection raises each user's chance
+    base, population = config.dp_noise_cohort or config.clients_per_round, config.dp_population or population
+    cohort = over_selected(base, config.over_select) if base <= population else base     # too large: refused
+    return DpAccounting(noise_multiplier=noise_multiplier, cohort=min(cohort, max(base, population)),
+                        population=population, delta=config.dp_delta, kind=config.dp_accountant,
+                        per_round=phones_come_and_go(config))
+
 
 
 def noise_multiplier_of(config, population: int) -> float:

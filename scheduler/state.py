@@ -37,6 +37,7 @@ from scheduler.optim.base import ServerOptimizer
 from scheduler.phones.asynchronous import AsyncRounds
 from scheduler.phones.clock import model_bytes
 from scheduler.phones.fedbuff import AsyncConfig
+from scheduler.phones.files import check_covers
 from scheduler.phones.rounds import PhoneRounds, PlannedRound
 from scheduler.privacy import ServerChannel
 from scheduler.sampling import evaluation_users, sample_clients
@@ -66,16 +67,43 @@ class SchedulerConfig:
         return self.checkpoint_every > 0 and (rounds_done % self.checkpoint_every == 0 or rounds_done == self.rounds)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The run's steps, (kind, rounds completed before it), computed on demand: train rounds, an evaluation
+    every `eval_every` rounds and after the last, then done. No list of steps is built, so a run's length
+    costs no memory up front."""
+
+    rounds: int
+    eval_every: int
+
+    def _evals_before(self, rounds_done: int) -> int:
+        """Evaluations among the steps before training round `rounds_done` (0-based) starts."""
+        return rounds_done // self.eval_every if self.eval_every else 0
+
+    def __len__(self) -> int:
+        final_eval = 0 if self.eval_every and self.rounds % self.eval_every == 0 else 1
+        return self.rounds + self._evals_before(self.rounds) + final_eval + 1
+
+    def __getitem__(self, step: int) -> tuple[str, int]:
+        if not 0 <= step < len(self):
+            raise IndexError(f"step {step} is outside the run's {len(self)} steps")
+        if step == len(self) - 1:
+            return DONE, self.rounds
+        if step == len(self) - 2:
+            return EVAL, self.rounds
+        if not self.eval_every:
+            return TRAIN, step
+        block, place = divmod(step, self.eval_every + 1)
+        return (TRAIN, block * self.eval_every + place) if place < self.eval_every else (EVAL, (block + 1) * self.eval_every)
+
+    def train_step(self, rounds_done: int) -> int:
+        """The step of training round `rounds_done` (0-based; `rounds` gives the step after the last round's)."""
+        return rounds_done + self._evals_before(rounds_done)
+
+
 def schedule(rounds: int, eval_every: int) -> list[tuple[str, int]]:
-    """The run's steps as (kind, rounds completed before it): train rounds, evaluations every `eval_every`
-    rounds and after the last, then done."""
-    steps: list[tuple[str, int]] = []
-    for r in range(rounds):
-        steps.append((TRAIN, r))
-        if (eval_every and (r + 1) % eval_every == 0) or r == rounds - 1:
-            steps.append((EVAL, r + 1))
-    steps.append((DONE, rounds))
-    return steps
+    """Every step of a run as a list (for tests and short loops; the scheduler keeps a `Schedule`)."""
+    return list(Schedule(rounds, eval_every))
 
 
 class Scheduler:
@@ -108,6 +136,7 @@ class Scheduler:
         self.checkpoint_path = checkpoint_path
         self.phones = phones              # None: every sampled client trains, and no virtual clock runs
         self.sim_time = 0.0               # virtual seconds since the run began (with phones)
+        self.failed_rounds = 0            # training rounds that applied nothing (too few phones, secure aggregation)
         self._planned: PlannedRound | None = None    # the current training round's clock decisions
         self.async_config = asynchronous  # None: synchronous rounds; else FedBuff (needs phones)
         self.channel = channel            # privacy and compression (scheduler/privacy.py); None: byte counts only
@@ -115,13 +144,16 @@ class Scheduler:
         self._old_versions: dict[int, np.ndarray] = {}   # asynchronous: versions tasks still start from
         self._rank_load: dict[int, list[int]] = {}        # asynchronous: target -> samples handed to each rank
         self.calendar = Calendar.from_reader(reader)
-        self.steps = schedule(config.rounds, config.eval_every)
+        self.steps = Schedule(config.rounds, config.eval_every)
         self._indexes: dict[tuple[str, str], tuple[Sequence[str], Mapping[str, int]]] = {}
         for day in sorted(set(self.calendar.train_days)):
-            n = len(self._eligible(day, "train")[0])
-            if config.clients_per_round > n:
-                raise ConfigError(f"--clients-per-round {config.clients_per_round} is more than the {n} users "
-                                  f"with training data on day {day}")
+            users = self._eligible(day, "train")[0]
+            if config.clients_per_round > len(users):
+                raise ConfigError(f"--clients-per-round {config.clients_per_round} is more than the {len(users)} "
+                                  f"users with training data on day {day}")
+            if phones is not None:      # a per-user file that lacks a user fails now, not in the round that samples it
+                check_covers(phones.profiles, users, what=f"training day {day}")
+                check_covers(phones.availability, users, what=f"training day {day}")
         if asynchronous is not None:
             if phones is None:
                 raise ConfigError("asynchronous aggregation times its tasks on phones: it needs device profiles")
@@ -261,7 +293,8 @@ class Scheduler:
     def _write_checkpoint(self, rounds_done: int) -> None:
         meta = {"round": rounds_done, "version": self.version, "step": self.step + 1, "seed": self.config.seed,
                 "rounds": self.config.rounds, "world_size": self.config.world_size, "data": self.data_fingerprint,
-                "sim_time": self.sim_time, "privacy": self.channel.state_dict() if self.channel else {},
+                "sim_time": self.sim_time, "failed_rounds": self.failed_rounds,
+                "privacy": self.channel.state_dict() if self.channel else {},
                 "layout": [[n, list(s)] for n, s in zip(self.layout.names, self.layout.shapes)]}
         # asynchronous: the versions that tasks pending at this checkpoint start from (they train again)
         old = {v: self._old_versions[v] for v in self._async.needed_versions(self.version)} if self._async else {}
@@ -279,14 +312,28 @@ class Scheduler:
                               f"{len(saved.names)} tensors; this model has {layout.size} in {len(layout.names)})")
         if meta["data"] != self.data_fingerprint:
             raise ConfigError(f"{path}: checkpoint was made on other data (user index digest differs)")
-        if meta["seed"] != self.config.seed or meta["rounds"] != self.config.rounds:
-            raise ConfigError(f"{path}: checkpoint is of a run with seed {meta['seed']} and {meta['rounds']} rounds")
+        if meta["seed"] != self.config.seed:
+            raise ConfigError(f"{path}: checkpoint is of a run with seed {meta['seed']}, not {self.config.seed}")
+        if meta["round"] > self.config.rounds:
+            raise ConfigError(f"--rounds {self.config.rounds}: the run has done {meta['round']} rounds already "
+                              f"(its last checkpoint, {path})")
+        if meta["rounds"] != self.config.rounds and self.async_config is not None:
+            raise ConfigError(f"--rounds {self.config.rounds}: an asynchronous run continues with the --rounds it "
+                              f"had ({meta['rounds']}): its checkpoint keeps only the model versions that the tasks "
+                              f"of {meta['rounds']} server updates start from")
+        if meta["rounds"] != self.config.rounds and len(set(self.calendar.train_days)) > 1:
+            log.warning("--rounds %d (the run had %d): the rounds still to come spread over the %d training days "
+                        "as a %d-round run's would", self.config.rounds, meta["rounds"],
+                        len(set(self.calendar.train_days)), self.config.rounds)
         if self.config.pin_users and meta["world_size"] != self.config.world_size:
             raise ConfigError(f"{path}: users' private parameters live on their home ranks of a {meta['world_size']}-"
                               f"rank run; resume with -np {meta['world_size']}")
         with self._cond:
-            self.layout, self.params, self.version, self.step = layout, params, meta["version"], meta["step"]
+            # the step after the checkpointed round in this run's schedule (--rounds and --eval-every may have changed)
+            step = self.steps.train_step(meta["round"] - 1) + 1 if meta["round"] else 0
+            self.layout, self.params, self.version, self.step = layout, params, meta["version"], step
             self.sim_time = float(meta.get("sim_time", 0.0))
+            self.failed_rounds = int(meta.get("failed_rounds", 0))
             if self.channel is not None:
                 self.channel.load_state_dict(meta.get("privacy"))    # the accountant's rounds, the clipping norm
             self.optimizer.load_state_dict(opt_state)
@@ -383,8 +430,7 @@ class Scheduler:
         self._pushed = {}
         version = self.version
         failure = self._finish_train(done, pushed) if kind == TRAIN else self._finish_eval(done, pushed)
-        if failure is not None:
-            log.error("%s", failure)
+        if failure is not None:       # every rank raises it (RunFailed) from its next plan; rank 0 reports it
             self.failure = failure
             try:
                 self.on_plans(self.step, None, failure)
@@ -425,7 +471,9 @@ class Scheduler:
         parts = [part for u in pushed for part in (u.delta_sum, *u.more) if part.size]
         weight, link = sum(u.weight for u in pushed), {}
         if self.channel is not None:      # privacy hook: secure aggregation's decoding, DP noise, bytes, epsilon
-            parts, weight, link = self.channel.aggregate(done, parts, weight, sums)
+            sampling = self._planned.sampling if self.phones is not None and self._async is None else None
+            parts, weight, link = self.channel.aggregate(done, parts, weight, sums, sampling=sampling)
+        applied = bool(parts) and weight > 0
         if len(parts) > 1 and self._total is None and not blockwise(self.optimizer):
             self._total = np.empty(self.layout.size, np.float64)    # reused: no 50 MB page-in a round
         result = server_step(parts, weight, self.params, self.optimizer, work=self._total, mirror=self.mirror)
@@ -457,13 +505,18 @@ class Scheduler:
         elif self.phones is not None:
             self.sim_time = self._planned.outcome.end_time
             if self._planned.outcome.failed:
-                log.warning("%s failed: fewer than %d results in time (%d of %d phones off-line, %d late); "
-                            "nothing applied", where, self.phones.min_clients, record["dropped"], record["selected"],
-                            record["stale"])
+                log.warning("%s failed: fewer than %d results in time (%d of %d phones off-line, %d late, %d in "
+                            "time); nothing applied", where, self.phones.min_clients, record["dropped"],
+                            record["selected"], record["stale"], record["voided"])
+        self.failed_rounds += not applied
         self.on_record(record)
         if self._plans[0].checkpoint:     # after the record: a resumed run's metrics lose nothing
             self.before_checkpoint()
             self._write_checkpoint(done + 1)
+        if done + 1 == self.config.rounds and self.failed_rounds == self.config.rounds:
+            return (f"no round was applied: all {self.config.rounds} training rounds failed (too few results in time: "
+                    f"see --min-clients, --deadline, --availability; or secure aggregation's threshold); the model "
+                    f"is the untrained one, so the run stops without evaluating it")
         return None
 
     def _finish_eval(self, done: int, pushed: list[RankMetrics]) -> str | None:
@@ -475,6 +528,8 @@ class Scheduler:
         record = eval_record(done, sums, self.eval_ratios, self._step_seconds())
         if self.phones is not None:
             record["sim_time"] = self.sim_time        # evaluation takes no virtual time
+        if self.failed_rounds:
+            record["failed_rounds"] = self.failed_rounds     # of the `round` rounds so far
         if self.channel is not None:
             record.update(self.channel.eval_fields())     # privacy hook: epsilon spent so far
         bad = nonfinite_keys(record)

@@ -20,7 +20,7 @@ from common.metrics import add_user_eval, eval_record, train_record
 from reader.base import Reader
 from scheduler.calendar import Calendar
 from scheduler.sampling import evaluation_users, sample_clients
-from scheduler.state import schedule
+from scheduler.state import Schedule
 from trainer.base import Trainer
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def run_centralized(*, reader: Reader, model: torch.nn.Module, trainer: Trainer,
     test = reader.index(calendar.test_day, "test")
     test_users = evaluation_users(seed, [u for u, n in zip(test.users, test.counts) if n], eval_users)
     ratios: Mapping[str, tuple[str, str]] = trainer.eval_ratios
-    for kind, done in schedule(rounds, eval_every):
+    for kind, done in Schedule(rounds, eval_every):
         started = time.perf_counter()
         if kind == TRAIN:
             day = calendar.train_day(done, rounds)

@@ -64,7 +64,7 @@ def test_deadline_cuts_the_round_and_quorum_decides_failure():
     failed = resolve_sync_round(CANDS, DUR, ON, start_time=0.0, k=4, deadline_s=2.5, min_clients=3)
     # a failed round trains nobody: its results would be thrown away
     assert failed.failed and failed.trained == () and failed.end_time == 2.5
-    assert set(failed.discarded) == set(CANDS)
+    assert set(failed.discarded) == {"a", "c", "e"} and failed.voided == ("b", "d")     # late apart from in time
 
 
 def test_a_deadline_no_phone_can_meet_fails_the_round_without_waiting():
@@ -107,4 +107,5 @@ def test_sync_round_record():
     out = resolve_sync_round(CANDS, DUR, off, start_time=10.0, k=3)
     record = sync_round_record(out, bytes_down=1000, bytes_up=400)
     assert record == {"sim_time": 14.0, "round_s": 4.0, "selected": 5, "completed": 3, "dropped": 1, "stale": 1,
-                      "staleness_mean": 0.0, "staleness_max": 0, "bytes_down": 5000, "bytes_up": 1200, "failed": 0}
+                      "voided": 0, "staleness_mean": 0.0, "staleness_max": 0, "bytes_down": 5000, "bytes_up": 1200,
+                      "failed": 0}

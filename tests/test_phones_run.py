@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from common.errors import RunFailed
 from flock import Config, simulate
 from tests.helpers import make_lm_data, read_metrics, run_app
 
@@ -33,19 +34,22 @@ def test_a_synchronous_run_on_phones_reports_its_clock(data, tmp_path):
     times = [r["sim_time"] for r in history.records]
     assert times == sorted(times) and times[0] > 0
     for r in train:
-        assert r["selected"] <= 6 and r["completed"] + r["dropped"] + r["stale"] == r["selected"]
+        assert r["selected"] <= 6 and r["completed"] + r["dropped"] + r["stale"] + r["voided"] == r["selected"]
         assert r["clients"] == (0 if r["failed"] else r["completed"]) and r["round_s"] <= 40.0 + 1e-9
         assert r["bytes_down"] == r["selected"] * 4 * json.loads((tmp_path / "config.json").read_text())["shared_params"]
     assert sum(r["stale"] for r in train) > 0 and sum(r["compute_saved_s"] for r in train) > 0
     assert sum(r["dropped"] for r in train) > 0 and sum(r["failed"] for r in train) < len(train)
 
 
-def test_no_phone_meets_the_deadline_every_round_fails_and_the_run_ends(data, tmp_path):
-    history = simulate(Config(data_dir=str(data), run_dir=str(tmp_path), **{**SMALL, "rounds": 3},
-                              device_profiles="builtin", deadline=0.01))
-    assert [r["failed"] for r in history.train] == [1, 1, 1]
-    assert [r["clients"] for r in history.train] == [0, 0, 0]
-    assert [round(r["sim_time"], 6) for r in history.train] == [0.01, 0.02, 0.03]
+def test_no_phone_meets_the_deadline_every_round_fails_and_the_run_stops(data, tmp_path):
+    with pytest.raises(RunFailed, match="no round was applied: all 3 training rounds failed"):
+        simulate(Config(data_dir=str(data), run_dir=str(tmp_path), **{**SMALL, "rounds": 3},
+                        device_profiles="builtin", deadline=0.01))
+    rows = read_metrics(tmp_path)
+    assert [r["kind"] for r in rows] == ["train"] * 3         # no evaluation of the untrained model
+    assert [r["failed"] for r in rows] == [1, 1, 1]
+    assert [r["clients"] for r in rows] == [0, 0, 0]
+    assert [round(r["sim_time"], 6) for r in rows] == [0.01, 0.02, 0.03]
 
 
 def test_resume_continues_the_clock_exactly(data, tmp_path, monkeypatch):
@@ -83,7 +87,7 @@ def test_a_broken_profile_file_is_one_message_at_np_2(data, tmp_path):
     bad.write_text('{"user00": {"seconds_per_sample": -1}}')
     proc = run_app(2, data, tmp_path / "run", "--device-profiles", str(bad), timeout=60)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 2 and out.count("ERROR") == 1 and str(bad) in out, out
+    assert proc.returncode == 2 and out.count("error: ") == 1 and str(bad) in out, out
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

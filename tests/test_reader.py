@@ -58,7 +58,7 @@ def test_cache_follows_the_file(data):
 @pytest.mark.parametrize("content, message", [
     ('{"users": ["a"], "user_data": {"a": {"x": [[["w"]]]', "not valid JSON"),
     ('[1, 2]', "expected a LEAF object"),
-    ('{"users": ["a"], "user_data": {}}', "user 'a': missing or malformed"),
+    ('{"users": ["a"], "user_data": {}}', "user 'a' is listed in 'users' but has no user_data"),
     ('{"users": ["a"], "user_data": {"a": {"x": [[["w", "w"]]], "y": []}}}', "1 comments in 'x' but 0 labels"),
     ('{"users": ["a"], "user_data": {"a": {"x": [[["w", "w"]]], "y": [{"target_tokens": [["w"]]}]}}}',
      "sequence 0 is not 2 tokens"),

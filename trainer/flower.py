@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import logging
 import random
 import zlib
@@ -140,8 +141,9 @@ def load_client_fn(ref: str) -> Callable[[Any], Any]:
             raise ConfigError(f"--flower-client {ref!r} is a Message-API ClientApp: run it with --flower-app "
                               f"(and its ServerApp with --flower-server)")
         raise ConfigError(f"--flower-client {ref!r} is a ClientApp: give the client_fn you built it with")
-    if not callable(fn):
-        raise ConfigError(f"--flower-client {ref!r}: not a function")
+    if not callable(fn) or inspect.isclass(fn) or inspect.isbuiltin(fn):
+        raise ConfigError(f"--flower-client {ref!r}: not a client_fn (a Python function of a Flower Context that "
+                          f"returns a client), got {type(fn).__name__}")
     return fn
 
 
@@ -208,7 +210,11 @@ class NumPyClientCalls:
     def client(self, context: Any):
         from flwr.client import NumPyClient
 
-        made = self.client_fn(context)
+        try:
+            made = self.client_fn(context)
+        except Exception as e:       # the plug-in is not of the kind it was named as: one message, not a traceback
+            log.debug("--flower-client %s raised", self.ref, exc_info=True)
+            raise ConfigError(f"--flower-client {self.ref}: client_fn(context) raised {type(e).__name__}: {e}") from None
         client = made if isinstance(made, NumPyClient) else getattr(made, "numpy_client", None)
         if not isinstance(client, NumPyClient):
             raise ConfigError(f"--flower-client {self.ref}: returned {type(made).__name__}; flock runs Flower "

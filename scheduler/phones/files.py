@@ -14,7 +14,7 @@ import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generic, Mapping, TypeVar
+from typing import Any, Callable, Generic, Iterable, Mapping, TypeVar
 
 from common.errors import DataError
 from scheduler.phones.safe_pickle import loads_plain_pickle
@@ -96,6 +96,19 @@ class UserEntries(Generic[Entry]):
                 raise DataError(f"{self.source}: no entry for user {uid!r}")
             position = fedscale_client_id(uid) % len(self.entries)
         return self.entries[position]
+
+
+def check_covers(source: Any, users: Iterable[str], *, what: str) -> None:
+    """When `source` holds a file's entries that do not wrap (a per-user table or trace), every one of `users`
+    must be listed: a DataError naming the file, how many are missing and the first of them, before the run
+    starts (not in the round that first samples such a user)."""
+    entries = getattr(source, "entries", None)
+    if not isinstance(entries, UserEntries) or entries.wrap:
+        return
+    missing = [uid for uid in users if uid not in entries.keys]
+    if missing:
+        raise DataError(f"{entries.source}: no entry for {len(missing)} of the {what}'s users (first: "
+                        f"{missing[0]!r}); a per-user file must list every user")
 
 
 def user_entries(mapping: Mapping[Any, Any], parse: Callable[[Any, str], Entry], *, source: str,

@@ -7,10 +7,12 @@ metrics.jsonl next to the training record's.
 - completed: results that count; dropped: clients that went off-line before finishing;
 - stale: results that came too late (after the K-th finisher or the deadline; asynchronously, staler than
   the maximum), none of them trained;
+- voided (synchronous): results that came in time but were thrown away because the round failed (none of
+  them trained: a failed round trains nobody);
 - staleness_mean, staleness_max: over the counted results (0 in synchronous rounds);
 - bytes_down: every selected client downloads the model; bytes_up: every client whose upload the server
-  receives (synchronously the counted ones, as the rest are cancelled at the round's end; asynchronously
-  the counted and the too stale);
+  receives (synchronously the counted and the voided ones, as the late are cancelled at the round's end;
+  asynchronously the counted and the too stale);
 - failed (synchronous): 1 when fewer than the minimum number of clients counted.
 """
 from __future__ import annotations
@@ -23,11 +25,12 @@ from scheduler.phones.sync_round import RoundOutcome
 
 def sync_round_record(outcome: RoundOutcome, *, bytes_down: int, bytes_up: int) -> dict[str, Any]:
     """The clock's record of a synchronous round; `bytes_down`/`bytes_up` are one client's transfers."""
-    selected = len(outcome.trained) + len(outcome.discarded) + len(outcome.dropped)
+    selected = len(outcome.trained) + len(outcome.discarded) + len(outcome.dropped) + len(outcome.voided)
     return {"sim_time": outcome.end_time, "round_s": outcome.duration_s, "selected": selected,
             "completed": len(outcome.trained), "dropped": len(outcome.dropped), "stale": len(outcome.discarded),
-            "staleness_mean": 0.0, "staleness_max": 0, "bytes_down": selected * bytes_down,
-            "bytes_up": len(outcome.trained) * bytes_up, "failed": int(outcome.failed)}
+            "voided": len(outcome.voided), "staleness_mean": 0.0, "staleness_max": 0,
+            "bytes_down": selected * bytes_down, "bytes_up": (len(outcome.trained) + len(outcome.voided)) * bytes_up,
+            "failed": int(outcome.failed)}
 
 
 def async_update_record(buffer: Buffer, *, previous_time: float, bytes_down: int,

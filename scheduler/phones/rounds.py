@@ -11,7 +11,7 @@ from scheduler.phones.availability import Availability
 from scheduler.phones.clock import client_timing, model_bytes
 from scheduler.phones.devices import ProfileSource
 from scheduler.phones.report import sync_round_record
-from scheduler.phones.selection import select_online
+from scheduler.phones.selection import count_online, select_online
 from scheduler.phones.sync_round import RoundOutcome, over_selected, resolve_sync_round
 
 
@@ -23,6 +23,7 @@ class PlannedRound:
 
     outcome: RoundOutcome
     record: Mapping[str, float] = field(default_factory=dict)
+    sampling: tuple[int, int] | None = None    # (users on-line, candidates asked for), when counted
 
     @property
     def trained(self) -> list[str]:
@@ -41,19 +42,25 @@ class PhoneRounds:
     deadline_s: float = math.inf       # virtual seconds from a round's start; inf: none
     min_clients: int = 1
     client_bytes: tuple[int, int] | None = None    # (down, up) per client (compression); None: the model each way
+    count_online: bool = False     # count the users on-line at each round's start (the DP accountant's rate)
 
     def plan_round(self, round_index: int, users: Sequence[str], counts: Mapping[str, int], k: int, *,
                    start_time: float, shared_params: int) -> PlannedRound:
         """Round `round_index` (0-based) of K clients among `users`, starting at virtual `start_time`."""
         size = model_bytes(shared_params)
         down, up = self.client_bytes or (size, size)
-        candidates = select_online(users, over_selected(k, self.over_select), seed=self.seed, purpose="sync",
-                                   index=round_index, availability=self.availability, t=start_time)
+        asked = over_selected(k, self.over_select)
+        candidates = select_online(users, asked, seed=self.seed, purpose="sync", index=round_index,
+                                   availability=self.availability, t=start_time)
+        sampling = None
+        if self.count_online:
+            online = count_online(users, availability=self.availability, t=start_time, draw=round_index)
+            sampling = (online, asked)
         timings = {u: client_timing(self.profiles.profile(u), samples=self.local_epochs * counts[u],
                                     bytes_down=down, bytes_up=up) for u in candidates.uids}
         outcome = resolve_sync_round(candidates.uids, [timings[u].total_s for u in candidates.uids],
                                      candidates.online_until, start_time=start_time, k=k,
                                      deadline_s=self.deadline_s, min_clients=min(self.min_clients, k))
-        saved = sum(timings[u].compute_s for u in outcome.discarded)
+        saved = sum(timings[u].compute_s for u in (*outcome.discarded, *outcome.voided))
         record = {**sync_round_record(outcome, bytes_down=down, bytes_up=up), "compute_saved_s": saved}
-        return PlannedRound(outcome=outcome, record=record)
+        return PlannedRound(outcome=outcome, record=record, sampling=sampling)

@@ -79,3 +79,9 @@ def select_online(users: Sequence[str], count: int, *, seed: int, purpose: str, 
             if len(uids) == count:
                 break
     return Candidates(uids=tuple(uids), online_until=tuple(until), probes=probes)
+
+
+def count_online(users: Sequence[str], *, availability: Availability, t: float, draw: int) -> int:
+    """How many of `users` are on-line at virtual time `t` (for selection `draw`): a scan of the population,
+    for the privacy accountant's per-round rate (one availability lookup per user)."""
+    return sum(1 for uid in users if (end := availability.online_until(uid, t, draw)) is not None and end > t)

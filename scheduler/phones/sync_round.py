@@ -11,6 +11,8 @@ whichever comes first (ties between finishers go by user id). Then:
 - dropped: candidates that go off-line before their task ends; nobody hears from them again.
 - failed: fewer than `min_clients` would count. A failed round trains nobody (its results would be thrown
   away), advances the clock to its end, and is counted; it never waits for results that cannot come.
+  Its finishers that were in time are `voided`: they came in time but count for nothing, which is
+  not the same as late.
 """
 from __future__ import annotations
 
@@ -24,11 +26,12 @@ class RoundOutcome:
     """What a synchronous round does; user lists keep the candidates' order."""
 
     trained: tuple[str, ...]
-    discarded: tuple[str, ...]
+    discarded: tuple[str, ...]     # finished too late: after the K-th finisher or the deadline
     dropped: tuple[str, ...]
     start_time: float
     end_time: float
     failed: bool
+    voided: tuple[str, ...] = ()   # finished in time, thrown away with a failed round
 
     @property
     def duration_s(self) -> float:
@@ -72,10 +75,12 @@ def resolve_sync_round(candidates: Sequence[str], durations: Sequence[float], on
         last_event = max((min(f, off) for f, off in zip(finish, online_until)), default=start_time)
         end = min(deadline, last_event) if n else (deadline if math.isfinite(deadline) else start_time)
     failed = len(counted) < min_clients
+    voided = counted if failed else set()
     if failed:
         counted = set()
     return RoundOutcome(
         trained=tuple(c for c in candidates if c in counted),
-        discarded=tuple(c for c in candidates if c not in counted and c not in dropped),
+        discarded=tuple(c for c in candidates if c not in counted and c not in dropped and c not in voided),
         dropped=tuple(c for c in candidates if c in dropped),
-        start_time=start_time, end_time=end, failed=failed)
+        start_time=start_time, end_time=end, failed=failed,
+        voided=tuple(c for c in candidates if c in voided))
