@@ -2,11 +2,13 @@
 
 At scale a rank holds `updates`, a (K, S) float32 array: its slice of each of the K clients' flat updates,
 never the whole K x P matrix. Coordinate-wise rules (median, trimmed mean, Bulyan's last step) run on the
-slice alone. Quantities over whole vectors (distances between clients) are sums of per-block partials: each slice computes one partial
+slice alone. Quantities over whole vectors (distances between clients, distances to the geometric
+median's estimate, each client's norm) are sums of per-block partials: each slice computes one partial
 per block of `reducer.block` coordinates (`BLOCK` of the flat vector; a slice is a union of whole blocks,
 starting at a block's start; only the vector's last block may be short), and the `Reducer` sums them over
 all blocks of all slices in global block order. So every rule gives the same bits whatever the slicing
-(any number of ranks), and every slice takes the same decisions (which clients Krum keeps) or raises the same error.
+(any number of ranks), and every slice takes the same decisions (which clients Krum keeps, the
+geometric median's weights and stop) or raises the same error.
 
 The float32 inputs are read in float64: every result is a float64 (S,) array (medians of an even count and
 means are not float32 values), and partials, distances and weights are float64. Sums over clients run in
@@ -103,6 +105,22 @@ def squared_distances(updates: np.ndarray, reducer: Reducer) -> np.ndarray:
         return upper + upper.T
 
     return reducer.total(block_partials(updates.shape[1], reducer.block, block_distances))
+
+
+def distances_to(point: np.ndarray, updates: np.ndarray, reducer: Reducer) -> np.ndarray:
+    """`point` (S,) float64, `updates` (K, S) -> (K,) float64: each client's L2 distance to the whole
+    point (this slice is `point`'s slice)."""
+    def block_sums(cols: slice) -> np.ndarray:
+        d = _block64(updates, cols)
+        d -= point[cols]
+        return np.square(d, out=d).sum(axis=1)
+
+    return np.sqrt(reducer.total(block_partials(updates.shape[1], reducer.block, block_sums)))
+
+
+def norms(updates: np.ndarray, reducer: Reducer) -> np.ndarray:
+    """(K, S) -> (K,) float64: each client's whole update's L2 norm."""
+    return distances_to(np.zeros(updates.shape[1]), updates, reducer)
 
 
 # ---------------------------------------------------------------------------------------- shared helpers
@@ -255,3 +273,77 @@ def bulyan(updates: np.ndarray, *, f: int, reducer: Reducer) -> np.ndarray:
     nearness = np.abs(kept - _sorted_median(kept))
     nearest = np.argsort(nearness, axis=0, kind="stable")[:beta]
     return weighted_sum(np.take_along_axis(kept, nearest, axis=0)) / beta
+
+
+# ---------------------------------------------------------------------------------- geometric median (RFA)
+
+
+@dataclass(frozen=True)
+class GeometricMedian:
+    """What `geometric_median` found: the estimate ((S,) float64, this slice's), the smoothed Weiszfeld
+    steps taken, whether the objective settled within the tolerance before `max_iter`, and the
+    objective sum_k alpha_k ||median - w_k|| (alpha normalised to sum 1)."""
+
+    median: np.ndarray
+    iterations: int
+    converged: bool
+    objective: float
+
+
+def check_geometric_median(nu: float, max_iter: int, tol: float) -> None:
+    """ConfigError unless the smoothing nu > 0 (--geomed-nu), max_iter >= 1 (--geomed-max-iter) and
+    tol >= 0 (--geomed-tol), all finite."""
+    if not (math.isfinite(nu) and nu > 0):
+        raise ConfigError(f"--geomed-nu (the smoothing of the distances) must be finite and > 0, not {nu!r}")
+    if max_iter < 1:
+        raise ConfigError(f"--geomed-max-iter must be >= 1, not {max_iter}")
+    if not (math.isfinite(tol) and tol >= 0):
+        raise ConfigError(f"--geomed-tol must be finite and >= 0, not {tol!r}")
+
+
+def geometric_median(updates: np.ndarray, weights: np.ndarray, *, nu: float = 1e-6, max_iter: int = 100,
+                     tol: float = 1e-6, reducer: Reducer) -> GeometricMedian:
+    """(K, S), (K,) weights -> the weighted geometric median by RFA's smoothed Weiszfeld (Pillutla,
+    Kakade, Harchaoui, "Robust Aggregation for Federated Learning", 2022): alpha = weights / sum(weights); v starts at the alpha-weighted
+    mean; each step sets beta_k = alpha_k / max(nu, ||v - w_k||) and v = sum beta_k w_k / sum beta_k. It
+    stops after `max_iter` steps, or once the objective sum_k alpha_k ||v - w_k|| moved by at most
+    `tol` times its value in a step (the `geom_median` package's test). One reduction of K values per
+    step, over the distances to the new v, which give both the objective and the next step's weights."""
+    _check_clients(updates, weights)
+    check_geometric_median(nu, max_iter, tol)
+    check_finite(updates, reducer)
+    alpha = np.asarray(weights, np.float64) / math.fsum(np.asarray(weights, np.float64))
+    median = weighted_sum(updates, alpha) / math.fsum(alpha)
+    distances = distances_to(median, updates, reducer)
+    objective = math.fsum(alpha * distances)
+    for step in range(1, max_iter + 1):
+        beta = alpha / np.maximum(nu, distances)
+        median = weighted_sum(updates, beta) / math.fsum(beta)
+        distances = distances_to(median, updates, reducer)
+        previous, objective = objective, math.fsum(alpha * distances)
+        if abs(previous - objective) <= tol * objective:
+            return GeometricMedian(median, step, True, objective)
+    return GeometricMedian(median, max_iter, False, objective)
+
+
+# --------------------------------------------------------------------------------------- norm bounding
+
+
+def check_norm_bound(max_norm: float) -> None:
+    """ConfigError unless the bound M (--norm-bound) is finite and > 0."""
+    if not (math.isfinite(max_norm) and max_norm > 0):
+        raise ConfigError(f"--norm-bound (the bound on each client's update norm) must be finite and > 0, "
+                          f"not {max_norm!r}")
+
+
+def norm_bounded_mean(updates: np.ndarray, weights: np.ndarray, *, max_norm: float,
+                      reducer: Reducer) -> np.ndarray:
+    """(K, S), (K,) weights -> (S,) float64: the weighted mean of the updates, each first scaled by
+    min(1, M / ||w_k||) so that its whole norm is at most M (Sun et al. 2019's norm bounding). Linear in
+    the updates, but it needs each client's norm: one reduction of K sums of squares."""
+    _check_clients(updates, weights)
+    check_norm_bound(max_norm)
+    check_finite(updates, reducer)
+    scale = np.array([max_norm / n if n > max_norm else 1.0 for n in norms(updates, reducer)])
+    w = np.asarray(weights, np.float64)
+    return weighted_sum(updates, w * scale) / math.fsum(w)

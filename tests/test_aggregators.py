@@ -1,6 +1,6 @@
 """Robust aggregation rules (`scheduler/robust.py`): against Flower's own functions on the same inputs,
 the same bits at any slicing into whole blocks (slices simulated by threads whose reducers meet at a
-barrier), and the refusals."""
+barrier), the geometric median against hand-checkable answers and a plain Weiszfeld, and the refusals."""
 from __future__ import annotations
 
 import math
@@ -113,6 +113,21 @@ def test_bulyan_is_flowers_to_float32_rounding(k, f):
     assert len(kept) == k - 2 * f and not set(kept.tolist()) & set(range(f))
 
 
+def test_norm_bounding_is_flowers_clipping_then_mean():
+    # Flower's clipping (its DP module's clip_inputs_inplace: scale by min(1, M / norm)) of each client,
+    # then its weighted `aggregate`; Flower computes the norms and the sum in float32.
+    clip = pytest.importorskip("flwr.supercore.differential_privacy")
+    x, n = clients(9, outliers=2, seed=40)
+    results = as_flower(x, n)
+    for tensors, _ in results:
+        clip.clip_inputs_inplace(tensors, 7.0)
+    ours = robust.norm_bounded_mean(x, n, max_norm=7.0, reducer=WholeVector(SMALL))
+    theirs = flat(aggregate.aggregate(results))
+    assert_within_float32_sum(ours, theirs, x, 2 * 9 + P)      # + P: the float32 norm's own rounding
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    assert (norms > 7.0).sum() >= 3 and (norms < 7.0).sum() >= 3   # both sides of the bound are exercised
+
+
 # ----------------------------------------------------------------------------------- slicing invariance
 
 
@@ -184,6 +199,8 @@ RULES: dict[str, Callable[[np.ndarray, np.ndarray, robust.Reducer], np.ndarray]]
     "krum": lambda x, n, r: robust.krum(x, n, f=2, reducer=r),
     "multi-krum": lambda x, n, r: robust.krum(x, n, f=2, m=5, reducer=r),
     "bulyan": lambda x, n, r: robust.bulyan(x, f=2, reducer=r),
+    "geomed": lambda x, n, r: robust.geometric_median(x, n, tol=1e-10, reducer=r).median,
+    "norm-bound": lambda x, n, r: robust.norm_bounded_mean(x, n, max_norm=5.0, reducer=r),
 }
 
 
@@ -202,15 +219,107 @@ def test_every_rule_gives_the_same_bits_at_any_slicing(name):
 
 def test_whole_vector_quantities_are_the_same_bits_at_any_slicing():
     x, _ = clients(11, outliers=2, seed=52, p=PS)
+    point = np.random.default_rng(52).normal(0.0, 1.0, PS)
     distances = robust.squared_distances(x, WholeVector(SMALL))
+    to_point = robust.distances_to(point, x, WholeVector(SMALL))
     for groups in slicings(-(-PS // SMALL)):
         slices = Slices(groups, SMALL, PS)
         for part in slices.run(x, lambda part, r: robust.squared_distances(part, r)):
             assert np.array_equal(part, distances)
+        for part in slices.run(x, lambda part, r: robust.distances_to(point[r.slices.columns(r.index)], part, r)):
+            assert np.array_equal(part, to_point)
+
+
+def test_geometric_median_takes_the_same_steps_at_any_slicing():
+    x, n = clients(11, outliers=3, seed=51, p=PS)
+    whole = robust.geometric_median(x, n, tol=1e-9, reducer=WholeVector(SMALL))
+    slices = Slices([[0, 1], [2, 3, 4], [5, 6]], SMALL, PS)
+    for part in slices.run(x, lambda part, r: robust.geometric_median(part, n, tol=1e-9, reducer=r)):
+        assert (part.iterations, part.converged, part.objective) == (whole.iterations, True, whole.objective)
 
 
 def test_the_default_block_is_the_data_planes():
+    # 65536 coordinates of the flat vector; two full blocks and a short one, split 1 + 2.
     assert WholeVector().block == BLOCK == 65536
+    p = 2 * BLOCK + 5
+    x, n = clients(5, outliers=1, seed=53, p=p)
+    whole = robust.geometric_median(x, n, max_iter=3, tol=0.0, reducer=WholeVector())
+    slices = Slices([[0], [1, 2]], BLOCK, p)
+    parts = slices.run(x, lambda part, r: robust.geometric_median(part, n, max_iter=3, tol=0.0, reducer=r))
+    assert np.array_equal(slices.assemble([part.median for part in parts]), whole.median)
+
+
+# ------------------------------------------------------------------------------------ geometric median
+
+
+def plain_weiszfeld(x: np.ndarray, w: np.ndarray, nu: float, steps: int) -> np.ndarray:
+    """Weiszfeld on whole vectors as the paper writes it, `steps` smoothed steps from the weighted mean."""
+    x = x.astype(np.float64)
+    alpha = w / w.sum()
+    v = alpha @ x
+    for _ in range(steps):
+        beta = alpha / np.maximum(nu, np.linalg.norm(x - v, axis=1))
+        v = beta @ x / beta.sum()
+    return v
+
+
+def objective(v: np.ndarray, x: np.ndarray, w: np.ndarray) -> float:
+    return float(w @ np.linalg.norm(x.astype(np.float64) - v, axis=1) / w.sum())
+
+
+def collinear(t: list[float], p: int = PS, seed: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """Points t_k * u for a direction u of entries +-1 (exact in float32), and u."""
+    u = np.random.default_rng(seed).choice([-1.0, 1.0], p)
+    return (np.outer(t, u)).astype(np.float32), u
+
+
+def test_geometric_median_of_collinear_points_is_the_middle_one():
+    # On a line the geometric median is the (weighted) median of the positions: t = 2 here, however
+    # far the point at 1000 (the mean is at 201.2).
+    x, u = collinear([0.0, 1.0, 2.0, 3.0, 1000.0])
+    result = robust.geometric_median(x, np.ones(5), tol=1e-12, max_iter=200, reducer=WholeVector(SMALL))
+    assert result.converged
+    assert np.linalg.norm(result.median - 2.0 * u) <= 1e-5 * np.linalg.norm(u)
+    # Weights 5 of 9 on the far point: a weighted majority, so the median is that point.
+    result = robust.geometric_median(x, np.array([1.0, 1, 1, 1, 5]), tol=1e-12, max_iter=200,
+                                     reducer=WholeVector(SMALL))
+    assert np.linalg.norm(result.median - 1000.0 * u) <= 1e-5 * np.linalg.norm(1000.0 * u)
+
+
+def test_geometric_median_stays_near_the_cluster_whatever_the_outlier():
+    # With a fraction a < 1/2 of the weight on outliers, the geometric median is within
+    # 2 (1 - a) / (1 - 2 a) times the cluster's radius r of the cluster's centre (Minsker 2015, Lemma
+    # 2.1): 2.25 r for one outlier of ten, whether it sits at 1e3 or 1e6.
+    rng = np.random.default_rng(61)
+    centre = rng.normal(0.0, 1.0, PS)
+    cluster = centre + rng.normal(0.0, 0.1, (9, PS))
+    radius = np.linalg.norm(cluster - centre, axis=1).max()
+    for far in (1e3, 1e6):
+        x = np.vstack([cluster, centre + far]).astype(np.float32)
+        result = robust.geometric_median(x, np.ones(10), reducer=WholeVector(SMALL))
+        assert np.linalg.norm(result.median - centre) <= 2.25 * radius
+        assert np.linalg.norm(x.mean(axis=0) - centre) > 50 * radius    # where the mean went
+
+
+def test_geometric_median_is_a_plain_weiszfelds():
+    # The same steps as a plain whole-vector Weiszfeld (tol 0: max_iter steps in both); they differ in
+    # summation order only (BLAS dot products there, per-block sums here).
+    x, n = clients(12, outliers=4, seed=62, p=PS)
+    for steps in (1, 3, 10):
+        result = robust.geometric_median(x, n, nu=1e-6, max_iter=steps, tol=0.0, reducer=WholeVector(SMALL))
+        assert result.iterations == steps and not result.converged
+        np.testing.assert_allclose(result.median, plain_weiszfeld(x, n, 1e-6, steps), rtol=1e-12, atol=1e-12)
+        assert result.objective == pytest.approx(objective(result.median, x, n), rel=1e-12)
+
+
+def test_geometric_median_converges_within_its_tolerance():
+    # It stops once a step moves the objective by at most tol of it, well before max_iter, at an
+    # objective that far more steps no longer lower beyond that tolerance.
+    x, n = clients(12, outliers=4, seed=63, p=PS)
+    result = robust.geometric_median(x, n, tol=1e-8, max_iter=1000, reducer=WholeVector(SMALL))
+    assert result.converged and 1 < result.iterations < 1000
+    best = objective(plain_weiszfeld(x, n, 1e-6, 5000), x, n)
+    assert best <= result.objective <= best * (1 + 1e-6)
 
 
 # ------------------------------------------------------------------------------------------ refusals
@@ -225,6 +334,11 @@ def test_the_default_block_is_the_data_planes():
     (lambda x, n, r: robust.bulyan(x, f=-1, reducer=r), "--bulyan-f"),
     (lambda x, n, r: robust.trimmed_mean(x, beta=0.5, reducer=r), "--trim-fraction"),
     (lambda x, n, r: robust.trimmed_mean(x, beta=-0.1, reducer=r), "--trim-fraction"),
+    (lambda x, n, r: robust.geometric_median(x, n, nu=0.0, reducer=r), "--geomed-nu"),
+    (lambda x, n, r: robust.geometric_median(x, n, max_iter=0, reducer=r), "--geomed-max-iter"),
+    (lambda x, n, r: robust.geometric_median(x, n, tol=float("nan"), reducer=r), "--geomed-tol"),
+    (lambda x, n, r: robust.norm_bounded_mean(x, n, max_norm=0.0, reducer=r), "--norm-bound"),
+    (lambda x, n, r: robust.norm_bounded_mean(x, n, max_norm=float("inf"), reducer=r), "--norm-bound"),
 ])
 def test_impossible_parameters_name_their_option(call, option):
     x, n = clients(10, outliers=0, seed=70)
