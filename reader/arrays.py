@@ -13,7 +13,7 @@ of a sample), in the units the trainer sees: uint8 samples divided by 255, float
 classifier trainer computes (x - mean) / std when they are given and nothing else when they are not.
 Other keys (`source`, the partition's settings) are the builder's notes.
 
-`write_split` writes one split; partitioners (reader/mnist.py) use it.
+`write_split` / `write_columns` write one split; `python -m flock.partition` and reader/mnist.py use them.
 """
 from __future__ import annotations
 
@@ -41,16 +41,23 @@ def split_dir(data_dir: Path, day: str, split: str) -> Path:
 def write_split(data_dir: Path, day: str, split: str, users: Sequence[str], parts_x: Sequence[np.ndarray],
                 parts_y: Sequence[np.ndarray]) -> None:
     """Writes one day's split from per-user arrays (atomically: a temporary folder renamed into place)."""
+    offsets = np.zeros(len(users) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(p) for p in parts_y])
+    write_columns(data_dir, day, split, users, np.concatenate(parts_x) if parts_x else np.zeros((0,)),
+                  np.concatenate(parts_y) if parts_y else np.zeros((0,), np.int64), offsets)
+
+
+def write_columns(data_dir: Path, day: str, split: str, users: Sequence[str], x: np.ndarray, y: np.ndarray,
+                  offsets: np.ndarray) -> None:
+    """Writes one day's split from its columns, user i owning samples offsets[i]:offsets[i+1] (atomically)."""
     final = split_dir(data_dir, day, split)
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    offsets = np.zeros(len(users) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(p) for p in parts_y])
     (tmp / "users.json").write_text(json.dumps(list(users)))
-    np.save(tmp / "offsets.npy", offsets)
-    np.save(tmp / "x.npy", np.concatenate(parts_x) if parts_x else np.zeros((0,)))
-    np.save(tmp / "y.npy", np.concatenate(parts_y).astype(np.int64) if parts_y else np.zeros((0,), np.int64))
+    np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+    np.save(tmp / "x.npy", x)
+    np.save(tmp / "y.npy", np.asarray(y).astype(np.int64))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -43,6 +43,24 @@ def test_partitions_cover_every_image_once(mnist, scheme):
         assert set(np.unique(y_test[t])) <= set(np.unique(y_train[p]))
 
 
+@pytest.mark.parametrize("scheme,digest", [("iid", "71364db41e58e930"), ("shards", "ec55ee60747a829a"),
+                                           ("dirichlet", "bc244005671a2d61")])
+def test_partitions_are_those_of_before_the_shared_partitioner(mnist, scheme, digest):
+    """The train and test indices of `python -m reader.mnist OUT --partition SCHEME` (100 users, seed 0,
+    alpha 0.5), digested as the builder made them before it used reader/partitioners.py."""
+    import hashlib
+
+    from common import streams
+
+    _, y_train, _, y_test = mnist
+    rng = streams.mnist_partition(0)
+    parts = partition(y_train, scheme, 100, rng, alpha=0.5)
+    h = hashlib.sha256()
+    for p in parts + split_test_like_train([y_train[p] for p in parts], y_test, rng):
+        h.update(np.asarray(p, np.int64).tobytes() + b"|")
+    assert h.hexdigest()[:16] == digest
+
+
 def test_array_reader_checks_its_files(tmp_path):
     with pytest.raises(DataError, match="meta.json"):
         ArrayReader(tmp_path)
