@@ -19,8 +19,10 @@ this module are kept as they were, so results are unchanged.
 | `clip_count_rng(seed, round)` | [seed, PRIVACY, crc32("dp-clip-count"), round] | adaptive clipping's noise on the count of unclipped clients |
 | `secagg_rng(seed, round, a, b)` | [seed, PRIVACY, crc32("secagg"), round, crc32(a), crc32(b)] | simulated secure aggregation's masks |
 | `channel_seed(user_seed)` | [user_seed, PRIVACY, crc32("channel")] | a client's clipping noise, quantization and fixed-point rounding |
+| `partition(seed)` | [seed, DATA, crc32("partition")] | `python -m flock.partition`: the partition, then the per-user test split |
+| `mnist_partition(seed)` | [seed] | `python -m reader.mnist`'s partition and test split (kept from before this module: [seed] draws what `sampling(seed, 0)` draws, harmless for a data set built once, and its folders stay as they were) |
 
-PHONES (crc32 of "flock.phones") and PRIVACY (crc32 of "flock.privacy") sit where the older streams put a round index or a small constant, which
+PHONES (crc32 of "flock.phones"), PRIVACY (crc32 of "flock.privacy") and DATA (crc32 of "flock.data") sit where the older streams put a round index or a small constant, which
 no round count reaches. SeedSequence pads short entropy with zeros (`[a, b]` draws what `[a, b, 0, 0]`
 draws), so every stream of one shape has its own purpose word. A user's streams depend on crc32(uid), so a
 phone is the same in every round and at any number of ranks; two ids with the same crc32 (about 320 pairs
@@ -114,3 +116,16 @@ def secagg_rng(seed: int, round_index: int, a: str, b: str) -> np.random.Generat
     """Simulated secure aggregation: the mask two users `a` and `b` agree on in a round (`a` == `b`: a's
     self mask)."""
     return np.random.default_rng([seed, PRIVACY, _word("secagg"), round_index, _word(a), _word(b)])
+
+
+DATA = _word("flock.data")
+
+
+def partition(seed: int) -> np.random.Generator:
+    """`python -m flock.partition`'s one generator: the scheme's draws, then the per-user test split."""
+    return np.random.default_rng([seed, DATA, _word("partition")])
+
+
+def mnist_partition(seed: int) -> np.random.Generator:
+    """`python -m reader.mnist`'s generator, as it always was (its partitions stay what they were)."""
+    return np.random.default_rng(seed)

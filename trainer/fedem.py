@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.base import LocalSGD, TrainConfig
-from trainer.classifier import ClassifierTrainer, as_inputs
+from trainer.classifier import ClassifierTrainer
 
 
 class FedEMTrainer:
@@ -36,7 +36,7 @@ class FedEMTrainer:
     def train(self, model, samples: Mapping[str, np.ndarray], rng: torch.Generator | None = None) -> dict[str, float]:
         cfg = self.config
         device = model.pi.device
-        x, y = as_inputs(samples["x"], device), torch.from_numpy(np.asarray(samples["y"], dtype=np.int64)).to(device)
+        x, y = self._eval.inputs(samples["x"], device), torch.from_numpy(np.asarray(samples["y"], dtype=np.int64)).to(device)
         for learner in model.learners:
             if hasattr(learner, "rng"):
                 learner.rng = rng
