@@ -132,6 +132,20 @@ class Config:
                                    "many updates old (-1: no limit)", lo=-1, hi=MAX_ROUNDS)
     staleness_exponent: float = opt(0.5, "asynchronous mode: an update s versions stale weighs (1 + s)^-a "
                                     "(0.5: FedBuff's 1/sqrt(1 + s); 0: all alike)", lo=0, hi=16)
+    # robust aggregation (scheduler/aggregators.py): rules that see every client's update
+    aggregator: str = opt("fedavg", "server aggregation: fedavg (the weighted mean, from the ranks' sums), or a rule "
+                          "that sees each client's update: median, trimmed-mean, krum, multi-krum, bulyan, geomed "
+                          "(RFA), norm-bound, or module:Class")
+    trim_fraction: float = opt(0.1, "trimmed-mean: the fraction of clients cut at each end, per coordinate", lo=0,
+                               hi=0.5, hi_open=True)
+    krum_f: int = opt(1, "krum, multi-krum, bulyan: the clients assumed Byzantine (Krum needs K > 2f + 2, Bulyan "
+                      "K >= 4f + 3)", lo=0, hi=MAX_USERS)
+    krum_m: int = opt(0, "multi-krum: the clients averaged (0: K - f)", lo=0, hi=MAX_USERS)
+    geomed_nu: float = opt(1e-6, "geomed: the smoothing nu of the Weiszfeld weights", lo=0, lo_open=True, hi=1e6)
+    geomed_max_iter: int = opt(100, "geomed: Weiszfeld iterations at most", lo=1, hi=10_000)
+    geomed_tol: float = opt(1e-6, "geomed: stop when the objective changes by at most this fraction", lo=0, hi=1)
+    norm_bound: float = opt(1.0, "norm-bound: each client's update is clipped to this L2 norm before the mean",
+                            lo=0, lo_open=True, hi=1e9)
     # privacy and communication (issue 15): common/channel_config.py checks how they combine
     dp_clip: float = opt(0.0, "DP-FedAvg: clip each user's shared-parameter update to this L2 norm C; users then "
                          "weigh 1 each, not n_k (0: no clipping, sample-weighted FedAvg)", lo=0, hi=1e6)
@@ -218,6 +232,7 @@ class Config:
             raise ConfigError(f"{', '.join(server_options)}: with --flower-server the ServerApp's strategy is the "
                               f"server step (set its options in the ServerApp)")
         check_channel_options(self)
+        check_aggregator_options(self)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
         for name in ("tls_cert", "tls_key", "tls_ca"):
@@ -233,6 +248,33 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+# each rule's own options (a rule's option given with another rule is refused: it would have no effect)
+AGGREGATOR_OPTIONS = {"trim_fraction": ("trimmed-mean",), "krum_f": ("krum", "multi-krum", "bulyan"),
+                      "krum_m": ("multi-krum",), "geomed_nu": ("geomed",), "geomed_max_iter": ("geomed",),
+                      "geomed_tol": ("geomed",), "norm_bound": ("norm-bound",)}
+
+
+def check_aggregator_options(config: Config) -> None:
+    """How --aggregator combines with the rest: a rule's options only with that rule (or a module:Class, which
+    may read any); per-client rules not where single updates are hidden (secure aggregation), where the noise is
+    calibrated for a sum (central DP), nor with the asynchronous buffer, a Flower strategy or --centralized."""
+    name = config.aggregator
+    custom = ":" in name
+    for option, rules in AGGREGATOR_OPTIONS.items():
+        if getattr(config, option) != FIELDS[option].default and name not in rules and not custom:
+            raise ConfigError(f"{_flag(option)} is for --aggregator {' or '.join(rules)}, not {name}")
+    if name == "fedavg":
+        return
+    central_noise = (config.dp_noise_multiplier > 0 or config.dp_target_epsilon > 0) and not config.dp_local
+    refused = [(config.secagg, "--secagg (its masks hide every single update)"),
+               (central_noise, "central DP noise (calibrated for the sum of the clients' updates)"),
+               (config.async_buffer, "--async-buffer (FedBuff's buffers are sums)"),
+               (config.flower_server, "--flower-server (the ServerApp's strategy aggregates)"),
+               (config.centralized, "--centralized (one model, no clients)")]
+    for given, why in refused:
+        if given:
+            raise ConfigError(f"--aggregator {name} sees each client's update: not with {why}")
 
 
 def check_value(f: dataclasses.Field, value: Any) -> None:

@@ -14,6 +14,7 @@ BUILTINS = {
               "fedem-cnn": "model.fedem:FedEMCNN"},
     "trainer": {"lm": "trainer.lm:LanguageModelTrainer", "classifier": "trainer.classifier:ClassifierTrainer",
                 "fedem": "trainer.fedem:FedEMTrainer"},
+    "aggregator": {},       # built-ins are scheduler/aggregators.py's; here only module:Class paths
 }
 
 
@@ -22,7 +23,11 @@ REQUIRED = {
     "reader": ("prepare", "days", "has_split", "index", "load", "spec"),
     "model": ("build",),
     "trainer": ("train", "evaluate", "train_ratios", "eval_ratios"),
+    "aggregator": ("capability", "aggregate", "check"),
 }
+
+
+INTERFACES = {"aggregator": "scheduler/aggregators.py"}
 
 
 def resolve(kind: str, name: str) -> type:
@@ -32,7 +37,7 @@ def resolve(kind: str, name: str) -> type:
     missing = [m for m in REQUIRED[kind] if not hasattr(cls, m)]
     if missing:
         raise ConfigError(f"--{kind} {name!r}: {getattr(cls, '__name__', cls)!s} lacks {', '.join(missing)} "
-                          f"(see {kind}/base.py for the interface)")
+                          f"(see {INTERFACES.get(kind, f'{kind}/base.py')} for the interface)")
     return cls
 
 

@@ -215,6 +215,7 @@ class _Built:
     private: tuple[str, ...]
     layout: Any                 # ParamLayout of the shared parameters
     eval_ratios: dict[str, tuple[str, str]]
+    aggregator: Any = None      # a per-client aggregator (scheduler/aggregators.py); None: FedAvg's sums
 
     def tensors(self, names) -> dict[str, np.ndarray]:
         named = dict(self.model.named_parameters())
@@ -275,6 +276,9 @@ def _build(config: Config, comm: Comm, reader, plugins: tuple, train_config) -> 
         return spec, model_cls, trainer_cls, model, n_shards, torch.device("cuda" if use_cuda else "cpu")
 
     spec, model_cls, trainer_cls, model, n_shards, device = agreed(comm, build)
+    from scheduler.aggregators import make_aggregator
+
+    aggregator = agreed(comm, lambda: make_aggregator(config))
     private = private_names(model, config.private)
     named = dict(model.named_parameters())
     shared = [n for n in named if n not in private]
@@ -282,7 +286,7 @@ def _build(config: Config, comm: Comm, reader, plugins: tuple, train_config) -> 
     if config.finetune_epochs:
         eval_ratios.update({f"{k}_ft": (f"ft_{num}", f"ft_{den}") for k, (num, den) in trainer_cls.eval_ratios.items()})
     return _Built(spec=spec, model_cls=model_cls, trainer_cls=trainer_cls, model=model, n_shards=n_shards,
-                  device=device, private=private, eval_ratios=eval_ratios,
+                  device=device, private=private, eval_ratios=eval_ratios, aggregator=aggregator,
                   layout=ParamLayout(names=tuple(shared), shapes=tuple(tuple(named[n].shape) for n in shared)))
 
 
@@ -429,6 +433,7 @@ def _simulator(config: Config, built: _Built, comm: Comm, reader, client, data_p
     from simulator.async_simulator import AsyncSimulator
     from simulator.channel import update_channel
     from simulator.data_server import MemoryStore, SQLiteStore
+    from simulator.per_client import PerClientRound
     from simulator.shard import Shard
     from simulator.simulator import Simulator
 
@@ -452,9 +457,16 @@ def _simulator(config: Config, built: _Built, comm: Comm, reader, client, data_p
     shards = [Shard(m, built.trainer_cls(train_config, built.spec), built.layout, built.private, store, private_init,
                     finetuner=built.trainer_cls(finetune, built.spec) if finetune else None,
                     channel=channel) for m in models]
-    simulator = (AsyncSimulator if config.async_buffer else Simulator)(rank=rank, client=client, reader=reader, shards=shards, store=store,
-                          eval_ratios=built.eval_ratios, seed=config.seed, round_timeout=config.round_timeout,
-                          data_plane=data_plane)
+    if config.async_buffer:
+        simulator = AsyncSimulator(rank=rank, client=client, reader=reader, shards=shards, store=store,
+                                   eval_ratios=built.eval_ratios, seed=config.seed, round_timeout=config.round_timeout,
+                                   data_plane=data_plane)
+    else:
+        per_client = (PerClientRound(comm, built.layout.size, built.aggregator, timeout=config.round_timeout)
+                      if built.aggregator is not None else None)
+        simulator = Simulator(rank=rank, client=client, reader=reader, shards=shards, store=store,
+                              eval_ratios=built.eval_ratios, seed=config.seed, round_timeout=config.round_timeout,
+                              data_plane=data_plane, per_client=per_client)
     stack.callback(simulator.close)
     return simulator
 

@@ -238,12 +238,12 @@ def krum(updates: np.ndarray, weights: np.ndarray, *, f: int, m: int = 1, reduce
 
 
 def check_bulyan(f: int, clients: int | None = None) -> None:
-    """ConfigError unless f >= 0 (--bulyan-f) and, with `clients` = K, K >= 4f + 3 (Bulyan's assumption,
+    """ConfigError unless f >= 0 (--krum-f) and, with `clients` = K, K >= 4f + 3 (Bulyan's assumption,
     which Flower checks too)."""
     if f < 0:
-        raise ConfigError(f"--bulyan-f (clients assumed Byzantine) must be >= 0, not {f}")
+        raise ConfigError(f"--krum-f (clients assumed Byzantine) must be >= 0, not {f}")
     if clients is not None and clients < 4 * f + 3:
-        raise ConfigError(f"--bulyan-f {f} needs at least 4f + 3 = {4 * f + 3} clients in a round, not {clients}")
+        raise ConfigError(f"--krum-f {f}: Bulyan needs at least 4f + 3 = {4 * f + 3} clients in a round, not {clients}")
 
 
 def bulyan_select(distances: np.ndarray, *, f: int) -> np.ndarray:

@@ -46,6 +46,16 @@ class Comm(Protocol):
     def Isend(self, buf: np.ndarray, dest: int) -> Request: ...
     def Irecv(self, buf: np.ndarray, source: int) -> Request: ...
 
+    # non-blocking collectives (a waiting rank polls with sleeps: it can time out and leaves its core free)
+    def Ibarrier(self) -> Request: ...
+
+    def Ialltoallv(self, send: np.ndarray, send_counts: list[int], recv: np.ndarray, recv_counts: list[int]) -> Request:
+        """Rank r's `send` holds, one after another, `send_counts[s]` elements for each rank s; its `recv`
+        gets `recv_counts[s]` elements from each rank s, one after another (float32 buffers)."""
+
+    def Igatherv(self, send: np.ndarray, recv: np.ndarray | None, counts: list[int], root: int = 0) -> Request:
+        """Every rank's `send` (counts[r] float64 elements) into `recv` on `root`, in rank order."""
+
     def split_node(self) -> tuple["Comm", "Comm | None"]:
         """(the ranks of this node, ordered as in this world; the first rank of every node, or None on the
         others). This world's rank 0 is the first rank of its node. Collective."""
@@ -83,11 +93,27 @@ class SingleComm:
     def Irecv(self, buf: np.ndarray, source: int) -> Request:
         raise ValueError("a world of one process has no other rank")
 
+    def Ibarrier(self) -> Request:
+        return _Done()
+
+    def Ialltoallv(self, send: np.ndarray, send_counts: list[int], recv: np.ndarray, recv_counts: list[int]) -> Request:
+        recv[:recv_counts[0]] = send[:send_counts[0]]
+        return _Done()
+
+    def Igatherv(self, send: np.ndarray, recv: np.ndarray | None, counts: list[int], root: int = 0) -> Request:
+        recv[:counts[0]] = send
+        return _Done()
+
     def split_node(self) -> tuple["SingleComm", "SingleComm"]:
         return self, self
 
     def allocate_shared(self, count: int, dtype: np.dtype) -> SharedArrays:
         return _PrivateArrays(np.zeros(count, dtype=dtype))
+
+
+class _Done:
+    def test(self) -> bool:
+        return True
 
 
 class _PrivateArrays:
@@ -146,6 +172,19 @@ class MPIComm:
     def Irecv(self, buf: np.ndarray, source: int) -> Request:
         return _MPIRequest(self._comm.Irecv(buf, source=source))
 
+    def Ibarrier(self) -> Request:
+        return _MPIRequest(self._comm.Ibarrier())
+
+    def Ialltoallv(self, send: np.ndarray, send_counts: list[int], recv: np.ndarray, recv_counts: list[int]) -> Request:
+        MPI = self._mpi
+        return _MPIRequest(self._comm.Ialltoallv([send, (send_counts, _displacements(send_counts)), MPI.FLOAT],
+                                                 [recv, (recv_counts, _displacements(recv_counts)), MPI.FLOAT]))
+
+    def Igatherv(self, send: np.ndarray, recv: np.ndarray | None, counts: list[int], root: int = 0) -> Request:
+        MPI = self._mpi
+        target = [recv, (counts, _displacements(counts)), MPI.DOUBLE] if self.rank == root else None
+        return _MPIRequest(self._comm.Igatherv([send, MPI.DOUBLE], target, root=root))
+
     def split_node(self) -> tuple["MPIComm", "MPIComm | None"]:
         MPI = self._mpi
         node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
@@ -154,6 +193,14 @@ class MPIComm:
 
     def allocate_shared(self, count: int, dtype: np.dtype) -> SharedArrays:
         return _MPISharedArrays(self._mpi, self._comm, count, np.dtype(dtype))
+
+
+def _displacements(counts: list[int]) -> list[int]:
+    out, at = [], 0
+    for count in counts:
+        out.append(at)
+        at += count
+    return out
 
 
 class _MPIRequest:

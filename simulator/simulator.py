@@ -17,6 +17,7 @@ from reader.base import Reader
 from scheduler.client import LocalSchedulerClient, SchedulerClient
 from simulator.data_plane import DataPlane, SchedulerDataPlane
 from simulator.data_server import PrivateStore
+from simulator.per_client import ClientUpdate, PerClientRound
 from simulator.shard import Shard
 
 log = logging.getLogger(__name__)
@@ -29,12 +30,14 @@ class UserError(RuntimeError):
 class Simulator:
     def __init__(self, *, rank: int, client: SchedulerClient | LocalSchedulerClient, reader: Reader, shards: Sequence[Shard],
                  store: PrivateStore, eval_ratios: Mapping[str, tuple[str, str]], seed: int = 0,
-                 round_timeout: float = 600.0, data_plane: DataPlane | None = None) -> None:
+                 round_timeout: float = 600.0, data_plane: DataPlane | None = None,
+                 per_client: PerClientRound | None = None) -> None:
         self.rank = rank
         self.seed = seed
         self.store = store
         self.client = client
         self.data_plane = data_plane or SchedulerDataPlane(client)
+        self.per_client = per_client      # None: FedAvg's linear path (one weighted sum per rank)
         self._global: np.ndarray | None = None      # the step's global parameters (read-only, maybe shared)
         self.reader = reader
         self.shards = list(shards)
@@ -100,6 +103,8 @@ class Simulator:
         return list(self._pool.map(run_group, self.shards, groups))
 
     def train_step(self, plan: Plan) -> RankUpdate:
+        if self.per_client is not None:
+            return self._train_per_client(plan)
         started = time.perf_counter()
         self.store.at_round(plan.round + 1)
         for shard in self.shards:
@@ -130,6 +135,42 @@ class Simulator:
         sums["train_seconds"] = time.perf_counter() - started
         log.debug("step %d: trained %d users in %.2f s", plan.step, len(plan.users), sums["train_seconds"])
         return RankUpdate(step=plan.step, rank=self.rank, weight=weight, delta_sum=delta, sums=sums)
+
+    def _train_per_client(self, plan: Plan) -> RankUpdate:
+        """The round on the per-client path: each client's update kept apart, the slices exchanged and
+        aggregated (`simulator/per_client.py`); rank 0 pushes the aggregate as the round's mean (weight 1),
+        the other ranks their metric sums only."""
+        started = time.perf_counter()
+        self.store.at_round(plan.round + 1)
+        with warnings.catch_warnings():    # a read-only array: only read here
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            global_flat = torch.from_numpy(self._global)
+        updates: dict[str, ClientUpdate] = {}
+
+        def train(shard: Shard, uid: str) -> dict[str, float]:
+            updates[uid] = ClientUpdate(global_flat)
+            return shard.train_user(uid, self.reader.load(plan.day, plan.split, uid),
+                                    user_seed(self.seed, plan.round, uid), plan.round + 1, clip=plan.clip,
+                                    into=updates[uid])
+
+        results = self._per_shard(plan, train)
+        sums: dict[str, float] = {"clients": 0.0}
+        for group in results:
+            for _, user_sums in group:
+                sums["clients"] += 1
+                add_sums(sums, user_sums)
+        if plan.checkpoint:   # before the push: the scheduler checkpoints once every rank has pushed
+            self.store.commit(plan.round + 1)
+        mine = [(uid, u.weight, u.delta) for uid, u in updates.items() if u.delta is not None]
+        sums["train_seconds"] = time.perf_counter() - started
+        mean, clients, skipped = self.per_client.run(mine, plan.step)
+        if skipped and self.rank == 0:
+            log.warning("round %d: %d client update(s): %s; nothing applied", plan.round + 1, clients, skipped)
+        if mean is None:
+            return RankUpdate(step=plan.step, rank=self.rank, weight=0.0, delta_sum=np.zeros(0), sums=sums)
+        buffer = self.data_plane.update_buffer(mean.size)
+        buffer[:] = mean
+        return RankUpdate(step=plan.step, rank=self.rank, weight=1.0, delta_sum=buffer, sums=sums)
 
     def _evaluate_user(self, shard: Shard, plan: Plan, uid: str) -> dict[str, float]:
         test = self.reader.load(plan.day, plan.split, uid)

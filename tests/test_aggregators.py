@@ -330,8 +330,8 @@ def test_geometric_median_converges_within_its_tolerance():
     (lambda x, n, r: robust.krum(x, n, f=-1, reducer=r), "--krum-f"),
     (lambda x, n, r: robust.krum(x, n, f=1, m=0, reducer=r), "--krum-m"),
     (lambda x, n, r: robust.krum(x, n, f=1, m=11, reducer=r), "--krum-m"),
-    (lambda x, n, r: robust.bulyan(x, f=2, reducer=r), "--bulyan-f"),          # K = 10 needs f <= 1
-    (lambda x, n, r: robust.bulyan(x, f=-1, reducer=r), "--bulyan-f"),
+    (lambda x, n, r: robust.bulyan(x, f=2, reducer=r), "--krum-f"),          # K = 10 needs f <= 1
+    (lambda x, n, r: robust.bulyan(x, f=-1, reducer=r), "--krum-f"),
     (lambda x, n, r: robust.trimmed_mean(x, beta=0.5, reducer=r), "--trim-fraction"),
     (lambda x, n, r: robust.trimmed_mean(x, beta=-0.1, reducer=r), "--trim-fraction"),
     (lambda x, n, r: robust.geometric_median(x, n, nu=0.0, reducer=r), "--geomed-nu"),
