@@ -19,10 +19,12 @@ this module are kept as they were, so results are unchanged.
 | `clip_count_rng(seed, round)` | [seed, PRIVACY, crc32("dp-clip-count"), round] | adaptive clipping's noise on the count of unclipped clients |
 | `secagg_rng(seed, round, a, b)` | [seed, PRIVACY, crc32("secagg"), round, crc32(a), crc32(b)] | simulated secure aggregation's masks |
 | `channel_seed(user_seed)` | [user_seed, PRIVACY, crc32("channel")] | a client's clipping noise, quantization and fixed-point rounding |
+| `attack_rng(seed, purpose, round, uid, block)` | [seed, ATTACK, crc32(purpose), round, crc32(uid), block] | attacks (`simulator/attacks.py`): "malicious" (the malicious users; round, uid and block unused: 0, "", 0), "backdoor" (a malicious user's poisoned samples in a round), "gaussian" (a malicious user's noise, per block of the flat update) |
 | `partition(seed)` | [seed, DATA, crc32("partition")] | `python -m flock.partition`: the partition, then the per-user test split |
 | `mnist_partition(seed)` | [seed] | `python -m reader.mnist`'s partition and test split (kept from before this module: [seed] draws what `sampling(seed, 0)` draws, harmless for a data set built once, and its folders stay as they were) |
 
-PHONES (crc32 of "flock.phones"), PRIVACY (crc32 of "flock.privacy") and DATA (crc32 of "flock.data") sit where the older streams put a round index or a small constant, which
+PHONES (crc32 of "flock.phones"), PRIVACY (crc32 of "flock.privacy"), DATA (crc32 of "flock.data") and ATTACK
+(crc32 of "flock.attack") sit where the older streams put a round index or a small constant, which
 no round count reaches. SeedSequence pads short entropy with zeros (`[a, b]` draws what `[a, b, 0, 0]`
 draws), so every stream of one shape has its own purpose word. A user's streams depend on crc32(uid), so a
 phone is the same in every round and at any number of ranks; two ids with the same crc32 (about 320 pairs
@@ -129,3 +131,14 @@ def partition(seed: int) -> np.random.Generator:
 def mnist_partition(seed: int) -> np.random.Generator:
     """`python -m reader.mnist`'s generator, as it always was (its partitions stay what they were)."""
     return np.random.default_rng(seed)
+
+
+ATTACK = _word("flock.attack")
+
+
+def attack_rng(seed: int, purpose: str, round_index: int = 0, uid: str = "", block: int = 0) -> np.random.Generator:
+    """The generator of one attack draw: `purpose` "malicious" (which users are malicious, the same in every
+    round: round, uid and block left at 0, "", 0), "backdoor" (which of `uid`'s samples carry the trigger in
+    round `round_index`) or "gaussian" (`uid`'s noise in round `round_index` on block `block` of the flat
+    update). Always six words, so the purpose word alone keeps the purposes apart."""
+    return np.random.default_rng([seed, ATTACK, _word(purpose), round_index, _word(uid), block])
