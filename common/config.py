@@ -146,6 +146,20 @@ class Config:
     geomed_tol: float = opt(1e-6, "geomed: stop when the objective changes by at most this fraction", lo=0, hi=1)
     norm_bound: float = opt(1.0, "norm-bound: each client's update is clipped to this L2 norm before the mean",
                             lo=0, lo_open=True, hi=1e9)
+    # attacks (simulator/attacks.py): a fixed, seeded set of malicious users
+    attack: str = opt("", "malicious clients' behaviour: label-flip, backdoor (they poison their data), sign-flip, "
+                      "scale, gaussian, alie (they change their update; FedAvg then runs on the per-client path); "
+                      "empty: none", choices=("", "label-flip", "sign-flip", "scale", "gaussian", "alie", "backdoor"))
+    attack_fraction: float = opt(0.2, "--attack: the fraction of the training population that is malicious (exactly "
+                                 "round(F x users), the same users in every round)", lo=0, hi=1, hi_open=True)
+    attack_boost: float = opt(0.0, "--attack scale: the factor (0: K, the round's clients, as model replacement)",
+                              lo=0, hi=1e6)
+    attack_std: float = opt(1.0, "--attack gaussian: the noise's standard deviation", lo=0, lo_open=True, hi=1e6)
+    alie_z: float = opt(0.0, "--attack alie: the number of standard deviations (0: the paper's z_max for K and f)",
+                        lo=0, hi=100)
+    backdoor_target: int = opt(0, "--attack backdoor: the class the trigger leads to", lo=0, hi=2**31 - 1)
+    backdoor_fraction: float = opt(0.5, "--attack backdoor: the share of a malicious client's samples poisoned",
+                                   lo=0, lo_open=True, hi=1)
     # privacy and communication (issue 15): common/channel_config.py checks how they combine
     dp_clip: float = opt(0.0, "DP-FedAvg: clip each user's shared-parameter update to this L2 norm C; users then "
                          "weigh 1 each, not n_k (0: no clipping, sample-weighted FedAvg)", lo=0, hi=1e6)
@@ -233,6 +247,7 @@ class Config:
                               f"server step (set its options in the ServerApp)")
         check_channel_options(self)
         check_aggregator_options(self)
+        check_attack_options(self)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
         for name in ("tls_cert", "tls_key", "tls_ca"):
@@ -253,6 +268,31 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 AGGREGATOR_OPTIONS = {"trim_fraction": ("trimmed-mean",), "krum_f": ("krum", "multi-krum", "bulyan"),
                       "krum_m": ("multi-krum",), "geomed_nu": ("geomed",), "geomed_max_iter": ("geomed",),
                       "geomed_tol": ("geomed",), "norm_bound": ("norm-bound",)}
+
+
+ATTACK_OPTIONS = {"attack_fraction": None, "attack_boost": ("scale",), "attack_std": ("gaussian",),
+                  "alie_z": ("alie",), "backdoor_target": ("backdoor",), "backdoor_fraction": ("backdoor",)}
+
+
+def check_attack_options(config: Config) -> None:
+    """An attack's options only with that attack; attacks run in synchronous rounds of flock's own trainers."""
+    for option, attacks in ATTACK_OPTIONS.items():
+        if getattr(config, option) != FIELDS[option].default and (not config.attack or (attacks and config.attack
+                                                                                         not in attacks)):
+            raise ConfigError(f"{_flag(option)} is for --attack {' or '.join(attacks or ('NAME',))}"
+                              + (f", not {config.attack}" if config.attack else ""))
+    if not config.attack:
+        return
+    for given, what in ((config.async_buffer, "--async-buffer"), (config.flower_client or config.flower_app,
+                        "a Flower client"), (config.flower_server, "--flower-server"),
+                        (config.centralized, "--centralized"), (config.secagg, "--secagg")):
+        if given:
+            raise ConfigError(f"--attack {config.attack}: not with {what} (attacks run in flock's synchronous rounds, "
+                              f"on the updates each client sends)")
+    central_noise = (config.dp_noise_multiplier > 0 or config.dp_target_epsilon > 0) and not config.dp_local
+    if central_noise and config.attack not in ("label-flip", "backdoor"):
+        raise ConfigError(f"--attack {config.attack} changes single updates, which the per-client path aggregates: "
+                          f"not with central DP noise (calibrated for a sum)")
 
 
 def check_aggregator_options(config: Config) -> None:

@@ -46,4 +46,5 @@ def train_record(round_index: int, sums: Mapping[str, float], ratios: Ratios, se
     return {"kind": "train", "round": round_index, **reduce_ratios(sums, ratios),
             "clients": int(sums.get("clients", 0) - sums.get("diverged", 0)), "samples": int(sums.get("samples", 0)),
             **({"diverged": int(sums["diverged"])} if sums.get("diverged") else {}),
+            **({"malicious": int(sums["malicious"])} if "malicious" in sums else {}),
             "seconds": round(seconds, 4), "clients_per_s": round(sums.get("clients", 0) / max(seconds, 1e-9), 3)}

@@ -216,6 +216,7 @@ class _Built:
     layout: Any                 # ParamLayout of the shared parameters
     eval_ratios: dict[str, tuple[str, str]]
     aggregator: Any = None      # a per-client aggregator (scheduler/aggregators.py); None: FedAvg's sums
+    attack: Any = None          # the run's malicious clients (simulator/attacks.py: ClientAttack), or None
 
     def tensors(self, names) -> dict[str, np.ndarray]:
         named = dict(self.model.named_parameters())
@@ -277,16 +278,24 @@ def _build(config: Config, comm: Comm, reader, plugins: tuple, train_config) -> 
 
     spec, model_cls, trainer_cls, model, n_shards, device = agreed(comm, build)
     from scheduler.aggregators import make_aggregator
+    from simulator.attacks import client_attack
 
     aggregator = agreed(comm, lambda: make_aggregator(config))
+    attack = agreed(comm, lambda: client_attack(config, spec, reader))
+    if attack is not None and attack.settings.kind == "model" and aggregator is None:
+        from scheduler.aggregators import WeightedMean  # FedAvg's mean, on updates the attackers changed
+
+        aggregator = WeightedMean(config=config)
     private = private_names(model, config.private)
     named = dict(model.named_parameters())
     shared = [n for n in named if n not in private]
     eval_ratios = dict(trainer_cls.eval_ratios)
     if config.finetune_epochs:
         eval_ratios.update({f"{k}_ft": (f"ft_{num}", f"ft_{den}") for k, (num, den) in trainer_cls.eval_ratios.items()})
+    if attack is not None and attack.settings.name == "backdoor":      # triggered test images classed as the target
+        eval_ratios["backdoor_acc"] = ("backdoor_correct", "backdoor_samples")
     return _Built(spec=spec, model_cls=model_cls, trainer_cls=trainer_cls, model=model, n_shards=n_shards,
-                  device=device, private=private, eval_ratios=eval_ratios, aggregator=aggregator,
+                  device=device, private=private, eval_ratios=eval_ratios, aggregator=aggregator, attack=attack,
                   layout=ParamLayout(names=tuple(shared), shapes=tuple(tuple(named[n].shape) for n in shared)))
 
 
@@ -462,11 +471,11 @@ def _simulator(config: Config, built: _Built, comm: Comm, reader, client, data_p
                                    eval_ratios=built.eval_ratios, seed=config.seed, round_timeout=config.round_timeout,
                                    data_plane=data_plane)
     else:
-        per_client = (PerClientRound(comm, built.layout.size, built.aggregator, timeout=config.round_timeout)
-                      if built.aggregator is not None else None)
+        per_client = (PerClientRound(comm, built.layout.size, built.aggregator, timeout=config.round_timeout,
+                                     attack=built.attack) if built.aggregator is not None else None)
         simulator = Simulator(rank=rank, client=client, reader=reader, shards=shards, store=store,
                               eval_ratios=built.eval_ratios, seed=config.seed, round_timeout=config.round_timeout,
-                              data_plane=data_plane, per_client=per_client)
+                              data_plane=data_plane, per_client=per_client, attack=built.attack)
     stack.callback(simulator.close)
     return simulator
 

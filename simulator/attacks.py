@@ -283,3 +283,46 @@ def attack_slice(settings: AttackSettings, updates: np.ndarray, malicious: Colle
         benign = np.delete(updates, rows, axis=0)
         out[rows] = _alie_row(benign, z)
     return out
+
+
+@dataclass(frozen=True)
+class ClientAttack:
+    """A run's attack as the ranks apply it: the settings, the malicious users of the run's training
+    population, and the data's spec."""
+
+    settings: AttackSettings
+    malicious: frozenset[str]
+    spec: Mapping[str, Any]
+    seed: int
+
+    def samples(self, uid: str, samples: Mapping[str, np.ndarray], round_index: int) -> Mapping[str, np.ndarray]:
+        """What `uid` trains on in round `round_index` (0-based): its poisoned samples if it is malicious and
+        the attack poisons data, else its own."""
+        if self.settings.kind != "data" or uid not in self.malicious:
+            return samples
+        return poison_samples(self.settings, samples, self.spec, seed=self.seed, round_index=round_index, uid=uid)
+
+    def updates(self, updates: np.ndarray, uids: list[str], round_index: int, *, start: int,
+                block: int) -> np.ndarray:
+        """A rank's slice of the round's updates as the clients sent them (`attack_slice`)."""
+        return attack_slice(self.settings, updates, self.malicious, uids=uids, seed=self.seed,
+                            round_index=round_index, start=start, block=block)
+
+
+def client_attack(config: Any, spec: Mapping[str, Any], reader: Any) -> ClientAttack | None:
+    """The run's attack from its Config (None without --attack): checked against the data (ConfigError), its
+    malicious users drawn from every training day's users with samples."""
+    if not config.attack:
+        return None
+    from scheduler.calendar import Calendar
+
+    settings = AttackSettings(name=config.attack, fraction=config.attack_fraction, boost=config.attack_boost,
+                              std=config.attack_std, alie_z=config.alie_z, backdoor_target=config.backdoor_target,
+                              backdoor_fraction=config.backdoor_fraction)
+    check_attack(settings, spec)
+    population: set[str] = set()
+    for day in sorted(set(Calendar.from_reader(reader).train_days)):
+        index = reader.index(day, "train")
+        population.update(u for u, n in zip(index.users, index.counts) if n > 0)
+    return ClientAttack(settings=settings, malicious=malicious_users(config.seed, population, settings.fraction),
+                        spec=dict(spec), seed=config.seed)

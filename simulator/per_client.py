@@ -68,8 +68,10 @@ class MPIReducer:
 class PerClientRound:
     """One rank's side of the per-client path (`run` is collective: every rank calls it every round)."""
 
-    def __init__(self, comm: Comm, size: int, aggregator: Any, *, timeout: float, block: int = BLOCK) -> None:
+    def __init__(self, comm: Comm, size: int, aggregator: Any, *, timeout: float, block: int = BLOCK,
+                 attack: Any = None) -> None:
         self.comm = comm
+        self.attack = attack        # simulator/attacks.py's ClientAttack: what the malicious clients send instead
         self.size = size
         self.aggregator = aggregator
         self.timeout = timeout
@@ -80,7 +82,8 @@ class PerClientRound:
         wait_until(request.test, time.monotonic() + self.timeout,
                    lambda: f"rank {self.comm.rank}: step {step}: no rank came in for {self.timeout:.0f} s while {what}")
 
-    def run(self, mine: Sequence[tuple[str, float, np.ndarray]], step: int) -> tuple[np.ndarray | None, int, str]:
+    def run(self, mine: Sequence[tuple[str, float, np.ndarray]], step: int,
+            round_index: int = 0) -> tuple[np.ndarray | None, int, str]:
         """This rank's clients' (uid, weight, float32 update) -> (rank 0: the aggregate as float64 (P,), or None
         when the round's clients are too few for the rule; others: None), the round's client count, and why
         nothing was aggregated ("" when it was)."""
@@ -114,6 +117,8 @@ class PerClientRound:
         rows = recv.reshape(k, hi - lo)
         updates = rows[[position[uid] for uid, _, _ in order]]
         weights = np.array([weight for _, _, weight in order], np.float64)
+        if self.attack is not None:
+            updates = self.attack.updates(updates, [uid for uid, _, _ in order], round_index, start=lo, block=self.block)
         part = np.ascontiguousarray(self.aggregator.aggregate(updates, weights, reducer=MPIReducer(comm, self.block)),
                                     dtype=np.float64)
         if part.shape != (hi - lo,):

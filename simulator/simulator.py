@@ -15,6 +15,7 @@ from common.metrics import add_sums, add_user_eval
 from common.streams import user_seed
 from reader.base import Reader
 from scheduler.client import LocalSchedulerClient, SchedulerClient
+from simulator.attacks import ClientAttack, trigger_test_samples
 from simulator.data_plane import DataPlane, SchedulerDataPlane
 from simulator.data_server import PrivateStore
 from simulator.per_client import ClientUpdate, PerClientRound
@@ -31,13 +32,14 @@ class Simulator:
     def __init__(self, *, rank: int, client: SchedulerClient | LocalSchedulerClient, reader: Reader, shards: Sequence[Shard],
                  store: PrivateStore, eval_ratios: Mapping[str, tuple[str, str]], seed: int = 0,
                  round_timeout: float = 600.0, data_plane: DataPlane | None = None,
-                 per_client: PerClientRound | None = None) -> None:
+                 per_client: PerClientRound | None = None, attack: ClientAttack | None = None) -> None:
         self.rank = rank
         self.seed = seed
         self.store = store
         self.client = client
         self.data_plane = data_plane or SchedulerDataPlane(client)
         self.per_client = per_client      # None: FedAvg's linear path (one weighted sum per rank)
+        self.attack = attack              # None: every client is honest
         self._global: np.ndarray | None = None      # the step's global parameters (read-only, maybe shared)
         self.reader = reader
         self.shards = list(shards)
@@ -110,13 +112,9 @@ class Simulator:
         for shard in self.shards:
             shard.reset_sum()
         results = self._per_shard(plan, lambda shard, uid: shard.train_user(
-            uid, self.reader.load(plan.day, plan.split, uid), user_seed(self.seed, plan.round, uid), plan.round + 1,
+            uid, self._training_samples(plan, uid), user_seed(self.seed, plan.round, uid), plan.round + 1,
             clip=plan.clip))
-        sums: dict[str, float] = {"clients": 0.0}
-        for group in results:
-            for _, user_sums in group:
-                sums["clients"] += 1
-                add_sums(sums, user_sums)
+        sums = self._train_sums(results)
         parts = [shard.contribution() for shard in self.shards]
         weight = sum(w for w, _ in parts)
         if weight > 0:
@@ -136,6 +134,23 @@ class Simulator:
         log.debug("step %d: trained %d users in %.2f s", plan.step, len(plan.users), sums["train_seconds"])
         return RankUpdate(step=plan.step, rank=self.rank, weight=weight, delta_sum=delta, sums=sums)
 
+    def _training_samples(self, plan: Plan, uid: str) -> Mapping[str, np.ndarray]:
+        samples = self.reader.load(plan.day, plan.split, uid)
+        return samples if self.attack is None else self.attack.samples(uid, samples, plan.round)
+
+    def _train_sums(self, results: list[list[tuple[str, dict]]]) -> dict[str, float]:
+        """The rank's training sums over its users (with an attack: how many of them were malicious)."""
+        sums: dict[str, float] = {"clients": 0.0}
+        if self.attack is not None:
+            sums["malicious"] = 0.0
+        for group in results:
+            for uid, user_sums in group:
+                sums["clients"] += 1
+                add_sums(sums, user_sums)
+                if self.attack is not None and uid in self.attack.malicious:
+                    sums["malicious"] += 1
+        return sums
+
     def _train_per_client(self, plan: Plan) -> RankUpdate:
         """The round on the per-client path: each client's update kept apart, the slices exchanged and
         aggregated (`simulator/per_client.py`); rank 0 pushes the aggregate as the round's mean (weight 1),
@@ -149,21 +164,15 @@ class Simulator:
 
         def train(shard: Shard, uid: str) -> dict[str, float]:
             updates[uid] = ClientUpdate(global_flat)
-            return shard.train_user(uid, self.reader.load(plan.day, plan.split, uid),
-                                    user_seed(self.seed, plan.round, uid), plan.round + 1, clip=plan.clip,
-                                    into=updates[uid])
+            return shard.train_user(uid, self._training_samples(plan, uid), user_seed(self.seed, plan.round, uid),
+                                    plan.round + 1, clip=plan.clip, into=updates[uid])
 
-        results = self._per_shard(plan, train)
-        sums: dict[str, float] = {"clients": 0.0}
-        for group in results:
-            for _, user_sums in group:
-                sums["clients"] += 1
-                add_sums(sums, user_sums)
+        sums = self._train_sums(self._per_shard(plan, train))
         if plan.checkpoint:   # before the push: the scheduler checkpoints once every rank has pushed
             self.store.commit(plan.round + 1)
         mine = [(uid, u.weight, u.delta) for uid, u in updates.items() if u.delta is not None]
         sums["train_seconds"] = time.perf_counter() - started
-        mean, clients, skipped = self.per_client.run(mine, plan.step)
+        mean, clients, skipped = self.per_client.run(mine, plan.step, plan.round)
         if skipped and self.rank == 0:
             log.warning("round %d: %d client update(s): %s; nothing applied", plan.round + 1, clients, skipped)
         if mean is None:
@@ -175,6 +184,11 @@ class Simulator:
     def _evaluate_user(self, shard: Shard, plan: Plan, uid: str) -> dict[str, float]:
         test = self.reader.load(plan.day, plan.split, uid)
         sums = shard.evaluate_user(uid, test, plan.round)
+        if self.attack is not None and self.attack.settings.name == "backdoor":
+            triggered = trigger_test_samples(self.attack.settings, test, self.attack.spec)
+            if triggered is not None:        # the share of triggered images (not of the target) classed as the target
+                hit = shard.evaluate_user(uid, triggered, plan.round)
+                sums = {**sums, "backdoor_correct": hit["correct"], "backdoor_samples": hit["samples"]}
         if shard.finetuner is not None:
             if self._counts(plan.train_day, "train").get(uid):
                 train = self.reader.load(plan.train_day, "train", uid)

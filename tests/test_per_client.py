@@ -125,3 +125,78 @@ def test_rules_that_cannot_hold_for_the_round_are_refused_before_the_run(mnist, 
     with pytest.raises(FlockError, match=message):
         simulate(Config(data_dir=str(mnist), run_dir=str(tmp_path), aggregator=aggregator, **{**MLP, **extra}))
     assert not (tmp_path / "config.json").exists()
+
+
+# -- attacks in runs ------------------------------------------------------------------------------------------------
+
+ATTACKED = dict(MLP, rounds=2, eval_every=2, clients_per_round=8, attack_fraction=0.3)
+
+
+def test_a_sign_flip_attack_on_fedavg_runs_on_the_per_client_path_and_counts_the_attackers(mnist, tmp_path):
+    honest = simulate(Config(data_dir=str(mnist), run_dir=str(tmp_path / "honest"), **{**ATTACKED, "attack_fraction": 0.0},
+                             attack="sign-flip"))
+    attacked = simulate(Config(data_dir=str(mnist), run_dir=str(tmp_path / "attacked"), attack="sign-flip", **ATTACKED))
+    assert [r["malicious"] for r in honest.train] == [0, 0]
+    malicious = [r["malicious"] for r in attacked.train]
+    assert all(0 < m < 8 for m in malicious)
+    # the same clients, the same data: only what the attackers sent differs
+    assert [r["samples"] for r in attacked.train] == [r["samples"] for r in honest.train]
+    assert attacked.evals[-1]["top1"] < honest.evals[-1]["top1"]
+    median = simulate(Config(data_dir=str(mnist), run_dir=str(tmp_path / "median"), attack="sign-flip",
+                             aggregator="median", **ATTACKED))
+    assert median.evals[-1]["top1"] > attacked.evals[-1]["top1"]
+
+
+def test_the_malicious_users_are_the_same_in_every_round(mnist, tmp_path):
+    from simulator.attacks import client_attack
+    from reader.arrays import ArrayReader
+
+    config = Config(data_dir=str(mnist), attack="scale", **ATTACKED)
+    reader = ArrayReader(mnist)
+    first, again = client_attack(config, reader.spec(), reader), client_attack(config, reader.spec(), reader)
+    assert first.malicious == again.malicious and len(first.malicious) == 6        # round(0.3 x 20)
+
+
+def test_a_backdoor_reports_its_success_at_every_evaluation(mnist, tmp_path):
+    clean = simulate(Config(data_dir=str(mnist), run_dir=str(tmp_path / "clean"), attack="backdoor",
+                            **{**ATTACKED, "attack_fraction": 0.0}))
+    attacked = simulate(Config(data_dir=str(mnist), run_dir=str(tmp_path / "bd"), attack="backdoor", **ATTACKED))
+    assert "backdoor_acc" in clean.evals[-1] and "backdoor_acc" in attacked.evals[-1]
+    assert clean.evals[-1]["backdoor_acc"] < 0.2 < attacked.evals[-1]["backdoor_acc"]
+
+
+@pytest.mark.mpi
+def test_an_alie_attack_against_krum_gives_the_same_model_at_any_np(mnist, tmp_path):
+    args = ["--reader", "arrays", "--model", "mlp", "--trainer", "classifier", "--lr", "0.05", "--batch-size", "50",
+            "--server-lr", "1", "--max-grad-norm", "0", "--clients-per-round", "8", "--rounds", "2", "--eval-every",
+            "2", "--eval-users", "6", "--checkpoint-every", "2", "--aggregator", "multi-krum", "--krum-f", "2",
+            "--attack", "alie", "--attack-fraction", "0.3"]
+    params = []
+    for np_ in (1, 3):
+        proc = run_app(np_, mnist, tmp_path / f"np{np_}", *args, timeout=240)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        with np.load(tmp_path / f"np{np_}" / "checkpoint.npz") as z:
+            params.append(z["params"])
+        assert all("malicious" in r for r in read_metrics(tmp_path / f"np{np_}") if r["kind"] == "train")
+    assert np.array_equal(params[0], params[1])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--attack", "sign-flip", "--async-buffer", "2"], "not with --async-buffer"),
+    (["--attack", "scale", "--dp-clip", "1", "--dp-noise-multiplier", "1"], "not with central DP noise"),
+    (["--attack-std", "2"], "--attack-std is for --attack gaussian"),
+    (["--attack", "scale", "--attack-std", "2"], "--attack-std is for --attack gaussian, not scale"),
+    (["--attack", "nosuch"], "--attack must be one of"),
+    (["--attack", "scale", "--attack-fraction", "1"], "--attack-fraction must be below 1"),
+])
+def test_attack_options_that_cannot_work_are_refused(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(["data", *argv])
+
+
+def test_a_backdoor_on_text_is_refused_before_the_run(tmp_path):
+    from tests.helpers import make_lm_data
+
+    data = make_lm_data(tmp_path / "lm")
+    with pytest.raises(FlockError, match="--attack backdoor"):
+        simulate(Config(data_dir=str(data), run_dir=str(tmp_path / "run"), attack="backdoor", rounds=1))
