@@ -148,8 +148,8 @@ def test_a_sign_flip_attack_on_fedavg_runs_on_the_per_client_path_and_counts_the
 
 
 def test_the_malicious_users_are_the_same_in_every_round(mnist, tmp_path):
-    from simulator.attacks import client_attack
     from reader.arrays import ArrayReader
+    from simulator.attacks import client_attack
 
     config = Config(data_dir=str(mnist), attack="scale", **ATTACKED)
     reader = ArrayReader(mnist)
