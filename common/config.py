@@ -83,7 +83,8 @@ class Config:
                           "trainer: module:app; with --flower-server; replaces --model and --trainer")
     flower_server: str = opt("", "the Flower ServerApp (module:app) of --flower-app: its strategy.start(...) gives "
                              "the initial model, the round config and the server step (FedAvg, FedAvgM, FedProx, "
-                             "FedAdam, FedYogi, FedAdagrad)")
+                             "FedAdam, FedYogi, FedAdagrad; FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan on the "
+                             "per-client path)")
     run_config: str = opt("", "a Flower app's run config (context.run_config): 'key=value ...' with TOML values, "
                           "or a [run-config] table in a config file; it updates the keys flock fills from its "
                           "options: num-server-rounds, local-epochs, lr, batch-size")

@@ -280,12 +280,12 @@ def _build(config: Config, comm: Comm, reader, plugins: tuple, train_config) -> 
     from scheduler.aggregators import make_aggregator
     from simulator.attacks import client_attack
 
-    aggregator = agreed(comm, lambda: make_aggregator(config))
+    aggregator = agreed(comm, lambda: make_aggregator(config, trainer_cls.aggregator() if config.flower_server else None))
     attack = agreed(comm, lambda: client_attack(config, spec, reader))
     if attack is not None and attack.settings.kind == "model" and aggregator is None:
         from scheduler.aggregators import WeightedMean  # FedAvg's mean, on updates the attackers changed
 
-        aggregator = WeightedMean(config=config)
+        aggregator = WeightedMean()
     private = private_names(model, config.private)
     named = dict(model.named_parameters())
     shared = [n for n in named if n not in private]

@@ -14,7 +14,7 @@ Every server optimizer then applies to the aggregate, as to FedAvg's mean.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 import numpy as np
 
@@ -39,13 +39,11 @@ class Aggregator(Protocol):
 
 class _Rule:
     capability: ClassVar[str] = PER_CLIENT
-
-    def __init__(self, *, config: Config) -> None:
-        self.config = config
+    option: ClassVar[str] = "--aggregator"
 
     def check(self, clients: int) -> None:
         if clients < 1:
-            raise ConfigError(f"--aggregator {self.config.aggregator}: no client update in the round")
+            raise ConfigError(f"{self.option}: no client update in the round")
 
 
 class Median(_Rule):
@@ -58,101 +56,118 @@ class Median(_Rule):
 class TrimmedMean(_Rule):
     """Coordinate-wise mean of the values left after cutting int(beta K) at each end (Flower's FedTrimmedAvg)."""
 
-    def __init__(self, *, config: Config) -> None:
-        super().__init__(config=config)
-        robust.check_trim(config.trim_fraction)
+    def __init__(self, *, beta: float) -> None:
+        robust.check_trim(beta)
+        self.beta = beta
 
     def aggregate(self, updates, weights, *, reducer):
-        return robust.trimmed_mean(updates, beta=self.config.trim_fraction, reducer=reducer)
+        return robust.trimmed_mean(updates, beta=self.beta, reducer=reducer)
 
 
 class Krum(_Rule):
-    """Krum (m = 1) and Multi-Krum (the weighted mean of the m best; m = --krum-m, or K - f when 0)."""
+    """Krum (m = 1) and Multi-Krum (the weighted mean of the m best; m = 0: K - f)."""
 
-    multi: ClassVar[bool] = False
+    def __init__(self, *, f: int, m: int = 1) -> None:
+        self.f, self.m = f, m
 
     def _m(self, clients: int) -> int:
-        return (self.config.krum_m or max(1, clients - self.config.krum_f)) if self.multi else 1
+        return self.m or max(1, clients - self.f)
 
     def check(self, clients: int) -> None:
-        robust.check_krum(self.config.krum_f, self._m(clients), clients)
+        robust.check_krum(self.f, self._m(clients), clients)
 
     def aggregate(self, updates, weights, *, reducer):
-        return robust.krum(updates, weights, f=self.config.krum_f, m=self._m(len(updates)), reducer=reducer)
-
-
-class MultiKrum(Krum):
-    multi = True
+        return robust.krum(updates, weights, f=self.f, m=self._m(len(updates)), reducer=reducer)
 
 
 class Bulyan(_Rule):
-    """Bulyan over Krum (El Mhamdi et al. 2018; Flower's Bulyan): needs K >= 4f + 3."""
+    """Bulyan (El Mhamdi et al. 2018): needs K >= 4f + 3; `selection` krum (iterated, Flower's aggregate_bulyan)
+    or multi-krum (at once, Flower's Message-API Bulyan)."""
+
+    def __init__(self, *, f: int, selection: str = "krum") -> None:
+        self.f, self.selection = f, selection
 
     def check(self, clients: int) -> None:
-        robust.check_bulyan(self.config.krum_f, clients)
+        robust.check_bulyan(self.f, clients)
 
     def aggregate(self, updates, weights, *, reducer):
-        return robust.bulyan(updates, f=self.config.krum_f, reducer=reducer)
+        return robust.bulyan(updates, f=self.f, reducer=reducer, selection=self.selection)
 
 
 class GeometricMedian(_Rule):
     """RFA: the weighted geometric median by smoothed Weiszfeld (Pillutla, Kakade, Harchaoui 2022)."""
 
-    def __init__(self, *, config: Config) -> None:
-        super().__init__(config=config)
-        robust.check_geometric_median(config.geomed_nu, config.geomed_max_iter, config.geomed_tol)
+    def __init__(self, *, nu: float, max_iter: int, tol: float) -> None:
+        robust.check_geometric_median(nu, max_iter, tol)
+        self.nu, self.max_iter, self.tol = nu, max_iter, tol
 
     def aggregate(self, updates, weights, *, reducer):
-        return robust.geometric_median(updates, weights, nu=self.config.geomed_nu, max_iter=self.config.geomed_max_iter,
-                                       tol=self.config.geomed_tol, reducer=reducer).median
+        return robust.geometric_median(updates, weights, nu=self.nu, max_iter=self.max_iter, tol=self.tol,
+                                       reducer=reducer).median
 
 
 class NormBounded(_Rule):
     """Norm bounding (Sun et al. 2019): each update clipped to L2 norm M, then the weighted mean."""
 
-    def __init__(self, *, config: Config) -> None:
-        super().__init__(config=config)
-        robust.check_norm_bound(config.norm_bound)
+    def __init__(self, *, max_norm: float) -> None:
+        robust.check_norm_bound(max_norm)
+        self.max_norm = max_norm
 
     def aggregate(self, updates, weights, *, reducer):
-        return robust.norm_bounded_mean(updates, weights, max_norm=self.config.norm_bound, reducer=reducer)
+        return robust.norm_bounded_mean(updates, weights, max_norm=self.max_norm, reducer=reducer)
 
 
 class WeightedMean(_Rule):
     """FedAvg's weighted mean computed on the per-client path (what `fedavg` becomes under an attack that
-    needs every client's update)."""
+    changes single updates)."""
 
     def aggregate(self, updates, weights, *, reducer):
         return robust.chosen_mean(updates, weights)
 
 
-BUILTIN: dict[str, type | None] = {"fedavg": None, "median": Median, "trimmed-mean": TrimmedMean, "krum": Krum,
-                                   "multi-krum": MultiKrum, "bulyan": Bulyan, "geomed": GeometricMedian,
-                                   "norm-bound": NormBounded}
+# the built-ins from the run's options; None: FedAvg's linear path
+BUILTIN: dict[str, Callable[[Config], Any] | None] = {
+    "fedavg": None,
+    "median": lambda config: Median(),
+    "trimmed-mean": lambda config: TrimmedMean(beta=config.trim_fraction),
+    "krum": lambda config: Krum(f=config.krum_f),
+    "multi-krum": lambda config: Krum(f=config.krum_f, m=config.krum_m),
+    "bulyan": lambda config: Bulyan(f=config.krum_f),
+    "geomed": lambda config: GeometricMedian(nu=config.geomed_nu, max_iter=config.geomed_max_iter,
+                                             tol=config.geomed_tol),
+    "norm-bound": lambda config: NormBounded(max_norm=config.norm_bound),
+}
 
 
-def make_aggregator(config: Config) -> Any | None:
-    """The run's per-client aggregator, or None for FedAvg's linear path. A `module:Class` is loaded and
-    checked (capability, aggregate); a bad name is a ConfigError naming --aggregator."""
+def make_aggregator(config: Config, strategy_rule: Any | None = None) -> Any | None:
+    """The run's per-client aggregator, or None for FedAvg's linear path: `strategy_rule` (a Flower ServerApp's
+    robust strategy's rule, with --flower-server), else --aggregator's. A `module:Class` is loaded and
+    checked (capability, aggregate); a bad name is a ConfigError naming --aggregator. Checked against the
+    run's clients per round."""
     name = config.aggregator
-    if name in BUILTIN:
-        cls = BUILTIN[name]
+    if strategy_rule is not None:
+        aggregator = strategy_rule
+    elif name in BUILTIN:
+        make = BUILTIN[name]
+        aggregator = make(config) if make is not None else None
     else:
-        from common.plugins import resolve
+        aggregator = user_aggregator(name, config)
+    if aggregator is not None:
+        aggregator.check(config.clients_per_round)
+    return aggregator
 
-        cls = resolve("aggregator", name)
-    if cls is None:
-        return None
+
+def user_aggregator(name: str, config: Config) -> Any:
+    """A `module:Class` aggregator, built with the run's Config."""
+    from common.plugins import resolve
+
+    cls = resolve("aggregator", name)
     capability = getattr(cls, "capability", None)
     if capability == LINEAR:
         raise ConfigError(f"--aggregator {name}: a linear aggregator is FedAvg's sum; only per-client ones plug in")
     if capability != PER_CLIENT:
         raise ConfigError(f"--aggregator {name}: declares capability {capability!r}; expected {PER_CLIENT!r}")
     try:
-        aggregator = cls(config=config)
-    except ConfigError:
-        raise
+        return cls(config=config)
     except TypeError as e:
         raise ConfigError(f"--aggregator {name}: its constructor must take config= keyword ({e})") from None
-    aggregator.check(config.clients_per_round)
-    return aggregator

@@ -259,8 +259,10 @@ def bulyan_select(distances: np.ndarray, *, f: int) -> np.ndarray:
     return np.array(chosen)
 
 
-def bulyan(updates: np.ndarray, *, f: int, reducer: Reducer) -> np.ndarray:
-    """(K, S) -> (S,) float64, unweighted as Flower's: the theta = K - 2f clients of `bulyan_select`,
+def bulyan(updates: np.ndarray, *, f: int, reducer: Reducer, selection: str = "krum") -> np.ndarray:
+    """(K, S) -> (S,) float64, unweighted as Flower's: the theta = K - 2f clients of `bulyan_select`
+    (`selection` "krum", as `flwr.server.strategy.aggregate.aggregate_bulyan`), or the theta best Multi-Krum
+    scores at once ("multi-krum", as the Message API's `flwr.serverapp.strategy.Bulyan` by default),
     then for each coordinate the mean of the beta = theta - 2f of their values nearest the coordinate's
     median over them (np.median's). Flower measures nearness in float32, picks among equally near
     values by np.argpartition and averages in float32; this measures in float64, prefers the smaller of
@@ -268,7 +270,14 @@ def bulyan(updates: np.ndarray, *, f: int, reducer: Reducer) -> np.ndarray:
     _check_clients(updates)
     check_bulyan(f, len(updates))
     check_finite(updates, reducer)
-    kept = np.sort(updates[bulyan_select(squared_distances(updates, reducer), f=f)], axis=0)
+    distances = squared_distances(updates, reducer)
+    if selection == "krum":
+        chosen = bulyan_select(distances, f=f)
+    elif selection == "multi-krum":
+        chosen = krum_select(distances, f=f, m=len(updates) - 2 * f)
+    else:
+        raise ValueError(f"Bulyan's selection is krum or multi-krum, not {selection!r}")
+    kept = np.sort(updates[chosen], axis=0)
     beta = len(kept) - 2 * f
     nearness = np.abs(kept - _sorted_median(kept))
     nearest = np.argsort(nearness, axis=0, kind="stable")[:beta]

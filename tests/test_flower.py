@@ -12,7 +12,20 @@ flwr = pytest.importorskip("flwr", reason="flwr is an optional extra: pip instal
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.client import ClientApp, NumPyClient  # noqa: E402
 from flwr.serverapp import ServerApp  # noqa: E402
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedYogi  # noqa: E402
+from flwr.serverapp.strategy import (  # noqa: E402
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    QFedAvg,
+)
 
 from common.config import Config, load_config_file  # noqa: E402
 from common.domain import ParamLayout  # noqa: E402
@@ -117,7 +130,10 @@ for bad in (no_arrays_app, no_weight_app, wrong_shape_app, wrong_key_app):
     bad.evaluate()(echo_evaluate)
 
 STRATEGIES = {"fedavg": lambda: FedAvg(fraction_train=0.5), "fedadam": lambda: FedAdam(eta=0.05),
-              "fedprox": lambda: FedProx(proximal_mu=0.25), "fedmedian": lambda: FedMedian()}
+              "fedprox": lambda: FedProx(proximal_mu=0.25), "fedmedian": lambda: FedMedian(),
+              "trimmed": lambda: FedTrimmedAvg(beta=0.34), "krum": lambda: Krum(num_malicious_nodes=0),
+              "multikrum": lambda: MultiKrum(num_malicious_nodes=0, num_nodes_to_select=2),
+              "bulyan": lambda: Bulyan(num_malicious_nodes=0), "qfedavg": lambda: QFedAvg(client_learning_rate=0.1)}
 
 
 def make_server(strategy: str, **start):
@@ -133,6 +149,8 @@ def make_server(strategy: str, **start):
 
 server_app, fedadam_server, fedprox_server, median_server = (make_server(k) for k in ("fedavg", "fedadam", "fedprox",
                                                                                       "fedmedian"))
+trimmed_server, krum_server, multikrum_server, bulyan_server, qfedavg_server = (
+    make_server(k) for k in ("trimmed", "krum", "multikrum", "bulyan", "qfedavg"))
 no_start_server, key_error_server, grid_server = ServerApp(), ServerApp(), ServerApp()
 no_start_server.main()(lambda grid, context: None)
 key_error_server.main()(lambda grid, context: context.run_config["fraction-train"])
@@ -244,7 +262,7 @@ def test_a_strategys_own_config_keys_reach_the_client(tiny):
     (message_api("wrong_key_app"), "train of user 'bob': its arrays are not the global model's; missing: 'w'; not in "
                                    "the global model: 'v'"),
     (message_api("app"), "a ClientApp built with client_fn: run that with --flower-client"),
-    (message_api(server="median_server"), "strategy FedMedian aggregates the clients' replies one by one"),
+    (message_api(server="qfedavg_server"), "strategy QFedAvg is not one flock runs"),
     (message_api(server="no_start_server"), r"returned without calling strategy.start\(...\)"),
     (message_api(server="key_error_server"), "its main raised KeyError: 'fraction-train' \\(give the app's run config "
                                              "with --run-config"),
@@ -366,6 +384,25 @@ def test_the_serverapps_strategy_is_the_runs_server_step(tiny, tmp_path):
                    for u in picked]
         params = flower_round(flower, server_round, params, clients)
     np.testing.assert_allclose(history.params["arrays.0"], params["w"].numpy(), rtol=1e-6)
+
+@pytest.mark.parametrize("server", ["median_server", "trimmed_server", "krum_server", "multikrum_server",
+                                    "bulyan_server"])
+def test_a_serverapps_robust_strategy_runs_on_the_per_client_path_as_flower_aggregates(tiny, tmp_path, server):
+    """FedMedian, FedTrimmedAvg, Krum, MultiKrum and Bulyan from a ServerApp: each round's model is what the
+    strategy's own aggregate_train makes of the clients' replies."""
+    config = Config(data_dir=str(tiny.data_dir), run_dir=str(tmp_path / "run"), reader="arrays", rounds=2,
+                    clients_per_round=3, eval_every=1, lr=0.1, batch_size=8, local_epochs=2, **message_api(server=server))
+    history = simulate(config)
+    assert [r["kind"] for r in history.records] == ["train", "eval"] * 2
+    flower = STRATEGIES[server.removesuffix("_server").replace("median", "fedmedian")]()
+    params = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32)), "count": Array(np.array([7], np.int64))})
+    for server_round in (1, 2):        # every user trains: each adds its own number to w (echo_app); the replies
+        # in user-id order, flock's (Krum's scores tie here, and both take the first of equal scores)
+        clients = [(n, {"w": params["w"].numpy() + add, "count": params["count"].numpy() + 1})
+                   for n, add in ((4, 1.0), (4, 0.0), (4, 2.0))]       # ann, bob, cy
+        params = flower_round(flower, server_round, params, clients)
+    np.testing.assert_allclose(history.params["arrays.0"], params["w"].numpy(), rtol=1e-6)
+
 
 def test_flocks_fedavgm_options_are_flowers_fedavgm():
     """--server-opt fedavgm --server-lr 0.7 --server-momentum 0.9 is Flower's FedAvgM(0.7, 0.9) (FedAdam is not:

@@ -441,6 +441,14 @@ class FlowerTrainer:
         return reply.sums() if reply is not None else {}
 
     @classmethod
+    def aggregator(cls):
+        """The per-client rule of the ServerApp's robust strategy (FedMedian, Krum, ...), or None: its step
+        needs only the weighted mean (FedAvg, FedAdam, ...)."""
+        from trainer.flower_server import per_client_rule
+
+        return per_client_rule(cls.bridge.calls.plan.strategy)
+
+    @classmethod
     def server_step(cls, layout):
         """The ServerApp's strategy as the scheduler's server step (--flower-app), on its own copy."""
         from trainer.flower_server import StrategyStep

@@ -7,12 +7,14 @@ that main once per process with a Grid of its own and stops it at `start`, keepi
 strategy, the initial arrays, the number of rounds and the train/evaluate configs (the code after `start`,
 e.g. saving the final model, does not run; neither does a centralized `evaluate_fn`).
 
-flock's ranks push one pre-reduced update each (sum n_k * delta_k, sum n_k), never per-client replies, so a
-strategy can be flock's server step exactly when its step depends on the clients only through their
-weighted mean: FedAvg, FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad (and subclasses that keep their
-`aggregate_train`). `StrategyStep` hands such a strategy the round's weighted mean as a single reply
-weighted 1, after `configure_train` (which sets FedOpt's reference arrays), so the strategy's own code
-(FedAdam's bias correction included) makes the step.
+Strategies whose step depends on the clients only through their weighted mean (FedAvg, FedAvgM, FedProx,
+FedAdam, FedYogi, FedAdagrad, and subclasses that keep their `aggregate_train`) run on flock's linear path:
+`StrategyStep` hands such a strategy the round's weighted mean as a single reply weighted 1, after
+`configure_train` (which sets FedOpt's reference arrays), so the strategy's own code (FedAdam's bias
+correction included) makes the step. The robust strategies that need every reply (FedMedian,
+FedTrimmedAvg, Krum, MultiKrum, Bulyan) run on the per-client path with the rule of
+`scheduler/aggregators.py` that computes what their `aggregate_train` computes, with the strategy's own
+settings (`per_client_rule`); the step is then the aggregated model.
 
 This module imports flwr (an optional extra): trainer/flower.py loads it once flwr is known to be there.
 """
@@ -153,12 +155,35 @@ def capture_server_app(app: Any, ref: str, run_config: Mapping[str, Any], num_no
 
 def check_mean_strategy(strategy: Any, ref: str) -> None:
     """A ConfigError unless `strategy` aggregates as one of MEAN_STRATEGIES does (its step depends on the
-    clients only through their weighted mean, which is all flock's ranks send)."""
+    clients only through their weighted mean) or as one that `per_client_rule` maps to flock's rules."""
     allowed = {getattr(strategies, name).aggregate_train for name in MEAN_STRATEGIES}
-    if getattr(type(strategy), "aggregate_train", None) not in allowed:
-        raise ConfigError(f"--flower-server {ref}: strategy {type(strategy).__name__} aggregates the clients' "
-                          f"replies one by one; flock's ranks send their weighted sum only, so it runs strategies "
-                          f"that step from the weighted mean: {', '.join(MEAN_STRATEGIES)}")
+    if getattr(type(strategy), "aggregate_train", None) not in allowed and per_client_rule(strategy) is None:
+        raise ConfigError(f"--flower-server {ref}: strategy {type(strategy).__name__} is not one flock runs: the "
+                          f"mean strategies ({', '.join(MEAN_STRATEGIES)}) and the robust ones "
+                          f"({', '.join(PER_CLIENT_STRATEGIES)})")
+
+
+PER_CLIENT_STRATEGIES = ("FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan")
+
+
+def per_client_rule(strategy: Any) -> Any | None:
+    """flock's per-client rule that computes what `strategy`'s aggregate_train computes, with its settings
+    (None: not one of PER_CLIENT_STRATEGIES, or a subclass with its own aggregate_train, or a Bulyan with a
+    selection rule of its own)."""
+    from flwr.serverapp.strategy.multikrum import select_multikrum
+
+    from scheduler import aggregators
+
+    method = getattr(type(strategy), "aggregate_train", None)
+    if method is strategies.FedMedian.aggregate_train:
+        return aggregators.Median()
+    if method is strategies.FedTrimmedAvg.aggregate_train:
+        return aggregators.TrimmedMean(beta=float(strategy.beta))
+    if method is strategies.MultiKrum.aggregate_train:       # Krum is a MultiKrum that keeps 1
+        return aggregators.Krum(f=int(strategy.num_malicious_nodes), m=int(strategy.num_nodes_to_select))
+    if method is strategies.Bulyan.aggregate_train and strategy.selection_rule is select_multikrum:
+        return aggregators.Bulyan(f=int(strategy.num_malicious_nodes), selection="multi-krum")
+    return None
 
 
 class StrategyStep:
@@ -174,6 +199,8 @@ class StrategyStep:
         self.strategy, self.keys, self.dtypes, self.layout = strategy, keys, dtypes, layout
         self.num_nodes = num_nodes
         self.rounds = 0
+        # a robust strategy's aggregate comes from the per-client path: the step is the aggregated model
+        self.per_client = per_client_rule(strategy) is not None
 
     def _arrays(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """flat -> {key: array}, floating arrays in their own dtype (others stay float64, as Flower's mean
@@ -185,6 +212,8 @@ class StrategyStep:
     def step(self, params: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
         self.rounds += 1
         mean_delta += params            # the weighted mean model, in float64 (the scheduler's work buffer)
+        if self.per_client:             # the robust rule's model, in the arrays' own dtypes as Flower returns it
+            return self.layout.flatten(dict(zip(self.layout.names, self._arrays(mean_delta).values())))
         with flower_calls():
             sent = instruction(self.strategy, "train", self.rounds, self._arrays(params), {}, self.num_nodes)
             mean = ArrayRecord({k: Array(a) for k, a in self._arrays(mean_delta).items()})
