@@ -139,14 +139,20 @@ BUILTIN: dict[str, Callable[[Config], Any] | None] = {
 }
 
 
-def make_aggregator(config: Config, strategy_rule: Any | None = None) -> Any | None:
-    """The run's per-client aggregator, or None for FedAvg's linear path: `strategy_rule` (a Flower ServerApp's
-    robust strategy's rule, with --flower-server), else --aggregator's. A `module:Class` is loaded and
-    checked (capability, aggregate); a bad name is a ConfigError naming --aggregator. Checked against the
-    run's clients per round."""
+# rules by name with explicit settings (a Flower strategy's, trainer/flower_server.py: per_client_rule)
+RULES: dict[str, Callable[..., Any]] = {"median": Median, "trimmed-mean": TrimmedMean, "krum": Krum,
+                                        "bulyan": Bulyan}
+
+
+def make_aggregator(config: Config, strategy_rule: tuple[str, dict[str, Any]] | None = None) -> Any | None:
+    """The run's per-client aggregator, or None for FedAvg's linear path: `strategy_rule` (the name and settings
+    of a Flower ServerApp's robust strategy, with --flower-server), else --aggregator's. A `module:Class` is
+    loaded and checked (capability, aggregate); a bad name is a ConfigError naming --aggregator. Checked
+    against the run's clients per round."""
     name = config.aggregator
     if strategy_rule is not None:
-        aggregator = strategy_rule
+        rule, settings = strategy_rule
+        aggregator = RULES[rule](**settings)
     elif name in BUILTIN:
         make = BUILTIN[name]
         aggregator = make(config) if make is not None else None

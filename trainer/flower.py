@@ -441,9 +441,9 @@ class FlowerTrainer:
         return reply.sums() if reply is not None else {}
 
     @classmethod
-    def aggregator(cls):
-        """The per-client rule of the ServerApp's robust strategy (FedMedian, Krum, ...), or None: its step
-        needs only the weighted mean (FedAvg, FedAdam, ...)."""
+    def aggregator(cls) -> tuple[str, dict[str, Any]] | None:
+        """The per-client rule (name, settings) of the ServerApp's robust strategy (FedMedian, Krum, ...), or
+        None: its step needs only the weighted mean (FedAvg, FedAdam, ...)."""
         from trainer.flower_server import per_client_rule
 
         return per_client_rule(cls.bridge.calls.plan.strategy)

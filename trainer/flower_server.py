@@ -14,7 +14,7 @@ FedAdam, FedYogi, FedAdagrad, and subclasses that keep their `aggregate_train`) 
 correction included) makes the step. The robust strategies that need every reply (FedMedian,
 FedTrimmedAvg, Krum, MultiKrum, Bulyan) run on the per-client path with the rule of
 `scheduler/aggregators.py` that computes what their `aggregate_train` computes, with the strategy's own
-settings (`per_client_rule`); the step is then the aggregated model.
+settings (`per_client_rule` names it; flock/run.py builds it); the step is then the aggregated model.
 
 This module imports flwr (an optional extra): trainer/flower.py loads it once flwr is known to be there.
 """
@@ -166,23 +166,21 @@ def check_mean_strategy(strategy: Any, ref: str) -> None:
 PER_CLIENT_STRATEGIES = ("FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan")
 
 
-def per_client_rule(strategy: Any) -> Any | None:
-    """flock's per-client rule that computes what `strategy`'s aggregate_train computes, with its settings
-    (None: not one of PER_CLIENT_STRATEGIES, or a subclass with its own aggregate_train, or a Bulyan with a
-    selection rule of its own)."""
+def per_client_rule(strategy: Any) -> tuple[str, dict[str, Any]] | None:
+    """The per-client rule (a name of scheduler/aggregators.py's `RULES` and its settings) that computes what
+    `strategy`'s aggregate_train computes, with the strategy's settings; None: not one of
+    PER_CLIENT_STRATEGIES, or a subclass with its own aggregate_train, or a Bulyan with its own selection."""
     from flwr.serverapp.strategy.multikrum import select_multikrum
-
-    from scheduler import aggregators
 
     method = getattr(type(strategy), "aggregate_train", None)
     if method is strategies.FedMedian.aggregate_train:
-        return aggregators.Median()
+        return "median", {}
     if method is strategies.FedTrimmedAvg.aggregate_train:
-        return aggregators.TrimmedMean(beta=float(strategy.beta))
+        return "trimmed-mean", {"beta": float(strategy.beta)}
     if method is strategies.MultiKrum.aggregate_train:       # Krum is a MultiKrum that keeps 1
-        return aggregators.Krum(f=int(strategy.num_malicious_nodes), m=int(strategy.num_nodes_to_select))
+        return "krum", {"f": int(strategy.num_malicious_nodes), "m": int(strategy.num_nodes_to_select)}
     if method is strategies.Bulyan.aggregate_train and strategy.selection_rule is select_multikrum:
-        return aggregators.Bulyan(f=int(strategy.num_malicious_nodes), selection="multi-krum")
+        return "bulyan", {"f": int(strategy.num_malicious_nodes), "selection": "multi-krum"}
     return None
 
 
