@@ -37,8 +37,13 @@ class ClientUpdate:
         self.weight = 0.0
 
     def add(self, params: list[torch.Tensor], alpha: float, samples: float) -> None:
-        theta = torch.cat([p.detach().reshape(-1).double() for p in params])
-        self.delta = (theta - self.global_flat.double()).float().cpu().numpy()
+        delta = torch.empty(self.global_flat.numel(), dtype=torch.float32)
+        at = 0
+        for p in params:        # a tensor at a time: no float64 copy of the whole vector per client
+            n = p.numel()
+            delta[at:at + n] = p.detach().reshape(-1).double().sub_(self.global_flat[at:at + n].double()).cpu()
+            at += n
+        self.delta = delta.numpy()
         self.weight = samples
 
     def add_update(self, base: list[torch.Tensor], deltas: list[torch.Tensor], alpha: float, samples: float) -> None:
