@@ -11,7 +11,7 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
-from common.config import Config, parse_config
+from common.config import Config, parse_options
 from common.errors import FlockError, SharedError
 
 log = logging.getLogger("flock")
@@ -75,11 +75,21 @@ def say_error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
 
 
+def plugins_from_cwd() -> None:
+    """`--model mymod:Net` finds mymod.py in the current folder, as under `python application.py`: an
+    installed console script (`flock`) starts with its own folder on sys.path, not the current one. Added
+    last, so the current folder shadows no installed module."""
+    here = os.getcwd()
+    if "" not in sys.path and here not in sys.path:
+        sys.path.append(here)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The CLI: `mpirun -np N python application.py DATA_DIR [options]` (or the `flock` command). Bad input
     gets one message (from rank 0) and exit status 2; a failed rank aborts the whole job."""
+    plugins_from_cwd()
     try:
-        config = parse_config(argv)   # the same on every rank: all exit alike, rank 0 says why
+        config, given = parse_options(argv)   # the same on every rank: all exit alike, rank 0 says why
     except FlockError as e:
         if launcher_rank() == 0:
             say_error(str(e))
@@ -91,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     code, abort = 0, False
     with logging_to_console(comm.rank, "WARNING" if config.quiet else config.log_level):
         try:
-            simulate(config, comm=comm, progress=progress_mode(config))
+            simulate(config, comm=comm, progress=progress_mode(config), given=given)
         except SharedError as e:       # every rank raised it: one message, nobody left waiting
             if comm.rank == 0:
                 say_error(str(e))

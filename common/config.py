@@ -19,6 +19,8 @@ from common.run_config import format_run_config, parse_run_config
 from scheduler.optim import SERVER_OPTIMIZERS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+TRACKERS = ("csv", "mlflow", "wandb")
+LIST_OPTIONS = ("private", "tracker")     # repeatable options: a tuple of strings
 BUILTIN_DATA = "lm_data"      # the documented DATA_DIR that is built from the built-in corpus when missing
 # upper bounds that no real study reaches and a machine can hold (nothing is built in proportion to them up
 # front: the schedule is computed step by step, a round's lists are as long as its clients)
@@ -34,6 +36,30 @@ def opt(default: Any, help: str, *, lo: float | None = None, hi: float | None = 
     """A Config field: its default, help text and rule (a closed or open range, or choices)."""
     return field(default=default, metadata={"help": help, "lo": lo, "hi": hi, "lo_open": lo_open,
                                             "hi_open": hi_open, "choices": tuple(choices) if choices else None})
+
+
+COMMAND_LINE, FILE, CALLER = "command line", "config file", "caller"
+
+
+def list_value(name: str, values: Sequence[str]) -> tuple[str, ...]:
+    """A repeatable option's values as a tuple; --tracker's may also be comma-separated."""
+    if name == "tracker":
+        return tuple(t.strip() for v in values for t in v.split(",") if t.strip())
+    return tuple(values)
+
+
+def parse_target(text: str) -> tuple[str, float] | None:
+    """--target METRIC=VALUE -> (metric, value), or None when empty."""
+    if not text:
+        return None
+    metric, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not sep or not metric.strip() or not math.isfinite(number):
+        raise ConfigError(f"--target must be METRIC=VALUE with a finite number (e.g. top1=0.9), got {text!r}")
+    return metric.strip(), number
 
 
 def _flag(name: str) -> str:
@@ -207,10 +233,20 @@ class Config:
     tls_cert: str = opt("", "serve the scheduler over TLS with this certificate (PEM); with --tls-key")
     tls_key: str = opt("", "the TLS certificate's private key (PEM)")
     tls_ca: str = opt("", "certificate the ranks trust for the scheduler (default: --tls-cert)")
+    target: str = opt("", "stop at the first evaluation that reaches METRIC=VALUE (e.g. 'top1=0.9'; a metric "
+                      "named *loss* is reached at or below VALUE, any other at or above) and record when "
+                      "(target_reached in metrics.jsonl); empty: run every round")
+    tracker: tuple[str, ...] = opt((), f"also send every record to an experiment tracker: {', '.join(TRACKERS)} "
+                                   "(repeatable or comma-separated; mlflow and wandb are optional extras)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             check_value(f, getattr(self, f.name))
+        unknown = [t for t in self.tracker if t not in TRACKERS]
+        if unknown:
+            raise ConfigError(f"--tracker must be one of {', '.join(TRACKERS)}; got {', '.join(map(repr, unknown))}")
+        if parse_target(self.target) and self.centralized:
+            raise ConfigError("--target ends a federated run early; the --centralized baseline runs every round")
         if not self.data_dir and not self.resume:
             raise ConfigError("DATA_DIR is required (unless --resume RUN_DIR continues a saved run)")
         phone_options = [_flag(n) for n in ("availability", "over_select", "deadline", "min_clients")
@@ -360,7 +396,7 @@ def _upper(rule) -> str:
 
 
 def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 
 def _number(kind: type, flag: str):
@@ -386,10 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "data_dir":
             continue
         flag, default, help_ = _flag(f.name), f.default, f.metadata["help"]
-        if f.name == "private":
+        if f.name in LIST_OPTIONS:
             p.add_argument(flag, action="append", default=[], help=help_)
-        elif isinstance(default, bool):
-            p.add_argument(flag, action="store_true", help=help_)
+        elif isinstance(default, bool):     # --no-quiet turns off `quiet = true` from a config file
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=False, help=help_)
         elif isinstance(default, (int, float)):
             p.add_argument(flag, type=_number(type(default), flag), default=default, help=help_)
         else:
@@ -403,7 +439,7 @@ DEFAULTS = Config(data_dir="DATA_DIR")
 
 # keys a run's config.json records beside the options (skipped when it is read back as a config file)
 RECORD_KEYS = {"world_size", "shards_per_rank", "run_id", "argv", "private_params", "shared_params", "versions",
-               "privacy"}
+               "privacy", "sources"}
 
 
 def _read_table(path: str) -> dict:
@@ -449,11 +485,11 @@ def load_config_file(path: str) -> dict:
         if name not in FIELDS or name == "config":
             raise ConfigError(f"--config {path}: unknown option {key!r}")
         f = FIELDS[name]
-        if name == "private":
+        if name in LIST_OPTIONS:
             value = [value] if isinstance(value, str) else value
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"--config {path}: {key!r} must be a pattern or a list of patterns")
-            value = tuple(value)
+                raise ConfigError(f"--config {path}: {key!r} must be a string or a list of strings")
+            value = list_value(name, value)
         elif name == "run_config" and isinstance(value, dict):
             try:
                 value = format_run_config(value)
@@ -480,7 +516,13 @@ def _given_on_command_line(argv: Sequence[str] | None) -> set[str]:
 
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:
-    """Options (a --config file, then the command line over it) -> Config. Malformed options and invalid
+    """Options -> Config, as `parse_options` (the sources dropped)."""
+    return parse_options(argv)[0]
+
+
+def parse_options(argv: Sequence[str] | None = None) -> tuple[Config, dict[str, str]]:
+    """Options (a --config file, then the command line over it) -> (Config, where each option the user set
+    came from: "command line" or "config file"; empty on --resume, whose options are the saved run's). Malformed options and invalid
     values raise ConfigError (the caller prints one message and exits with status 2); an error about how
     options combine names the --config file when one of them came from it. With --resume the saved run's
     options come back, changed only where a continued run may change (`resumed_config`)."""
@@ -489,14 +531,19 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     known, _ = pre.parse_known_args(argv)
     parser = build_parser()
     from_file = load_config_file(known.config) if known.config else {}
-    parser.set_defaults(**{k: list(v) if k == "private" else v for k, v in from_file.items()})
+    on_command_line = _given_on_command_line(argv)
+    parser.set_defaults(**{k: list(v) if k in LIST_OPTIONS else v for k, v in from_file.items()})
     values = vars(parser.parse_args(argv))
-    values["private"] = tuple(values["private"])
+    for name in LIST_OPTIONS:
+        values[name] = list_value(name, values[name])
     values["log_level"] = values["log_level"].upper()
-    given = (set(from_file) | _given_on_command_line(argv)) - {"config"}
+    given = {**{n: FILE for n in from_file}, **{n: COMMAND_LINE for n in on_command_line}}
+    given.pop("config", None)
     try:
         config = Config(**values)
-        return resumed_config(config, given) if config.resume else config
+        if config.resume:
+            return resumed_config(config, set(given)), {}
+        return config, given
     except ConfigError as e:
         at_fault = e.options or [n for n in FIELDS if re.search(rf"{_flag(n)}\b", str(e))]
         named = [_flag(n) for n in from_file if n in at_fault]
@@ -520,7 +567,7 @@ def saved_options(run_dir: str) -> dict[str, Any]:
     if not (folder / "config.json").is_file():
         raise ConfigError(f"--resume {run_dir}: no config.json there, not a flock run directory")
     saved = _read_table(str(folder / "config.json"))
-    return {k: (tuple(v) if k == "private" and isinstance(v, list) else v) for k, v in saved.items() if k in FIELDS}
+    return {k: (tuple(v) if k in LIST_OPTIONS and isinstance(v, list) else v) for k, v in saved.items() if k in FIELDS}
 
 
 def resumed_config(config: Config, given: set[str] | None = None) -> Config:

@@ -16,6 +16,7 @@ import platform
 import resource
 import secrets
 import sys
+import time
 import uuid
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import numpy as np
 
-from common.config import BUILTIN_DATA, DEFAULTS, Config, default_run_dir, redact_argv, resumed_config
+from common.config import BUILTIN_DATA, FIELDS, Config, default_run_dir, parse_target, redact_argv, resumed_config
 from common.errors import ConfigError, DataError, FlockError, RunFailed, SharedError
 from common.recorder import read_metrics
 from simulator.comm import Comm, SingleComm
@@ -153,18 +154,31 @@ def package_versions() -> dict[str, str]:
 
 
 def simulate(config: Config, *, comm: Comm | None = None, on_record: Callable[[dict], None] | None = None,
-             progress: str = "quiet") -> History:
+             progress: str = "quiet", given: Mapping[str, str] | None = None) -> History:
     """Runs one simulation and returns its History. In one process by default (no MPI, no gRPC server);
-    the CLI passes the MPI world. `on_record` gets each metrics record as it is written (rank 0);
-    `progress`: "bar", "lines" or "quiet". torch's thread count is restored and every resource the run
-    opened is closed when this returns or raises; logging is left as the caller configured it."""
+    the CLI passes the MPI world. `on_record` gets each metrics record as it is written (rank 0), after the
+    recorder and the trackers (--tracker) have it; `progress`: "bar", "lines" or "quiet". `given`: the
+    options the user set and where ("command line", "config file"; the CLI knows them); None: those that
+    differ from Config's defaults. The others take the trainer's (or model's) defaults, else Config's
+    (`common.task_defaults`); config.json records each value's source. torch's thread count is restored and
+    every resource the run opened is closed when this returns or raises; logging is left as the caller
+    configured it."""
+    from common.task_defaults import saved_sources, with_task_defaults
+    from common.trackers import check_trackers
+
     comm = comm or SingleComm()
-    config = agreed(comm, lambda: resumed_config(config) if config.resume else config)
+    if config.resume:       # the saved run's options (its task defaults resolved when it started)
+        config = agreed(comm, lambda: resumed_config(config))
+        sources = saved_sources(config.resume)
+    else:
+        config, sources = agreed(comm, lambda: with_task_defaults(config, given))
     config = replace(config, run_dir=comm.bcast(config.run_dir or default_run_dir() if comm.rank == 0 else None))
     agreed(comm, lambda: check_run_dir(config) if comm.rank == 0 else None)
-    sink = _Sink(on_record)
+    agreed(comm, lambda: check_trackers(config.tracker) if comm.rank == 0 else None)
+    sink = _Sink(on_record, sources)
     with ExitStack() as stack:
         stack.enter_context(torch_threads(1))
+        stack.callback(sink.close)
         try:
             params = _run(config, comm, stack, sink, progress)
         except RunFailed:
@@ -224,18 +238,37 @@ class _Built:
 
 
 class _Sink:
-    """Where each metrics record goes: the recorder (once it exists), the History's list, the caller."""
+    """Where each metrics record goes: the recorder (once it exists), the trackers (--tracker, rank 0), the
+    History's list, the caller. `sources`: where each option's value came from (config.json's `sources`)."""
 
-    def __init__(self, on_record: Callable[[dict], None] | None) -> None:
+    def __init__(self, on_record: Callable[[dict], None] | None, sources: Mapping[str, str]) -> None:
         self.records: list[dict] = []
         self.recorder = None
+        self.trackers: list = []
         self.on_record = on_record
+        self.sources = dict(sources)
+
+    def open(self, config: Config, run_dir: Path, recorder) -> None:
+        """Rank 0, once config.json is written: the recorder and the trackers start taking records."""
+        from common.trackers import open_trackers
+
+        self.recorder = recorder
+        self.trackers = open_trackers(config, run_dir)
 
     def __call__(self, record: dict) -> None:
         self.recorder(record)
+        for tracker in self.trackers:
+            tracker.record(record)
         self.records.append(record)
         if self.on_record is not None:
             self.on_record(record)
+
+    def close(self) -> None:
+        """Closes the trackers (each once, even if another's close raised)."""
+        trackers, self.trackers = self.trackers, []
+        with ExitStack() as stack:
+            for tracker in trackers:
+                stack.callback(tracker.close)
 
 
 def _build(config: Config, comm: Comm, reader, plugins: tuple, train_config) -> _Built:
@@ -274,6 +307,7 @@ def _build(config: Config, comm: Comm, reader, plugins: tuple, train_config) -> 
                               f"{type(e).__name__}: {e} (the data's spec: {dict(spec)})") from None
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"{what}: build(spec) returned {type(model).__name__}, not a torch.nn.Module")
+        check_outputs(model, spec, what)
         return spec, model_cls, trainer_cls, model, n_shards, torch.device("cuda" if use_cuda else "cpu")
 
     spec, model_cls, trainer_cls, model, n_shards, device = agreed(comm, build)
@@ -297,6 +331,18 @@ def _build(config: Config, comm: Comm, reader, plugins: tuple, train_config) -> 
     return _Built(spec=spec, model_cls=model_cls, trainer_cls=trainer_cls, model=model, n_shards=n_shards,
                   device=device, private=private, eval_ratios=eval_ratios, aggregator=aggregator, attack=attack,
                   layout=ParamLayout(names=tuple(shared), shapes=tuple(tuple(named[n].shape) for n in shared)))
+
+
+def check_outputs(model, spec: Mapping[str, Any], what: str) -> None:
+    """A model whose last linear layer's outputs disagree with the data's classes is refused (when both are
+    known: the spec has num_classes, the model a torch.nn.Linear)."""
+    import torch
+
+    classes = spec.get("num_classes")
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if classes is not None and linear and linear[-1].out_features != int(classes):
+        raise ConfigError(f"{what}: its last layer has {linear[-1].out_features} outputs, but the data has "
+                          f"{int(classes)} classes (num_classes in the reader's spec)")
 
 
 def _run(config: Config, comm: Comm, stack: ExitStack, sink: _Sink, progress: str) -> dict[str, np.ndarray] | None:
@@ -372,8 +418,9 @@ def _centralized(config: Config, built: _Built, reader, train_config, stack: Exi
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(
-        {**config.to_saved_json(), "world_size": 1, "argv": redact_argv(sys.argv)}, indent=1))
-    sink.recorder = stack.enter_context(Recorder(run_dir, config.rounds, mode=progress))
+        {**config.to_saved_json(), "world_size": 1, "argv": redact_argv(sys.argv), "sources": sink.sources},
+        indent=1))
+    sink.open(config, run_dir, stack.enter_context(Recorder(run_dir, config.rounds, mode=progress)))
     log.info("centralized baseline: %d parameters; run dir %s", built.layout.size, run_dir)
     run_centralized(reader=reader, model=built.model,
                     trainer=built.trainer_cls(replace(train_config, local_epochs=1), built.spec),
@@ -399,6 +446,10 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
         raise ConfigError(f"--run-dir {run_dir} already holds a run: continue it with --resume {run_dir}, "
                           f"or choose another --run-dir")
     trainer_cls, layout = built.trainer_cls, built.layout
+    target = parse_target(config.target)
+    if target is not None and target[0] not in built.eval_ratios:
+        raise ConfigError(f"--target {config.target}: the trainer reports no {target[0]!r} (its evaluation "
+                          f"metrics: {', '.join(built.eval_ratios)})")
     channel = server_channel(config, layout.sizes, training_population(reader))     # privacy and bytes
     phones = phone_rounds(config)
     if phones is not None:      # compressed transfers take their own time on the virtual clock
@@ -408,7 +459,7 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
         SchedulerConfig(world_size=world, rounds=config.rounds, clients_per_round=config.clients_per_round,
                         eval_every=config.eval_every, eval_users=config.eval_users, seed=config.seed,
                         pin_users=bool(built.private) or channel_settings(config).error_feedback,
-                        checkpoint_every=config.checkpoint_every),
+                        checkpoint_every=config.checkpoint_every, target=parse_target(config.target)),
         reader=reader, optimizer=trainer_cls.server_step(layout) if config.flower_server else make_server_optimizer(
             config.server_opt, server_lr=config.server_lr, momentum=config.server_momentum,
             beta1=config.server_beta1, beta2=config.server_beta2, tau=config.server_tau),
@@ -429,8 +480,9 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
     write_json_atomic(run_dir / "config.json", {
         **config.to_saved_json(), "world_size": world, "shards_per_rank": built.n_shards, "run_id": run_id,
         "argv": redact_argv(sys.argv), "private_params": list(built.private), "shared_params": layout.size,
-        "versions": package_versions(), **channel.run_fields()})
-    sink.recorder = stack.enter_context(Recorder(run_dir, config.rounds, mode=progress, done=resume_round))
+        "versions": package_versions(), **channel.run_fields(), "sources": sink.sources})
+    sink.open(config, run_dir, stack.enter_context(Recorder(run_dir, config.rounds, mode=progress,
+                                                            done=resume_round)))
     scheduler.on_record = sink       # before rank 0's parameters arrive, no step can finish
     scheduler.before_checkpoint = sink.recorder.sync
     return scheduler, resume_round
@@ -531,19 +583,26 @@ def find_mpirun() -> str:
     return found
 
 
-def launch(config: Config, *, np: int = 2, mpirun: str | None = None, timeout: float | None = None) -> History:
+def launch(config: Config, *, np: int = 2, mpirun: str | None = None, timeout: float | None = None,
+           on_record: Callable[[dict], None] | None = None, given: Mapping[str, str] | None = None) -> History:
     """Runs `config` as an MPI job of `np` ranks (`mpirun -np N python application.py --config ...`) and
     returns its History, read back from the run directory (the final shared parameters come from the
-    checkpoint written after the last round: None with checkpoint_every=0). A failed job raises
-    RuntimeError with the job's output."""
+    checkpoint written after the last round: None with checkpoint_every=0; with --target, the last periodic
+    one). `on_record` gets each metrics record as it appears in metrics.jsonl while the job runs (read every
+    half second, so a little after simulate's would; any not seen yet when the job ends follow then).
+    `given`: the options to pass as set by the user (None: those that differ from Config's defaults); they
+    reach the job in a temporary config file, so config.json's `sources` says "config file" for them. A
+    failed job raises RuntimeError with the job's output."""
     import subprocess
     import tempfile
 
     root = Path(__file__).resolve().parent.parent
     run_dir = Path(config.run_dir or default_run_dir()).resolve()
     found = mpirun or find_mpirun()
+    names = set(given) if given is not None else {n for n, v in config.to_json().items() if v != FIELDS[n].default}
     values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.to_json().items()
-              if k not in ("config", "run_dir", "data_dir", "token") and v != getattr(DEFAULTS, k)}
+              if k in names and k not in ("config", "run_dir", "data_dir", "token")}
+    follower = _RecordFollower(run_dir / "metrics.jsonl", on_record)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "config.json"
         cfg.write_text(json.dumps(values))
@@ -552,9 +611,21 @@ def launch(config: Config, *, np: int = 2, mpirun: str | None = None, timeout: f
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
         if config.token:
             env["FLOCK_TOKEN"] = config.token
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+            while True:
+                try:       # communicate keeps collecting the output across its timeouts
+                    stdout, stderr = proc.communicate(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    follower.poll()
+                    if deadline is not None and time.monotonic() > deadline:
+                        proc.kill()
+                        proc.communicate()
+                        raise
+    follower.poll()
     if proc.returncode != 0:
-        raise RuntimeError(f"mpirun -np {np} failed with status {proc.returncode}:\n{proc.stdout}{proc.stderr}")
+        raise RuntimeError(f"mpirun -np {np} failed with status {proc.returncode}:\n{stdout}{stderr}")
     params = None
     checkpoint = run_dir / "checkpoint.npz"
     if checkpoint.is_file():
@@ -565,3 +636,21 @@ def launch(config: Config, *, np: int = 2, mpirun: str | None = None, timeout: f
         layout = ParamLayout(names=tuple(n for n, _ in meta["layout"]), shapes=tuple(tuple(s) for _, s in meta["layout"]))
         params = {n: v.copy() for n, v in layout.split(flat).items()}
     return History(run_dir=run_dir, records=read_metrics(run_dir), params=params)
+
+
+class _RecordFollower:
+    """Hands the caller each complete line appended to a metrics.jsonl that another process writes."""
+
+    def __init__(self, path: Path, on_record: Callable[[dict], None] | None) -> None:
+        self.path, self.on_record, self.offset = path, on_record, 0
+
+    def poll(self) -> None:
+        if self.on_record is None or not self.path.is_file():
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        complete = data[:data.rfind(b"\n") + 1]       # a line being written waits for the next look
+        self.offset += len(complete)
+        for line in complete.decode("utf-8").splitlines():
+            self.on_record(json.loads(line))

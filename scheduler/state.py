@@ -55,6 +55,7 @@ class SchedulerConfig:
     seed: int = 0
     pin_users: bool = False      # users hold private params: always train/evaluate on their home rank
     checkpoint_every: int = 0    # rounds between checkpoints (and after the last); 0: none
+    target: tuple[str, float] | None = None   # (metric, value): the run ends at the first evaluation reaching it
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -535,8 +536,25 @@ class Scheduler:
         bad = nonfinite_keys(record)
         if bad:
             return f"evaluation after round {done}: {', '.join(bad)} not finite; the run stops"
+        if self.config.target is not None and target_reached(self.config.target, record):
+            metric, value = self.config.target
+            record["target_reached"] = {"metric": metric, "value": value, "round": done,
+                                        **({"sim_time": self.sim_time} if "sim_time" in record else {})}
+            # the schedule of a run of `done` rounds: its next step is "done" (this evaluation ends every block)
+            self.steps = Schedule(done, self.config.eval_every)
+            log.info("target %s=%g reached at round %d: the run ends", metric, value, done)
         self.on_record({**record, "_per_user": {"metric": self.main_metric, "users": dict(sorted(per_user.items()))}})
         return None
+
+
+def target_reached(target: tuple[str, float], record: dict) -> bool:
+    """Whether an evaluation record reaches --target: a metric named *loss* at or below the value, any other
+    at or above it."""
+    metric, value = target
+    got = record.get(metric)
+    if not isinstance(got, (int, float)):
+        return False
+    return got <= value if "loss" in metric else got >= value
 
 
 def nonfinite_keys(record: dict) -> list[str]:

@@ -78,3 +78,22 @@ def kill_then_resume(np_: int, data_dir: Path, run_dir: Path, *extra: str) -> tu
     the train rows it had when killed and the resumed job."""
     done = kill_after_train_rows(np_, data_dir, run_dir, *extra)
     return done, run_app(np_, data_dir, run_dir, "--resume", str(run_dir))
+
+
+def make_arrays_data(data_dir: Path, *, users: int = 12, classes: int = 3, features: int = 4, seed: int = 0) -> Path:
+    """A small arrays data set (`--reader arrays`): Gaussian blobs, one per class, a train and a test day."""
+    import json
+
+    import numpy as np
+
+    from reader.arrays import write_split
+
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, (classes, features)).astype(np.float32)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "meta.json").write_text(json.dumps({"num_classes": classes, "input_shape": [features]}))
+    for day, split, n in (("20200101", "train", 12), ("20200102", "test", 6)):
+        ys = [rng.integers(0, classes, n) for _ in range(users)]
+        xs = [(centres[y] + rng.normal(0, 1, (n, features))).astype(np.float32) for y in ys]
+        write_split(data_dir, day, split, [f"u{i}" for i in range(users)], xs, ys)
+    return data_dir

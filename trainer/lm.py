@@ -32,6 +32,9 @@ class LanguageModelTrainer:
     eval_ratios: ClassVar[Mapping[str, tuple[str, str]]] = {"top1": ("correct", "tokens"),
                                                             "loss": ("loss_sum", "tokens")}
 
+    # FL-mobile's Reddit setting: client lr 1.0, server lr 1.85, clipping at norm 5, batches of 5 sequences
+    defaults: ClassVar[Mapping[str, float]] = {"lr": 1.0, "server_lr": 1.85, "max_grad_norm": 5.0, "batch_size": 5}
+
     def __init__(self, config: TrainConfig, spec: Mapping[str, int]) -> None:
         self.config = config
         self.pad_id = int(spec["pad_id"])

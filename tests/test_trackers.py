@@ -1,0 +1,99 @@
+"""Issue 28: experiment trackers hang off rank 0's record sink (--tracker csv|mlflow|wandb), and --target
+ends a run at the first evaluation that reaches it."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from common.config import Config
+from common.errors import ConfigError, SharedError
+from flock import launch, simulate
+from tests.helpers import make_lm_data
+
+SMALL = {"rounds": 3, "clients_per_round": 4, "eval_every": 1, "checkpoint_every": 0, "shards": 1}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_lm_data(tmp_path_factory.mktemp("lm") / "data")
+
+
+def test_the_csv_tracker_writes_every_number_of_every_record(data, tmp_path):
+    history = simulate(Config(data_dir=str(data), run_dir=str(tmp_path / "run"), tracker=("csv",), **SMALL))
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    expected = [(str(r["round"]), r["kind"], k, float(v)) for r in history.records for k, v in r.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("round", "time")]
+    assert [(r["round"], r["kind"], r["name"], float(r["value"])) for r in rows] == expected
+    assert {"top1", "loss", "clients"} <= {r["name"] for r in rows}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None,
+                    reason="mlflow is not installed (pip install 'flock-fl[mlflow]')")
+def test_mlflows_own_client_reads_back_the_params_and_every_metrics_history(data, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from common.trackers import mlflow_uri
+
+    monkeypatch.chdir(tmp_path)            # the default store: ./mlruns
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    history = simulate(Config(data_dir=str(data), run_dir="run", tracker=("mlflow",), seed=3, **SMALL))
+    assert (tmp_path / "mlruns").is_dir()
+    client = MlflowClient(tracking_uri=mlflow_uri())
+    runs = client.search_runs([client.get_experiment_by_name("flock").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    params = runs[0].data.params
+    assert params["seed"] == "3" and params["rounds"] == "3" and params["server_lr"] == "1.85"
+    top1 = client.get_metric_history(runs[0].info.run_id, "eval/top1")
+    assert sorted((m.step, m.value) for m in top1) == history.metric("top1")
+    losses = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in losses) == history.metric("loss", kind="train")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
+                    reason="wandb is not installed (pip install 'flock-fl[wandb]')")
+def test_the_wandb_tracker_writes_an_offline_run(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    simulate(Config(data_dir=str(data), run_dir=str(tmp_path / "run"), tracker=("wandb",), **SMALL))
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_a_missing_tracker_package_is_one_message_naming_the_extra(data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)        # as if not installed: importing it raises
+    with pytest.raises(SharedError, match=r"--tracker mlflow: the mlflow package is not installed.*flock-fl\[mlflow\]"):
+        simulate(Config(data_dir=str(data), run_dir=str(tmp_path / "run"), tracker=("mlflow",), **SMALL))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_run_ends_at_the_first_evaluation_reaching_its_target(data, tmp_path):
+    full = simulate(Config(data_dir=str(data), run_dir=str(tmp_path / "full"), **SMALL))
+    top1 = dict(full.metric("top1"))
+    goal = top1[2]       # reached at round 2 at the latest
+    first = min(r for r, v in top1.items() if v >= goal)
+    cut = simulate(Config(data_dir=str(data), run_dir=str(tmp_path / "cut"), target=f"top1={goal}", **SMALL))
+    assert [r["round"] for r in cut.train] == list(range(1, first + 1))
+    assert cut.evals[-1]["target_reached"] == {"metric": "top1", "value": goal, "round": first}
+    assert cut.metric("top1") == full.metric("top1")[:first]
+
+
+def test_a_target_on_a_metric_the_trainer_does_not_report_is_refused(data, tmp_path):
+    with pytest.raises(SharedError, match=r"--target accuracy=0.9: the trainer reports no 'accuracy'"):
+        simulate(Config(data_dir=str(data), run_dir=str(tmp_path / "run"), target="accuracy=0.9", **SMALL))
+    with pytest.raises(ConfigError, match="--target must be METRIC=VALUE"):
+        Config(data_dir="d", target="top1")
+
+
+@pytest.mark.mpi
+def test_launch_hands_over_records_as_they_appear(data, tmp_path):
+    seen = []
+    history = launch(Config(data_dir=str(data), run_dir=str(tmp_path / "run"), tracker=("csv",), **SMALL), np=2,
+                     on_record=seen.append)
+    assert seen == history.records and len(history.evals) == 3
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["sources"]["rounds"] == "config file" and saved["sources"]["lr"] == "trainer lm"
+    assert (tmp_path / "run" / "metrics.csv").is_file()
