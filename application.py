@@ -13,6 +13,7 @@ from typing import Iterator
 
 from common.config import Config, parse_config
 from common.errors import FlockError, SharedError
+from simulator.launch_env import launcher_rank, singleton_problem
 
 log = logging.getLogger("flock")
 
@@ -61,14 +62,6 @@ def on_terminal() -> bool:
     return False
 
 
-def launcher_rank() -> int:
-    """This process's rank as the MPI launcher announced it (before MPI starts): 0 without one."""
-    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
-
-
 def say_error(message: str) -> None:
     """The one line a user's error gets, as before the run started: `error: ...` on stderr."""
     sys.stdout.flush()
@@ -81,13 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_config(argv)   # the same on every rank: all exit alike, rank 0 says why
     except FlockError as e:
-        if launcher_rank() == 0:
+        if launcher_rank(os.environ) == 0:
             say_error(str(e))
         return 2
     from flock.run import simulate
     from simulator.comm import world
 
     comm = world()
+    singleton = singleton_problem(os.environ, comm.size)
+    if singleton:      # each process alone would write its own run folder and train everything
+        if launcher_rank(os.environ) == 0:
+            say_error(singleton)
+        return 2
     code, abort = 0, False
     with logging_to_console(comm.rank, "WARNING" if config.quiet else config.log_level):
         try:

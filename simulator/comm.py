@@ -34,6 +34,7 @@ class Comm(Protocol):
     size: int
     local_size: int    # ranks on this node
     threads: bool      # whether any thread may call MPI (MPI_THREAD_MULTIPLE)
+    mpi_version: int   # the MPI standard's major version the library implements (3: shared-memory windows)
 
     def bcast(self, obj: Any, root: int = 0) -> Any: ...
     def gather(self, obj: Any, root: int = 0) -> list[Any] | None: ...
@@ -57,7 +58,7 @@ class Comm(Protocol):
 class SingleComm:
     """A world of one process (no MPI)."""
 
-    rank, size, local_size, threads = 0, 1, 1, True
+    rank, size, local_size, threads, mpi_version = 0, 1, 1, True, 3
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
         return obj
@@ -116,6 +117,7 @@ class MPIComm:
         self.local_size = node.Get_size()
         node.Free()
         self.threads = MPI.Query_thread() == MPI.THREAD_MULTIPLE
+        self.mpi_version = MPI.Get_version()[0]
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
         return self._comm.bcast(obj, root=root)
