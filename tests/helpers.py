@@ -78,3 +78,11 @@ def kill_then_resume(np_: int, data_dir: Path, run_dir: Path, *extra: str) -> tu
     the train rows it had when killed and the resumed job."""
     done = kill_after_train_rows(np_, data_dir, run_dir, *extra)
     return done, run_app(np_, data_dir, run_dir, "--resume", str(run_dir))
+
+
+TIMING = {"seconds", "clients_per_s", "rank_work_s", "time"}      # a record's fields that measure time
+
+
+def untimed_metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics records without their timing fields: what two runs of one setting agree on bitwise."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(run_dir)]
