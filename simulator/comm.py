@@ -176,9 +176,10 @@ class _MPISharedArrays:
         info.Free()
         self._win.Lock_all(MPI.MODE_NOCHECK)            # a passive epoch for the whole run: sync() is Win_sync
         self._arrays = []
-        for r in range(node.Get_size()):
+        # each rank's own count: an MPI may round a segment up (Open MPI to whole pages)
+        for r, n in enumerate(node.allgather(count)):
             memory, _ = self._win.Shared_query(r)
-            self._arrays.append(np.frombuffer(memory, dtype=dtype, count=len(memory) // dtype.itemsize))
+            self._arrays.append(np.frombuffer(memory, dtype=dtype, count=n))
 
     def of(self, node_rank: int) -> np.ndarray:
         return self._arrays[node_rank]
