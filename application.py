@@ -45,10 +45,12 @@ def progress_mode(config: Config) -> str:
 
 def on_terminal() -> bool:
     """Whether a person watches: stdout is a terminal, or (under mpirun, which pipes the ranks' output to its
-    own stdout) the launcher a few parents up writes to a terminal, and this is not CI."""
-    if sys.stdout.isatty():
+    own stdout) the launcher a few parents up writes to a terminal, and this is not CI. Open MPI's mpirun
+    gives its ranks a terminal of its own whatever its stdout is: the launcher's is what counts."""
+    launched = any(name in os.environ for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"))
+    if sys.stdout.isatty() and not launched:
         return True
-    if os.environ.get("CI") or "PMI_RANK" not in os.environ:
+    if os.environ.get("CI") or not launched:
         return False
     pid = os.getppid()
     for _ in range(4):            # rank <- hydra proxy <- mpiexec
