@@ -13,6 +13,7 @@ from typing import Iterator
 
 from common.config import Config, parse_options
 from common.errors import FlockError, SharedError
+from simulator.launch_env import launcher_rank, singleton_problem
 
 log = logging.getLogger("flock")
 
@@ -44,10 +45,12 @@ def progress_mode(config: Config) -> str:
 
 def on_terminal() -> bool:
     """Whether a person watches: stdout is a terminal, or (under mpirun, which pipes the ranks' output to its
-    own stdout) the launcher a few parents up writes to a terminal, and this is not CI."""
-    if sys.stdout.isatty():
+    own stdout) the launcher a few parents up writes to a terminal, and this is not CI. Open MPI's mpirun
+    gives its ranks a terminal of its own whatever its stdout is: the launcher's is what counts."""
+    launched = any(name in os.environ for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"))
+    if sys.stdout.isatty() and not launched:
         return True
-    if os.environ.get("CI") or "PMI_RANK" not in os.environ:
+    if os.environ.get("CI") or not launched:
         return False
     pid = os.getppid()
     for _ in range(4):            # rank <- hydra proxy <- mpiexec
@@ -59,14 +62,6 @@ def on_terminal() -> bool:
         except (OSError, ValueError, IndexError):
             return False
     return False
-
-
-def launcher_rank() -> int:
-    """This process's rank as the MPI launcher announced it (before MPI starts): 0 without one."""
-    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
 
 
 def say_error(message: str) -> None:
@@ -91,13 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, given = parse_options(argv)   # the same on every rank: all exit alike, rank 0 says why
     except FlockError as e:
-        if launcher_rank() == 0:
+        if launcher_rank(os.environ) == 0:
             say_error(str(e))
         return 2
     from flock.run import simulate
     from simulator.comm import world
 
     comm = world()
+    singleton = singleton_problem(os.environ, comm.size)
+    if singleton:      # each process alone would write its own run folder and train everything
+        if launcher_rank(os.environ) == 0:
+            say_error(singleton)
+        return 2
     code, abort = 0, False
     with logging_to_console(comm.rank, "WARNING" if config.quiet else config.log_level):
         try:

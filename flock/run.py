@@ -29,6 +29,7 @@ from common.config import BUILTIN_DATA, FIELDS, Config, default_run_dir, parse_t
 from common.errors import ConfigError, DataError, FlockError, RunFailed, SharedError
 from common.recorder import read_metrics
 from simulator.comm import Comm, SingleComm
+from simulator.launch_env import mpi_problem
 
 log = logging.getLogger("flock")
 T = TypeVar("T")
@@ -112,6 +113,15 @@ def prepare_data(config: Config) -> None:
              data_dir, summary["users"], summary["train_comments"], summary["test_comments"], summary["vocab_size"])
 
 
+def check_mpi(config: Config, comm: Comm) -> None:
+    """Before anything is written: the MPI gives what the chosen data plane needs (ConfigError saying what
+    it lacks and what to use instead)."""
+    problem = mpi_problem(data_plane=config.data_plane, world_size=comm.size, threads=comm.threads,
+                          mpi_version=comm.mpi_version)
+    if problem:
+        raise ConfigError(problem, options=("data_plane",))
+
+
 def holds_a_run(run_dir: Path) -> bool:
     """Whether a folder holds a run that a new one must not overwrite: a checkpoint, or at least one record
     (a start that failed before its first record leaves neither, and does not block the next attempt)."""
@@ -172,6 +182,7 @@ def simulate(config: Config, *, comm: Comm | None = None, on_record: Callable[[d
         sources = saved_sources(config.resume)
     else:
         config, sources = agreed(comm, lambda: with_task_defaults(config, given))
+    agreed(comm, lambda: check_mpi(config, comm))
     config = replace(config, run_dir=comm.bcast(config.run_dir or default_run_dir() if comm.rank == 0 else None))
     agreed(comm, lambda: check_run_dir(config) if comm.rank == 0 else None)
     agreed(comm, lambda: check_trackers(config.tracker) if comm.rank == 0 else None)

@@ -34,6 +34,7 @@ class Comm(Protocol):
     size: int
     local_size: int    # ranks on this node
     threads: bool      # whether any thread may call MPI (MPI_THREAD_MULTIPLE)
+    mpi_version: int   # the MPI standard's major version the library implements (3: shared-memory windows)
 
     def bcast(self, obj: Any, root: int = 0) -> Any: ...
     def gather(self, obj: Any, root: int = 0) -> list[Any] | None: ...
@@ -67,7 +68,7 @@ class Comm(Protocol):
 class SingleComm:
     """A world of one process (no MPI)."""
 
-    rank, size, local_size, threads = 0, 1, 1, True
+    rank, size, local_size, threads, mpi_version = 0, 1, 1, True, 3
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
         return obj
@@ -142,6 +143,7 @@ class MPIComm:
         self.local_size = node.Get_size()
         node.Free()
         self.threads = MPI.Query_thread() == MPI.THREAD_MULTIPLE
+        self.mpi_version = MPI.Get_version()[0]
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
         return self._comm.bcast(obj, root=root)
@@ -221,9 +223,10 @@ class _MPISharedArrays:
         info.Free()
         self._win.Lock_all(MPI.MODE_NOCHECK)            # a passive epoch for the whole run: sync() is Win_sync
         self._arrays = []
-        for r in range(node.Get_size()):
+        # each rank's own count: an MPI may round a segment up (Open MPI to whole pages)
+        for r, n in enumerate(node.allgather(count)):
             memory, _ = self._win.Shared_query(r)
-            self._arrays.append(np.frombuffer(memory, dtype=dtype, count=len(memory) // dtype.itemsize))
+            self._arrays.append(np.frombuffer(memory, dtype=dtype, count=n))
 
     def of(self, node_rank: int) -> np.ndarray:
         return self._arrays[node_rank]

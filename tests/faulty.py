@@ -1,12 +1,14 @@
-"""A trainer plug-in that fails on rank 1 (MPICH sets PMI_RANK), for the fault tests."""
+"""A trainer plug-in that fails on rank 1 (as its launcher announced it: MPICH, Open MPI, srun), for the fault
+tests."""
 import os
 
+from simulator.launch_env import launcher_rank
 from trainer.lm import LanguageModelTrainer
 
 
 class FailOnRank1(LanguageModelTrainer):
     def train(self, model, samples, rng=None):
-        if os.environ.get("PMI_RANK") == "1":
+        if launcher_rank(os.environ) == 1:
             raise RuntimeError("injected failure on rank 1")
         return super().train(model, samples, rng)
 
@@ -25,7 +27,7 @@ class DieOnRank1(LanguageModelTrainer):
     """Rank 1's process is killed outright (as by the OOM killer) in its first round."""
 
     def train(self, model, samples, rng=None):
-        if os.environ.get("PMI_RANK") == "1":
+        if launcher_rank(os.environ) == 1:
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
@@ -36,7 +38,7 @@ class HangOnRank1(LanguageModelTrainer):
     """Rank 1 never finishes its first user (a stuck phone), so the round times out."""
 
     def train(self, model, samples, rng=None):
-        if os.environ.get("PMI_RANK") == "1":
+        if launcher_rank(os.environ) == 1:
             import time
 
             time.sleep(3600)

@@ -97,3 +97,11 @@ def make_arrays_data(data_dir: Path, *, users: int = 12, classes: int = 3, featu
         xs = [(centres[y] + rng.normal(0, 1, (n, features))).astype(np.float32) for y in ys]
         write_split(data_dir, day, split, [f"u{i}" for i in range(users)], xs, ys)
     return data_dir
+
+
+TIMING = {"seconds", "clients_per_s", "rank_work_s", "time"}      # a record's fields that measure time
+
+
+def untimed_metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics records without their timing fields: what two runs of one setting agree on bitwise."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(run_dir)]
