@@ -11,8 +11,8 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
-from common.config import Config, parse_options
-from common.errors import FlockError, SharedError
+from flock.common.config import Config, parse_options
+from flock.common.errors import FlockError, SharedError
 from simulator.launch_env import launcher_rank, singleton_problem
 
 log = logging.getLogger("flock")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from launch import ROOT, app_command, run, write_table
 
-from common.recorder import read_metrics
+from flock.common.recorder import read_metrics
 from reader.mnist import build
 
 COMMON = ["--reader", "arrays", "--clients-per-round", "10", "--local-epochs", "1", "--batch-size", "50",

@@ -24,7 +24,7 @@ from pathlib import Path
 from launch import ROOT, app_command, write_table
 from throughput import tiny_users_data
 
-from common.recorder import read_metrics
+from flock.common.recorder import read_metrics
 from tests.netns import two_hosts
 
 FLAGS = ("--shards", "1", "--quiet", "--clients-per-round", "16", "--eval-every", "0", "--eval-users", "1",

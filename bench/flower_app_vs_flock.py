@@ -34,7 +34,7 @@ from pathlib import Path
 
 from launch import ROOT, app_command, run
 
-from common.recorder import read_metrics
+from flock.common.recorder import read_metrics
 from reader.mnist import build
 
 APPS = ["--flower-app", "examples.flower_app.client_app:app", "--flower-server", "examples.flower_app.server_app:app"]
@@ -61,9 +61,9 @@ def flower_run(data_dir: Path, rounds: int) -> tuple[float, float, dict[int, dic
     from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
     from flwr.simulation import run_simulation
 
-    from common.streams import user_seed
     from examples.flower_app.client_app import app as quickstart_client
     from examples.flower_app.server_app import app as quickstart_server
+    from flock.common.streams import user_seed
     from reader.arrays import ArrayReader
     from scheduler.calendar import Calendar
     from scheduler.sampling import sample_clients

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from launch import app_command, run, split_extra, write_table
 
-from common.recorder import read_metrics
+from flock.common.recorder import read_metrics
 
 
 def evals(run_dir: Path) -> list[dict]:

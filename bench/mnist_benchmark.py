@@ -22,7 +22,7 @@ from pathlib import Path
 
 from launch import ROOT, app_command, run, split_extra, write_table
 
-from common.recorder import read_metrics
+from flock.common.recorder import read_metrics
 from reader.mnist import build
 
 REFERENCE = {"iid": {10: None, 50: 0.9848}, "shards": {10: 0.7772, 50: 0.9381}}

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from launch import app_command, run, write_table
 
-from common.recorder import read_metrics
+from flock.common.recorder import read_metrics
 
 VARIANTS = {   # name: (run folder, options; the deadline variant also gets --deadline)
     "sync": ("sync", []),

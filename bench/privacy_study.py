@@ -26,7 +26,7 @@ from pathlib import Path
 
 from launch import ROOT, app_command, write_table
 
-from common.recorder import read_metrics
+from flock.common.recorder import read_metrics
 from reader.mnist import build
 
 SETTINGS = ["--reader", "arrays", "--model", "mlp", "--trainer", "classifier", "--clients-per-round", "100",

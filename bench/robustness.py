@@ -24,7 +24,7 @@ from pathlib import Path
 
 from launch import ROOT, app_command, run, write_table
 
-from common.recorder import read_metrics
+from flock.common.recorder import read_metrics
 from reader.mnist import build
 
 SETTINGS = ["--reader", "arrays", "--model", "mlp", "--trainer", "classifier", "--local-epochs", "1",

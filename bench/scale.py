@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 from launch import ROOT, app_command, run
 
-from common.domain import home_rank
-from common.recorder import read_metrics
+from flock.common.domain import home_rank
+from flock.common.recorder import read_metrics
 from reader.leaf import CACHE_DIR, LeafRedditReader
 from simulator.data_server import SQLiteStore, _flatten
 

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from launch import ROOT, app_command, run, write_table
 
-from common.recorder import read_metrics
+from flock.common.recorder import read_metrics
 
 
 def floor_worker(data_dir: str, rounds: int, seed: int, out: "mp.Queue", clients_per_round: int = 10,
@@ -194,7 +194,7 @@ def serve_params(data_dir: str, versions: int, ports: "mp.Queue", stop) -> None:
     """A scheduler holding a 24.7 MB parameter vector, in its own process (as rank 0 serves rank 1)."""
     import numpy as np
 
-    from common.domain import ParamLayout
+    from flock.common.domain import ParamLayout
     from reader.leaf import LeafRedditReader
     from scheduler.optim import make_server_optimizer
     from scheduler.server import create_server
@@ -233,7 +233,7 @@ def fetch_mb_per_s(data_dir: str, versions: int = 8) -> tuple[float, float]:
     fetch of it, as the next ranks get it), client and server in two processes, on a warm channel."""
     import numpy as np
 
-    from common.domain import RankUpdate
+    from flock.common.domain import RankUpdate
     from scheduler.client import SchedulerClient
 
     ctx = mp.get_context("spawn")

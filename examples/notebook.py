@@ -9,8 +9,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # run from a checkout, no install needed
 
 from flock import Config, simulate  # noqa: E402
+from flock.plot import plot  # noqa: E402
 from reader.mnist import build  # noqa: E402
-from tools.plot import plot  # noqa: E402
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/notebook")
 data = out / "mnist-iid"

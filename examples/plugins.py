@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.errors import DataError
+from flock.common.errors import DataError
 from reader.base import DayIndex
 from trainer.base import LocalSGD, TrainConfig
 

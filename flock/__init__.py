@@ -9,8 +9,8 @@
 
 `read_metrics(run_dir)` reads any run's records back.
 """
-from common.config import Config
-from common.recorder import read_metrics
+from flock.common.config import Config
+from flock.common.recorder import read_metrics
 from flock.run import History, launch, simulate
 
 __all__ = ["Config", "History", "launch", "read_metrics", "simulate"]

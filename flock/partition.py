@@ -22,7 +22,7 @@ Schemes (reader/partitioners.py has the exact rules and where they differ from F
   shards        McMahan et al.: sorted by label, 2 x users shards, 2 random shards per user.
 Then each user's own samples are split: round(--test-fraction x size) of them (half up, at most size - 1),
 drawn uniformly, are its test samples (min sizes count before this split). All draws come from one
-generator seeded by --seed (common/streams.py `partition`): same input and options, same files, bitwise.
+generator seeded by --seed (flock/common/streams.py `partition`): same input and options, same files, bitwise.
 
 OUT_DIR (new; written beside it as .OUT_DIR.partitioning<pid> and renamed into place, removed on failure):
   meta.json                     num_classes, input_shape, mean and std (the normalisation the classifier
@@ -54,9 +54,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from common import streams
-from common.config import _flag, _number, _Parser, check_value, opt
-from common.errors import ConfigError, DataError, FlockError
+from flock.common import streams
+from flock.common.config import _flag, _number, _Parser, check_value, opt
+from flock.common.errors import ConfigError, DataError, FlockError
 from reader import partitioners
 from reader.arrays import write_columns
 from reader.partitioners import CLASS_ASSIGNMENT_MODES, Partition
@@ -75,7 +75,7 @@ SIZE_LAW_RANGES = {"lognormal": (0.0, 10.0), "powerlaw": (0.1, 100.0)}     # SIG
 
 @dataclass(frozen=True)
 class PartitionConfig:
-    """The command line's options, checked by flock's one rule set (common/config.py: type, finite, range,
+    """The command line's options, checked by flock's one rule set (flock/common/config.py: type, finite, range,
     choices) and against each other; a ConfigError names the option."""
 
     source: str = opt("", "an .npz with arrays x and y, or a folder with x.npy and y.npy")

@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import numpy as np
 
-from common.config import BUILTIN_DATA, FIELDS, Config, default_run_dir, parse_target, redact_argv, resumed_config
-from common.errors import ConfigError, DataError, FlockError, RunFailed, SharedError
-from common.recorder import read_metrics
+from flock.common.config import BUILTIN_DATA, FIELDS, Config, default_run_dir, parse_target, redact_argv, resumed_config
+from flock.common.errors import ConfigError, DataError, FlockError, RunFailed, SharedError
+from flock.common.recorder import read_metrics
 from simulator.comm import Comm, SingleComm
 from simulator.launch_env import mpi_problem
 
@@ -170,11 +170,11 @@ def simulate(config: Config, *, comm: Comm | None = None, on_record: Callable[[d
     recorder and the trackers (--tracker) have it; `progress`: "bar", "lines" or "quiet". `given`: the
     options the user set and where ("command line", "config file"; the CLI knows them); None: those that
     differ from Config's defaults. The others take the trainer's (or model's) defaults, else Config's
-    (`common.task_defaults`); config.json records each value's source. torch's thread count is restored and
+    (`flock.common.task_defaults`); config.json records each value's source. torch's thread count is restored and
     every resource the run opened is closed when this returns or raises; logging is left as the caller
     configured it."""
-    from common.task_defaults import saved_sources, with_task_defaults
-    from common.trackers import check_trackers
+    from flock.common.task_defaults import saved_sources, with_task_defaults
+    from flock.common.trackers import check_trackers
 
     comm = comm or SingleComm()
     if config.resume:       # the saved run's options (its task defaults resolved when it started)
@@ -199,7 +199,7 @@ def simulate(config: Config, *, comm: Comm | None = None, on_record: Callable[[d
 
 
 def _plugins(config: Config) -> tuple[type, type | None, type | None]:
-    from common.plugins import resolve
+    from flock.common.plugins import resolve
 
     reader_cls = resolve("reader", config.reader)
     if config.flower_client or config.flower_app:
@@ -261,7 +261,7 @@ class _Sink:
 
     def open(self, config: Config, run_dir: Path, recorder) -> None:
         """Rank 0, once config.json is written: the recorder and the trackers start taking records."""
-        from common.trackers import open_trackers
+        from flock.common.trackers import open_trackers
 
         self.recorder = recorder
         self.trackers = open_trackers(config, run_dir)
@@ -286,7 +286,7 @@ def _build(config: Config, comm: Comm, reader, plugins: tuple, train_config) -> 
     """Every rank builds the model (seeded), decides its shards and device; agreed set-up errors."""
     import torch
 
-    from common.domain import ParamLayout
+    from flock.common.domain import ParamLayout
     from model.base import private_names
 
     def build():
@@ -423,7 +423,7 @@ def _run(config: Config, comm: Comm, stack: ExitStack, sink: _Sink, progress: st
 def _centralized(config: Config, built: _Built, reader, train_config, stack: ExitStack, sink: _Sink,
                  progress: str) -> dict[str, np.ndarray]:
     """The non-federated baseline in this process; returns its final shared parameters."""
-    from common.recorder import Recorder
+    from flock.common.recorder import Recorder
     from simulator.centralized import run_centralized
 
     run_dir = Path(config.run_dir)
@@ -445,8 +445,8 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
                      progress: str):
     """Rank 0: the scheduler (restored on --resume), config.json and the recorder; returns (scheduler, rounds
     already done)."""
-    from common.channel_config import channel_settings
-    from common.recorder import Recorder, truncate_metrics
+    from flock.common.channel_config import channel_settings
+    from flock.common.recorder import Recorder, truncate_metrics
     from scheduler.optim import make_server_optimizer
     from scheduler.privacy import server_channel, training_population
     from scheduler.state import Scheduler, SchedulerConfig
@@ -640,7 +640,7 @@ def launch(config: Config, *, np: int = 2, mpirun: str | None = None, timeout: f
     params = None
     checkpoint = run_dir / "checkpoint.npz"
     if checkpoint.is_file():
-        from common.domain import ParamLayout
+        from flock.common.domain import ParamLayout
         from scheduler.checkpoint import load_checkpoint
 
         flat, meta, _ = load_checkpoint(checkpoint)

@@ -27,9 +27,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from common.config import FIELDS, Config, _flag, parse_options
-from common.errors import ConfigError, FlockError
-from common.recorder import read_metrics
+from flock.common.config import FIELDS, Config, _flag, parse_options
+from flock.common.errors import ConfigError, FlockError
+from flock.common.recorder import read_metrics
 
 log = logging.getLogger("flock")
 NOT_GRIDDED = ("seed", "run_dir", "resume", "config", "token", "data_dir", "private", "tracker")

@@ -5,8 +5,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from common.domain import ParamLayout, Plan, RankMetrics, RankUpdate, TaskSpec
-from common.errors import RefusedError
+from flock.common.domain import ParamLayout, Plan, RankMetrics, RankUpdate, TaskSpec
+from flock.common.errors import RefusedError
 from protos import scheduler_pb2 as pb
 
 CHUNK_BYTES = (4 << 20) - 1024   # just under gRPC's 4 MiB default message limit (header included)

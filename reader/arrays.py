@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from common.errors import DataError
+from flock.common.errors import DataError
 from reader.base import DayIndex
 
 log = logging.getLogger(__name__)

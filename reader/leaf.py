@@ -34,7 +34,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from common.errors import DataError
+from flock.common.errors import DataError
 from reader.base import DayIndex
 from reader.leaf_format import leaf_users
 from reader.users import UserIds, first_duplicate, fixed_width, sort_ids

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from common.errors import DataError
+from flock.common.errors import DataError
 from reader.vocab import BOS, EOS, PAD, save_json_atomic
 
 SEQ_LEN = 10

@@ -22,7 +22,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from common.errors import DataError, FlockError
+from flock.common.errors import DataError, FlockError
 from reader.leaf_format import leaf_users
 from reader.vocab import load_vocab, save_json_atomic, vocab_from_counts
 

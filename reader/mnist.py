@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import streams
-from common.errors import ConfigError, DataError
+from flock.common import streams
+from flock.common.errors import ConfigError, DataError
 from reader import partitioners
 from reader.arrays import LEGACY_MNIST_SOURCE, write_split
 

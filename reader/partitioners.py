@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.errors import ConfigError
+from flock.common.errors import ConfigError
 
 DIRICHLET_DRAWS = 11        # Flower Datasets' DirichletPartitioner: the first draw and 10 more
 SHARDS_PER_USER = 2         # McMahan et al.

@@ -19,7 +19,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from common.errors import DataError
+from flock.common.errors import DataError
 from reader.leaf_format import write_day
 from reader.vocab import BOS, EOS, build_vocab, save_json_atomic
 

@@ -24,8 +24,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from common.errors import ConfigError
-from common.streams import clip_count_rng
+from flock.common.errors import ConfigError
+from flock.common.streams import clip_count_rng
 
 
 def update_noise_multiplier(noise_multiplier: float, count_noise: float) -> float:

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 import numpy as np
 
-from common.errors import ConfigError
+from flock.common.errors import ConfigError
 from scheduler import robust
 
 if TYPE_CHECKING:
-    from common.config import Config
+    from flock.common.config import Config
 
 LINEAR, PER_CLIENT = "linear", "per-client"
 
@@ -165,7 +165,7 @@ def make_aggregator(config: Config, strategy_rule: tuple[str, dict[str, Any]] | 
 
 def user_aggregator(name: str, config: Config) -> Any:
     """A `module:Class` aggregator, built with the run's Config."""
-    from common.plugins import resolve
+    from flock.common.plugins import resolve
 
     cls = resolve("aggregator", name)
     capability = getattr(cls, "capability", None)

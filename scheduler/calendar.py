@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.errors import DataError
+from flock.common.errors import DataError
 from reader.base import Reader
 
 

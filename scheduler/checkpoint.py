@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import DataError
+from flock.common.errors import DataError
 
 META_KEYS = ("round", "version", "step", "seed", "rounds", "world_size", "data", "layout")
 

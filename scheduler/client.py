@@ -11,8 +11,8 @@ from typing import Callable
 import grpc
 import numpy as np
 
-from common.domain import ParamLayout, Plan, RankMetrics, RankUpdate
-from common.errors import RefusedError, RunFailed
+from flock.common.domain import ParamLayout, Plan, RankMetrics, RankUpdate
+from flock.common.errors import RefusedError, RunFailed
 from protos import convert
 from protos import scheduler_pb2 as pb
 from protos import scheduler_pb2_grpc as pb_grpc

@@ -32,9 +32,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from common.channel_config import ChannelSettings, phones_come_and_go
-from common.errors import ConfigError
-from common.streams import privacy_rng
+from flock.common.channel_config import ChannelSettings, phones_come_and_go
+from flock.common.errors import ConfigError
+from flock.common.streams import privacy_rng
 from scheduler import secagg
 from scheduler.adaptive_clipping import AdaptiveClip, adaptive_clipping_of, update_noise_multiplier
 
@@ -370,7 +370,7 @@ def noise_multiplier_of(config, population: int) -> float:
 
 def server_channel(config, sizes: Sequence[int], population: int) -> ServerChannel:
     """The run's ServerChannel (always: it counts the bytes) from its Config."""
-    from common.channel_config import channel_settings
+    from flock.common.channel_config import channel_settings
 
     z = noise_multiplier_of(config, population)
     accounting = accounting_of(config, z, population)

@@ -27,7 +27,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from common.errors import ConfigError
+from flock.common.errors import ConfigError
 from scheduler.aggregate import BLOCK
 
 # ---------------------------------------------------------------------------------------------- reduction

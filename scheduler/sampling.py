@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from common import streams
+from flock.common import streams
 
 
 def sample_clients(seed: int, round_index: int, users: Sequence[str], k: int) -> list[str]:

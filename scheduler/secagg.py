@@ -3,7 +3,7 @@ graph (Bell et al. 2020), without the cryptography, so that its effects on the n
 its costs can be studied.
 
 - Encoding: a client's clipped update (every value in [-C, C]) in fixed point with f fractional bits,
-  stochastic rounding, as integers modulo 2^b. `common.channel_config.fixed_point_fraction_bits` picks f so
+  stochastic rounding, as integers modulo 2^b. `flock.common.channel_config.fixed_point_fraction_bits` picks f so
   that a round's sum cannot leave the signed range; `wrap_signed` still reports every value that did.
 - Masks: every pair (u, v) of neighbours in the round's masking graph shares a seeded pseudo-random mask
   m_uv (u adds it, v subtracts it) and every user adds a self mask b_u; modulo 2^b the pairwise masks cancel
@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from common.streams import secagg_rng
+from flock.common.streams import secagg_rng
 
 KEY_BYTES, SIGNATURE_BYTES = 32, 64          # X25519 public keys, Ed25519 signatures
 NONCE_BYTES, TAG_BYTES = 12, 16              # AES-GCM of the shares

@@ -7,7 +7,7 @@ import threading
 
 import grpc
 
-from common.errors import RefusedError, RunFailed
+from flock.common.errors import RefusedError, RunFailed
 from protos import convert
 from protos import scheduler_pb2 as pb
 from protos import scheduler_pb2_grpc as pb_grpc

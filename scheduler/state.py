@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from common.domain import (
+from flock.common.domain import (
     DONE,
     EVAL,
     TRAIN,
@@ -26,8 +26,8 @@ from common.domain import (
     assign_users,
     home_rank,
 )
-from common.errors import ConfigError, RefusedError, RunFailed
-from common.metrics import Ratios, add_sums, eval_record, train_record
+from flock.common.errors import ConfigError, RefusedError, RunFailed
+from flock.common.metrics import Ratios, add_sums, eval_record, train_record
 from reader.base import Reader
 from reader.users import counts_for
 from scheduler.aggregate import all_finite, blockwise, server_step

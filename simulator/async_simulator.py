@@ -27,9 +27,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from common.domain import DONE, EVAL, Plan, RankUpdate, TaskSpec
-from common.metrics import add_sums
-from common.streams import user_seed
+from flock.common.domain import DONE, EVAL, Plan, RankUpdate, TaskSpec
+from flock.common.metrics import add_sums
+from flock.common.streams import user_seed
 from scheduler.phones.asynchronous import HORIZON
 from simulator.data_plane import BLOCK, SchedulerDataPlane
 from simulator.shard import Accumulator

@@ -35,8 +35,8 @@ from typing import Any, Collection, Iterable, Mapping
 
 import numpy as np
 
-from common.errors import ConfigError
-from common.streams import attack_rng
+from flock.common.errors import ConfigError
+from flock.common.streams import attack_rng
 from scheduler.robust import weighted_sum
 
 ATTACKS = ("label-flip", "sign-flip", "scale", "gaussian", "alie", "backdoor")

@@ -14,9 +14,9 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from common import streams
-from common.domain import EVAL, TRAIN
-from common.metrics import add_user_eval, eval_record, train_record
+from flock.common import streams
+from flock.common.domain import EVAL, TRAIN
+from flock.common.metrics import add_user_eval, eval_record, train_record
 from reader.base import Reader
 from scheduler.calendar import Calendar
 from scheduler.sampling import evaluation_users, sample_clients

@@ -9,13 +9,13 @@ leave the device and are neither clipped nor noised). In order:
    from the scheduler's plan; the client reports whether it was not clipped (`unclipped`, the bit adaptive
    clipping counts: `scheduler/adaptive_clipping.py`);
 2. local DP: Gaussian noise of std z*C per coordinate, from the user's channel stream;
-3. compression (`common/codecs.py`): fp16; qB stochastic quantization; top-k of (delta + residual) with
+3. compression (`flock/common/codecs.py`): fp16; qB stochastic quantization; top-k of (delta + residual) with
    error feedback, the residual kept as the user's private state on its home rank;
 4. secure aggregation's encoding: fixed point with f fractional bits, stochastic rounding, values held to
    [-C, C]; the rank's sum of such values is exact in float64, so the scheduler's modular decoding
    (`scheduler/secagg.py`) sees the bits a real protocol would.
 
-Every random draw comes from the user's channel stream (`common.streams.channel_seed`) or, for the model
+Every random draw comes from the user's channel stream (`flock.common.streams.channel_seed`) or, for the model
 broadcast, from the round's stream: the same at any number of ranks.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from common.channel_config import ChannelSettings
-from common.codecs import Codec
-from common.streams import privacy_rng
+from flock.common.channel_config import ChannelSettings
+from flock.common.codecs import Codec
+from flock.common.streams import privacy_rng
 
 RESIDUAL = "ef/"     # private-state key prefix of a user's error-feedback residual, per shared parameter
 
@@ -147,7 +147,7 @@ def update_channel(config) -> UpdateChannel | None:
     """This rank's channel from the run's Config, or None when no option asks for one. Local DP with a
     target epsilon calibrates its noise here (the same on every rank: local DP's rate does not depend on
     the data)."""
-    from common.channel_config import channel_settings
+    from flock.common.channel_config import channel_settings
 
     if config.dp_local and config.dp_target_epsilon:
         from scheduler.privacy import noise_multiplier_of

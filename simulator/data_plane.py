@@ -21,8 +21,8 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from common.domain import Plan, RankUpdate
-from common.errors import RunFailed
+from flock.common.domain import Plan, RankUpdate
+from flock.common.errors import RunFailed
 from scheduler.client import LocalSchedulerClient, SchedulerClient
 from simulator.comm import Comm, Request
 from simulator.doorbell import MAIN, SUM, Doorbells

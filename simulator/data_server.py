@@ -24,7 +24,7 @@ from typing import Mapping, Protocol
 
 import numpy as np
 
-from common.errors import DataError
+from flock.common.errors import DataError
 
 
 class PrivateStore(Protocol):

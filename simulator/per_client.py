@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from common.errors import ConfigError
+from flock.common.errors import ConfigError
 from scheduler.aggregate import BLOCK
 from scheduler.robust import ordered_sum
 from simulator.comm import Comm, Request

@@ -9,8 +9,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from common.domain import ParamLayout
-from common.streams import channel_seed
+from flock.common.domain import ParamLayout
+from flock.common.streams import channel_seed
 from simulator.channel import UpdateChannel
 from simulator.data_server import PrivateStore
 from trainer.base import Trainer, simulating

@@ -10,9 +10,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from common.domain import DONE, TRAIN, Plan, RankMetrics, RankUpdate, assign_users
-from common.metrics import add_sums, add_user_eval
-from common.streams import user_seed
+from flock.common.domain import DONE, TRAIN, Plan, RankMetrics, RankUpdate, assign_users
+from flock.common.metrics import add_sums, add_user_eval
+from flock.common.streams import user_seed
 from reader.base import Reader
 from scheduler.client import LocalSchedulerClient, SchedulerClient
 from simulator.attacks import ClientAttack, trigger_test_samples

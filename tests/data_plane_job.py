@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.domain import TRAIN, Plan, RankUpdate  # noqa: E402
-from common.errors import RunFailed  # noqa: E402
+from flock.common.domain import TRAIN, Plan, RankUpdate  # noqa: E402
+from flock.common.errors import RunFailed  # noqa: E402
 from simulator.comm import MPIComm  # noqa: E402
 from simulator.data_plane import EMPTY, MPIDataPlane  # noqa: E402
 from simulator.doorbell import Doorbells  # noqa: E402

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common.recorder import read_metrics  # the tests' one reader of a run
+from flock.common.recorder import read_metrics  # the tests' one reader of a run
 from flock.run import find_mpirun
 from reader.leaf_format import write_day
 from reader.vocab import BOS, EOS, build_vocab, save_json_atomic

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.channel_config import ChannelSettings
-from common.config import Config, parse_config
-from common.domain import TRAIN, Plan
-from common.errors import ConfigError
-from common.streams import clip_count_rng
 from flock import simulate
+from flock.common.channel_config import ChannelSettings
+from flock.common.config import Config, parse_config
+from flock.common.domain import TRAIN, Plan
+from flock.common.errors import ConfigError
+from flock.common.streams import clip_count_rng
 from protos.convert import plan_from_proto, plan_to_proto
 from scheduler.adaptive_clipping import (
     AdaptiveClip,

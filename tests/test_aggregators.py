@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from common.errors import ConfigError
+from flock.common.errors import ConfigError
 from scheduler import robust
 from scheduler.aggregate import BLOCK
 from scheduler.robust import WholeVector, ordered_sum

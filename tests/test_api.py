@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import SharedError
 from flock import Config, History, launch, read_metrics, simulate
+from flock.common.errors import SharedError
 from tests.helpers import ROOT, make_lm_data
 
 SMALL = dict(rounds=3, clients_per_round=4, eval_every=2, seed=3, shards=2)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.domain import TaskSpec
+from flock.common.domain import TaskSpec
 from scheduler.phones.asynchronous import HORIZON, AsyncRounds, exact_weight
 from scheduler.phones.availability import availability_from_option
 from scheduler.phones.devices import profiles_from_option
@@ -104,7 +104,7 @@ def test_no_task_of_a_later_version_trains_before_a_checkpoint_and_resume_hands_
 
 
 def test_restore_refuses_a_schedule_that_does_not_replay_to_the_saved_time():
-    from common.errors import ConfigError
+    from flock.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match="virtual time"):
         rounds().restore(3, 12345.0)
@@ -189,7 +189,7 @@ def test_asynchronous_options_are_checked(tmp_path, extra, message):
 def test_a_rank_keeps_the_versions_that_tasks_handed_out_later_start_from():
     """Plans name the older versions that tasks not yet handed out start from (`Plan.keep`): a rank keeps
     them, so each version is fetched once, when it is current, and a late task trains from the right one."""
-    from common.domain import DONE, TRAIN, ParamLayout, Plan
+    from flock.common.domain import DONE, TRAIN, ParamLayout, Plan
     from simulator.async_simulator import AsyncSimulator
     from simulator.data_server import MemoryStore
     from simulator.shard import Shard
@@ -214,7 +214,7 @@ def test_a_rank_keeps_the_versions_that_tasks_handed_out_later_start_from():
 
 
 def test_an_asynchronous_plan_crosses_the_wire_whole():
-    from common.domain import TRAIN, Plan
+    from flock.common.domain import TRAIN, Plan
     from protos.convert import plan_from_proto, plan_to_proto
 
     plan = Plan(step=5, kind=TRAIN, round=4, day="d", split="train", users=("ann",), version=4, keep=(1, 3),
@@ -274,7 +274,7 @@ class _Client:
 def test_a_ranks_asynchronous_update_is_the_staleness_weighted_sum_of_its_tasks_deltas():
     """Oracle: sum over a target's tasks of w n (theta_i - theta_start), each from its own start version,
     pushed once every task of the target is trained (tasks of a later target wait in their own sum)."""
-    from common.domain import DONE, TRAIN, ParamLayout, Plan
+    from flock.common.domain import DONE, TRAIN, ParamLayout, Plan
     from simulator.async_simulator import AsyncSimulator
     from simulator.data_server import MemoryStore
     from simulator.shard import Shard

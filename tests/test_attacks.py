@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from common.errors import ConfigError
-from common.streams import attack_rng
+from flock.common.errors import ConfigError
+from flock.common.streams import attack_rng
 from reader.arrays import ArrayReader, write_split
 from simulator.attacks import (
     ATTACKS,

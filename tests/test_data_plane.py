@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from common.domain import ParamLayout, RankUpdate
-from common.errors import RefusedError
+from flock.common.domain import ParamLayout, RankUpdate
+from flock.common.errors import RefusedError
 from protos import convert
 from reader.leaf import LeafRedditReader
 from scheduler.client import LocalSchedulerClient

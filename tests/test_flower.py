@@ -27,9 +27,9 @@ from flwr.serverapp.strategy import (  # noqa: E402
     QFedAvg,
 )
 
-from common.config import Config, load_config_file  # noqa: E402
-from common.domain import ParamLayout  # noqa: E402
-from common.errors import ConfigError  # noqa: E402
+from flock.common.config import Config, load_config_file  # noqa: E402
+from flock.common.domain import ParamLayout  # noqa: E402
+from flock.common.errors import ConfigError  # noqa: E402
 from flock.run import simulate  # noqa: E402
 from reader.arrays import ArrayReader, write_split  # noqa: E402
 from reader.mnist import build  # noqa: E402
@@ -292,7 +292,7 @@ def test_flower_options_follow_one_rule_set(tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text('rounds = 2\n[run-config]\nfraction-train = 0.1\nname = "it\'s"\nnested.flag = true\n')
     values = load_config_file(str(cfg))
-    from common.run_config import parse_run_config
+    from flock.common.run_config import parse_run_config
 
     assert parse_run_config(values["run_config"]) == {"fraction-train": 0.1, "name": "it's", "nested.flag": True}
     cfg.write_text("[run-config]\nbad = [1, 2]\n")
@@ -489,8 +489,8 @@ def test_a_bad_reply_stops_every_rank_with_one_message(mnist_iid, tmp_path):
 def test_a_flower_client_composes_with_dp_clipping_and_compression(tiny):
     """The channel sees a Flower client's update like any other: fit's new arrays minus the global ones,
     clipped to C with weight 1 (not num_examples), then quantized; the int64 counter is a parameter too."""
-    from common.channel_config import ChannelSettings
-    from common.codecs import Codec
+    from flock.common.channel_config import ChannelSettings
+    from flock.common.codecs import Codec
     from simulator.channel import UpdateChannel
 
     shard, _ = make_shard(tiny)

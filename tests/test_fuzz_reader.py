@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from common.errors import DataError
+from flock.common.errors import DataError
 from reader.leaf import LeafRedditReader
 from tests.helpers import make_lm_data
 

@@ -8,9 +8,9 @@ import zlib
 import numpy as np
 import pytest
 
-from common.config import FIELDS, Config, parse_config
-from common.errors import ConfigError, DataError, RunFailed
 from flock import simulate
+from flock.common.config import FIELDS, Config, parse_config
+from flock.common.errors import ConfigError, DataError, RunFailed
 from reader.leaf import parse_leaf_reddit
 from reader.vocab import load_vocab
 from scheduler.phones.availability import AlwaysOn

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from application import main
-from common.config import FIELDS, parse_config
-from common.errors import ConfigError, DataError, RunFailed
 from flock import Config, simulate
+from flock.common.config import FIELDS, parse_config
+from flock.common.errors import ConfigError, DataError, RunFailed
 from reader.leaf_reddit import import_leaf_reddit
 from reader.vocab import load_vocab
 from tests.helpers import make_lm_data, run_app
@@ -152,7 +152,7 @@ def test_config_file_choices_pass_the_command_lines_checks(tmp_path, key, value,
 def test_a_saved_config_with_bad_values_is_refused_on_resume(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"data_dir": "x", "run_id": "r", "server_lr": "NaN", "lr": 1.0}))
     with pytest.raises(ConfigError, match="config.json"):
-        from common.config import resumed_config
+        from flock.common.config import resumed_config
 
         resumed_config(Config(resume=str(tmp_path)))
 

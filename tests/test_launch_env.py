@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from common.config import Config
-from common.errors import SharedError
+from flock.common.config import Config
+from flock.common.errors import SharedError
 from flock.run import simulate
 from simulator.launch_env import expected_size, launcher_rank, mpi_problem, singleton_problem
 from tests.helpers import ROOT, make_lm_data

@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-from common.errors import DataError
+from flock.common.errors import DataError
 from reader.leaf import LeafRedditReader
 from reader.leaf_format import leaf_document
 from reader.leaf_reddit import import_leaf_reddit

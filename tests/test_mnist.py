@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.errors import DataError
+from flock.common.errors import DataError
 from reader.arrays import ArrayReader, write_split
 from reader.mnist import build, load_mnist, partition, split_test_like_train
 from tests.helpers import read_metrics, run_app
@@ -50,7 +50,7 @@ def test_partitions_are_those_of_before_the_shared_partitioner(mnist, scheme, di
     alpha 0.5), digested as the builder made them before it used reader/partitioners.py."""
     import hashlib
 
-    from common import streams
+    from flock.common import streams
 
     _, y_train, _, y_test = mnist
     rng = streams.mnist_partition(0)

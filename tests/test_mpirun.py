@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from common.domain import home_rank
+from flock.common.domain import home_rank
 from tests.helpers import make_lm_data, read_metrics, run_app
 
 pytestmark = pytest.mark.mpi   # every test here starts mpirun

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import streams
+from flock.common import streams
 from flock.partition import main
 from reader import partitioners
 from reader.arrays import ArrayReader

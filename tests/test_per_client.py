@@ -4,9 +4,9 @@ combinations that cannot work are one error line."""
 import numpy as np
 import pytest
 
-from common.config import Config, parse_config
-from common.errors import ConfigError, FlockError
 from flock import simulate
+from flock.common.config import Config, parse_config
+from flock.common.errors import ConfigError, FlockError
 from reader.mnist import build
 from scheduler import robust
 from simulator.per_client import slice_of

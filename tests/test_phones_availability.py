@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import pytest
 
-from common.errors import ConfigError, DataError
+from flock.common.errors import ConfigError, DataError
 from scheduler.phones.availability import (
     AlwaysOn,
     DailyPattern,

@@ -9,8 +9,8 @@ import statistics
 import numpy as np
 import pytest
 
-from common import streams
-from common.errors import ConfigError, DataError
+from flock.common import streams
+from flock.common.errors import ConfigError, DataError
 from scheduler.phones.devices import BuiltinProfiles, DeviceProfile, FileProfiles, load_profiles, profiles_from_option
 from scheduler.phones.files import fedscale_client_id
 from scheduler.phones.safe_pickle import load_plain_pickle, loads_plain_pickle

@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 import pytest
 
-from common.errors import ConfigError, RefusedError
+from flock.common.errors import ConfigError, RefusedError
 from scheduler.phones.availability import DailyPattern, RoundProbability
 from scheduler.phones.clock import client_timing
 from scheduler.phones.devices import BuiltinProfiles

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from common.errors import RunFailed
 from flock import Config, simulate
+from flock.common.errors import RunFailed
 from tests.helpers import make_lm_data, read_metrics, run_app
 
 PHONES = dict(device_profiles="builtin", over_select=1.5, deadline=40.0, min_clients=2)
@@ -100,7 +100,7 @@ def test_phone_options_need_profiles(option, capsys):
 
 
 def test_plot_draws_accuracy_against_simulated_hours(data, tmp_path):
-    from tools.plot import main as plot_main
+    from flock.plot import main as plot_main
 
     simulate(Config(data_dir=str(data), run_dir=str(tmp_path / "run"), **{**SMALL, "rounds": 3}, **PHONES))
     assert plot_main([str(tmp_path / "run"), "--x", "hours", "--out", str(tmp_path / "h.png")]) == 0

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from application import main
-from common.channel_config import ChannelSettings, channel_settings
-from common.codecs import Codec, parse_codec
-from common.config import Config, parse_config
-from common.errors import ConfigError
 from flock import simulate
+from flock.common.channel_config import ChannelSettings, channel_settings
+from flock.common.codecs import Codec, parse_codec
+from flock.common.config import Config, parse_config
+from flock.common.errors import ConfigError
 from scheduler.privacy import DpAccounting, ServerChannel, client_bytes
 from simulator.channel import RESIDUAL, UpdateChannel, stochastic_levels, update_channel
 from tests.helpers import make_lm_data

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.domain import ParamLayout
+from flock.common.domain import ParamLayout
 from model.base import private_names
 from model.lstm import PersonalRedditLSTM, RedditLSTM
 from simulator.data_server import MemoryStore, SQLiteStore

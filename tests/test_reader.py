@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from common.errors import DataError
+from flock.common.errors import DataError
 from reader.leaf import LeafRedditReader
 from reader.leaf_format import leaf_sequences, write_day
 from reader.vocab import build_vocab, load_vocab, save_json_atomic

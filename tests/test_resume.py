@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from common.domain import ParamLayout, RankUpdate
-from common.errors import ConfigError
+from flock.common.domain import ParamLayout, RankUpdate
+from flock.common.errors import ConfigError
 from reader.leaf import LeafRedditReader
 from scheduler.optim import make_server_optimizer
 from scheduler.state import Scheduler, SchedulerConfig

@@ -2,8 +2,8 @@
 store's resume with private parameters, SQLite with two shard threads, and a pinned home rank."""
 import pytest
 
-from common.domain import home_rank
 from flock import Config, read_metrics, simulate
+from flock.common.domain import home_rank
 from tests.helpers import make_lm_data
 
 SMALL = dict(rounds=4, clients_per_round=4, eval_every=2, seed=7, checkpoint_every=2)

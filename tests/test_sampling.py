@@ -1,6 +1,6 @@
 import pytest
 
-from common.domain import assign_users, home_rank
+from flock.common.domain import assign_users, home_rank
 from scheduler.sampling import evaluation_users, sample_clients
 from scheduler.state import schedule
 

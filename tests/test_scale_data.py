@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from common.errors import DataError
+from flock.common.errors import DataError
 from reader import base
 from reader.base import DayIndex
 from reader.leaf import LeafRedditReader
@@ -153,8 +153,8 @@ class TupleReader:
 def test_the_scheduler_plans_alike_from_the_compact_table_and_from_tuples(tmp_path, phones):
     """Plans, the evaluation subset and the checkpoint's data digest must not depend on how the index is
     held: runs and checkpoints stay what they were before the compact table."""
-    from common.config import Config
-    from common.domain import ParamLayout
+    from flock.common.config import Config
+    from flock.common.domain import ParamLayout
     from flock.run import phone_rounds
     from scheduler.optim import make_server_optimizer
     from scheduler.state import Scheduler, SchedulerConfig

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from common.domain import DONE, EVAL, TRAIN, ParamLayout, RankMetrics, RankUpdate
-from common.errors import ConfigError, RefusedError, RunFailed
+from flock.common.domain import DONE, EVAL, TRAIN, ParamLayout, RankMetrics, RankUpdate
+from flock.common.errors import ConfigError, RefusedError, RunFailed
 from protos import convert
 from reader.leaf import LeafRedditReader
 from scheduler.optim import make_server_optimizer

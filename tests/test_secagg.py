@@ -4,8 +4,8 @@ with --secagg trains like the same run without it."""
 import numpy as np
 import pytest
 
-from common.channel_config import fixed_point_fraction_bits
 from flock import Config, simulate
+from flock.common.channel_config import fixed_point_fraction_bits
 from scheduler.secagg import (
     SecAggFailed,
     SecAggRound,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.recorder import read_metrics
+from flock.common.recorder import read_metrics
 from flock.sweep import main
 from tests.helpers import make_arrays_data
 

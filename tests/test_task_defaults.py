@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from common.config import Config, parse_options
-from common.errors import ConfigError, SharedError
-from common.task_defaults import with_task_defaults
 from flock import simulate
+from flock.common.config import Config, parse_options
+from flock.common.errors import ConfigError, SharedError
+from flock.common.task_defaults import with_task_defaults
 from tests.helpers import ROOT, make_arrays_data
 
 TINY = {"reader": "arrays", "model": "tests.tiny_models:Linear", "trainer": "classifier"}

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from common.config import Config
-from common.errors import ConfigError, SharedError
 from flock import launch, simulate
+from flock.common.config import Config
+from flock.common.errors import ConfigError, SharedError
 from tests.helpers import make_lm_data
 
 SMALL = {"rounds": 3, "clients_per_round": 4, "eval_every": 1, "checkpoint_every": 0, "shards": 1}
@@ -37,7 +37,7 @@ def test_the_csv_tracker_writes_every_number_of_every_record(data, tmp_path):
 def test_mlflows_own_client_reads_back_the_params_and_every_metrics_history(data, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from common.trackers import mlflow_uri
+    from flock.common.trackers import mlflow_uri
 
     monkeypatch.chdir(tmp_path)            # the default store: ./mlruns
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -4,8 +4,8 @@ import threading
 import numpy as np
 import pytest
 
-from common.domain import ParamLayout, RankUpdate
-from common.errors import RefusedError
+from flock.common.domain import ParamLayout, RankUpdate
+from flock.common.errors import RefusedError
 from protos import convert
 from protos import scheduler_pb2 as pb
 from reader.leaf import LeafRedditReader

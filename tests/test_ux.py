@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from common.config import parse_config
-from common.errors import ConfigError
+from flock.common.config import parse_config
+from flock.common.errors import ConfigError
+from flock.plot import plot
 from tests.helpers import ROOT, make_lm_data, read_metrics
-from tools.plot import plot
 
 
 def test_config_file_then_command_line(tmp_path):

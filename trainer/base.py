@@ -104,7 +104,7 @@ class Trainer(Protocol):
     # Optional: `main_metric = "top1"`, the eval ratio reported per user (eval_users.json, plots); default:
     # the first of eval_ratios.
     # Optional: `defaults = {"lr": 0.05, "batch_size": 20}`, the task's own defaults for the optimisation
-    # options (common/task_defaults.py: TASK_OPTIONS); the user's values win, Config's apply to the rest.
+    # options (flock/common/task_defaults.py: TASK_OPTIONS); the user's values win, Config's apply to the rest.
     # Optional: `thread_safe = False` for trainers that use process-global state (torch's global RNG, a
     # framework's singletons); the application then runs one shard per rank (use more ranks instead).
 

@@ -52,8 +52,8 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import numpy as np
 import torch
 
-from common.errors import ConfigError
-from common.run_config import parse_run_config
+from flock.common.errors import ConfigError
+from flock.common.run_config import parse_run_config
 from reader.base import Reader
 from trainer.base import TrainConfig, current_call, simulating
 
@@ -99,7 +99,7 @@ _OPENED: dict[tuple[str, str], tuple[Reader, list[str]]] = {}
 def partition_samples(data_dir: str, reader_name: str, partition_id: int, split: str) -> dict[str, np.ndarray]:
     """Partition `partition_id`'s samples of `split` in a flock data folder: "test" from the test day (the
     last day), "train" from every other day, concatenated."""
-    from common.plugins import resolve
+    from flock.common.plugins import resolve
     from scheduler.calendar import Calendar
 
     if (data_dir, reader_name) not in _OPENED:

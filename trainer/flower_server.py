@@ -34,8 +34,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as strategies
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.domain import ParamLayout
-from common.errors import ConfigError, FlockError
+from flock.common.domain import ParamLayout
+from flock.common.errors import ConfigError, FlockError
 
 log = logging.getLogger(__name__)
 

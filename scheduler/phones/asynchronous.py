@@ -31,8 +31,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
-from common.domain import TaskSpec
-from common.errors import ConfigError
+from flock.common.domain import TaskSpec
+from flock.common.errors import ConfigError
 from scheduler.phones.clock import ClientTiming, client_timing
 from scheduler.phones.fedbuff import AsyncConfig, AsyncSchedule, Buffer
 from scheduler.phones.report import async_update_record

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from common import streams
-from common.errors import ConfigError, DataError
+from flock.common import streams
+from flock.common.errors import ConfigError, DataError
 from scheduler.phones.files import UserEntries, check_keys, load_mapping, number, user_entries
 
 HOUR_S = 3600.0

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from common import streams
-from common.errors import ConfigError, DataError
+from flock.common import streams
+from flock.common.errors import ConfigError, DataError
 from scheduler.phones.files import UserEntries, check_keys, load_mapping, number, user_entries
 
 FEDSCALE_TRAIN_FACTOR = 3.0     # FedScale: a training step costs forward + backward ~ 3 x inference

@@ -32,7 +32,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
-from common.errors import ConfigError, RefusedError
+from flock.common.errors import ConfigError, RefusedError
 from scheduler.phones.availability import AlwaysOn, Availability
 from scheduler.phones.selection import select_online
 

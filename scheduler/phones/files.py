@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterable, Mapping, TypeVar
 
-from common.errors import DataError
+from flock.common.errors import DataError
 from scheduler.phones.safe_pickle import loads_plain_pickle
 
 Entry = TypeVar("Entry")

@@ -13,7 +13,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from common.errors import DataError
+from flock.common.errors import DataError
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

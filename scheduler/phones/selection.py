@@ -16,7 +16,7 @@ from typing import Container, Iterator, Sequence
 
 import numpy as np
 
-from common import streams
+from flock.common import streams
 from scheduler.phones.availability import Availability
 
 BLOCK = 64

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-from common.errors import ConfigError
+from flock.common.errors import ConfigError
 
 log = logging.getLogger("flock")
 

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.errors import DataError
+from flock.common.errors import DataError
 
 log = logging.getLogger("flock")
 

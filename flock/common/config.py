@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from common.channel_config import check_channel_options
-from common.errors import ConfigError
-from common.run_config import format_run_config, parse_run_config
+from flock.common.channel_config import check_channel_options
+from flock.common.errors import ConfigError
+from flock.common.run_config import format_run_config, parse_run_config
 from scheduler.optim import SERVER_OPTIMIZERS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -187,7 +187,7 @@ class Config:
     backdoor_target: int = opt(0, "--attack backdoor: the class the trigger leads to", lo=0, hi=2**31 - 1)
     backdoor_fraction: float = opt(0.5, "--attack backdoor: the share of a malicious client's samples poisoned",
                                    lo=0, lo_open=True, hi=1)
-    # privacy and communication (issue 15): common/channel_config.py checks how they combine
+    # privacy and communication (issue 15): flock/common/channel_config.py checks how they combine
     dp_clip: float = opt(0.0, "DP-FedAvg: clip each user's shared-parameter update to this L2 norm C; users then "
                          "weigh 1 each, not n_k (0: no clipping, sample-weighted FedAvg)", lo=0, hi=1e6)
     dp_noise_multiplier: float = opt(0.0, "DP-FedAvg: Gaussian noise of std z*C added once to the round's sum of "

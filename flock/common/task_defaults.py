@@ -10,8 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.config import CALLER, FIELDS, Config
-from common.errors import ConfigError
+from flock.common.config import CALLER, FIELDS, Config
+from flock.common.errors import ConfigError
 
 # the options a plug-in may give a default for: how its task is optimised, nothing about where or how it runs
 TASK_OPTIONS = ("lr", "server_lr", "server_opt", "max_grad_norm", "batch_size", "local_epochs", "momentum",
@@ -24,7 +24,7 @@ def plugin_defaults(config: Config) -> tuple[dict[str, Any], dict[str, str]]:
     the source's name ("trainer classifier"). A Flower app brings its own settings: none."""
     if config.flower_client or config.flower_app:
         return {}, {}
-    from common.plugins import resolve
+    from flock.common.plugins import resolve
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}

@@ -1,6 +1,6 @@
 """Learning curves and per-user fairness of one or more runs, to a PNG.
 
-    python -m tools.plot RUN_DIR [RUN_DIR ...] [--out plot.png]
+    python -m flock.plot RUN_DIR [RUN_DIR ...] [--out plot.png]
 
 Panels: the main evaluation metric against rounds (solid: over all samples; dashed: mean over users),
 training loss against rounds, and the distribution of the per-user metric at each run's last evaluation
@@ -13,8 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from common.errors import DataError
-from common.recorder import read_metrics, train_loss
+from flock.common.errors import DataError
+from flock.common.recorder import read_metrics, train_loss
 
 
 def load(run_dir: Path) -> tuple[list[dict], dict | None]:
@@ -74,7 +74,7 @@ def plot(run_dirs: list[Path], out: Path, x: str = "round") -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.plot", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m flock.plot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN_DIR/plot.png of the first run)")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-from common.errors import ConfigError
+from flock.common.errors import ConfigError
 
 BUILTINS = {
     "reader": {"leaf": "reader.leaf:LeafRedditReader", "arrays": "reader.arrays:ArrayReader"},

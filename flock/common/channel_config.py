@@ -6,11 +6,11 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from common.codecs import Codec, parse_codec
-from common.errors import ConfigError
+from flock.common.codecs import Codec, parse_codec
+from flock.common.errors import ConfigError
 
 if TYPE_CHECKING:
-    from common.config import Config
+    from flock.common.config import Config
 
 NEEDS_CLIP = ("dp_noise_multiplier", "dp_target_epsilon", "dp_noise_cohort", "dp_population", "dp_local", "secagg",
               "dp_adaptive_quantile")
@@ -78,7 +78,7 @@ def phones_come_and_go(config: Config) -> bool:
 
 def check_channel_options(config: Config) -> None:
     """The combinations no run can honour, each a ConfigError naming the option."""
-    from common.config import FIELDS
+    from flock.common.config import FIELDS
 
     given = [n for n in (*NEEDS_CLIP, *SECAGG_OPTIONS, *ADAPTIVE_OPTIONS, "compress_up", "compress_down")
              if getattr(config, n) != FIELDS[n].default]
@@ -128,7 +128,7 @@ def check_adaptive_clipping(config: Config) -> None:
     local DP (each client's clipped-or-not bit would reach the server without noise, outside the guarantee).
     An explicit --dp-noise-multiplier must leave the update a share of the budget (a calibrated one is
     checked when it is known, before the run starts)."""
-    from common.config import FIELDS
+    from flock.common.config import FIELDS
     from scheduler.adaptive_clipping import adaptive_clipping_of, update_noise_multiplier
 
     given = [_flag(n) for n in ADAPTIVE_OPTIONS if getattr(config, n) != FIELDS[n].default]

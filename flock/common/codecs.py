@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from common.errors import ConfigError
+from flock.common.errors import ConfigError
 
 FP32_BYTES, FP16_BYTES, SCALE_BYTES, INDEX_BYTES = 4, 2, 4, 4
 

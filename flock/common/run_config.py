@@ -9,7 +9,7 @@ import re
 import tomllib
 from typing import Any, Mapping
 
-from common.errors import ConfigError
+from flock.common.errors import ConfigError
 
 # Flower's pattern (flwr.common.config.parse_config_args): key=value, the value quoted or up to a space
 _PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
