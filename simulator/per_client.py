@@ -84,8 +84,17 @@ class PerClientRound:
         self.bounds = [slice_of(r, comm.size, size, block) for r in range(comm.size)]
 
     def _wait(self, request: Request, what: str, step: int) -> None:
+        """Waits for the ranks with sleeps (those still training keep the cores), up to the round timeout."""
         wait_until(request.test, time.monotonic() + self.timeout,
                    lambda: f"rank {self.comm.rank}: step {step}: no rank came in for {self.timeout:.0f} s while {what}")
+
+    def _finish(self, request: Request, what: str, step: int) -> None:
+        """Drives a collective every rank has entered (after the barrier): MPI moves its bytes only while it
+        is called, so no sleeps here (a sleeping rank would hold up the transfer), still bounded in time."""
+        deadline = time.monotonic() + self.timeout
+        while not request.test():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {self.comm.rank}: step {step}: {what} took over {self.timeout:.0f} s")
 
     def run(self, mine: Sequence[tuple[str, float, np.ndarray]], step: int,
             round_index: int = 0) -> tuple[np.ndarray | None, int, str]:
@@ -112,7 +121,7 @@ class PerClientRound:
             send_counts.append((b - a) * len(mine_sorted))
         counts = [len(entries) for entries in listed]
         recv = np.empty(k * (hi - lo), np.float32)
-        self._wait(comm.Ialltoallv(send, send_counts, recv, [c * (hi - lo) for c in counts]),
+        self._finish(comm.Ialltoallv(send, send_counts, recv, [c * (hi - lo) for c in counts]),
                    "exchanging the clients' slices", step)
         del send
         # rows as received (rank by rank, each in uid order) -> rows in the round's global uid order
@@ -129,7 +138,7 @@ class PerClientRound:
         if part.shape != (hi - lo,):
             raise ValueError(f"the aggregator returned {part.shape} values for a slice of {hi - lo}")
         full = np.empty(self.size, np.float64) if comm.rank == 0 else None
-        self._wait(comm.Igatherv(part, full, [b - a for a, b in self.bounds]), "gathering the aggregate", step)
+        self._finish(comm.Igatherv(part, full, [b - a for a, b in self.bounds]), "gathering the aggregate", step)
         if full is not None and not np.isfinite(full).all():
             raise ValueError(f"step {step}: the aggregator's result is not finite")
         return full, k, ""
