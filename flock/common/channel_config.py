@@ -71,6 +71,11 @@ def channel_settings(config: Config, noise_multiplier: float | None = None) -> C
                            if bits else 0)
 
 
+def central_dp_noise(config: Config) -> bool:
+    """Whether the server adds DP noise to the round's sum (given or calibrated; local DP's is the clients')."""
+    return (config.dp_noise_multiplier > 0 or config.dp_target_epsilon > 0) and not config.dp_local
+
+
 def phones_come_and_go(config: Config) -> bool:
     """Whether the run's users are on-line only at times (--availability other than always)."""
     return bool(config.device_profiles) and config.availability not in ("", "always")
@@ -106,7 +111,7 @@ def check_channel_options(config: Config) -> None:
                           f"{config.clients_per_round}")
     if config.secagg:
         fixed_point_fraction_bits(config.secagg_bits, config.dp_clip, config.clients_per_round)
-    accounted = (config.dp_noise_multiplier > 0 or config.dp_target_epsilon > 0) and not config.dp_local
+    accounted = central_dp_noise(config)
     per_round = [_flag(n) for n in ("dp_target_epsilon", "dp_population", "dp_noise_cohort") if getattr(config, n)]
     if accounted and phones_come_and_go(config) and per_round:
         raise ConfigError(f"{', '.join(per_round)}: with --availability {config.availability} the accountant counts "

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from flock.common.channel_config import check_channel_options
+from flock.common.channel_config import central_dp_noise, check_channel_options
 from flock.common.errors import ConfigError
 from flock.common.run_config import format_run_config, parse_run_config
 from scheduler.optim import SERVER_OPTIMIZERS
@@ -326,8 +326,7 @@ def check_attack_options(config: Config) -> None:
         if given:
             raise ConfigError(f"--attack {config.attack}: not with {what} (attacks run in flock's synchronous rounds, "
                               f"on the updates each client sends)")
-    central_noise = (config.dp_noise_multiplier > 0 or config.dp_target_epsilon > 0) and not config.dp_local
-    if central_noise and config.attack not in ("label-flip", "backdoor"):
+    if central_dp_noise(config) and config.attack not in ("label-flip", "backdoor"):
         raise ConfigError(f"--attack {config.attack} changes single updates, which the per-client path aggregates: "
                           f"not with central DP noise (calibrated for a sum)")
 
@@ -343,9 +342,8 @@ def check_aggregator_options(config: Config) -> None:
             raise ConfigError(f"{_flag(option)} is for --aggregator {' or '.join(rules)}, not {name}")
     if name == "fedavg":
         return
-    central_noise = (config.dp_noise_multiplier > 0 or config.dp_target_epsilon > 0) and not config.dp_local
     refused = [(config.secagg, "--secagg (its masks hide every single update)"),
-               (central_noise, "central DP noise (calibrated for the sum of the clients' updates)"),
+               (central_dp_noise(config), "central DP noise (calibrated for the sum of the clients' updates)"),
                (config.async_buffer, "--async-buffer (FedBuff's buffers are sums)"),
                (config.flower_server, "--flower-server (the ServerApp's strategy aggregates)"),
                (config.centralized, "--centralized (one model, no clients)")]
