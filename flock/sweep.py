@@ -111,14 +111,41 @@ def finished(run_dir: Path, rounds: int) -> bool:
     return any(r.get("kind") == "eval" and (r.get("round") == rounds or "target_reached" in r) for r in records)
 
 
+def as_resumed(run: Run) -> Config:
+    """The run's options as its job would resolve them (the trainer's defaults where the sweep set nothing),
+    naming its folder as the run to continue."""
+    from flock.common.task_defaults import with_task_defaults
+
+    config, _ = with_task_defaults(run.config, run.given)
+    return replace(config, resume=str(run.run_dir), run_dir=str(run.run_dir))
+
+
+def check_existing(runs: Sequence[Run], out: Path) -> None:
+    """Runs already in `out` must have been made with the options the sweep now asks for (only --rounds,
+    --eval-every and --checkpoint-every may differ: such a run is continued to them); a ConfigError names
+    the first run and options that differ, before anything runs."""
+    from flock.common.config import resumed_config
+    from flock.run import holds_a_run
+
+    for run in runs:
+        if holds_a_run(run.run_dir) and (run.run_dir / "config.json").is_file():
+            try:
+                resumed_config(as_resumed(run))
+            except ConfigError as e:
+                raise ConfigError(f"--out {out}: {run.run_dir.name} was run with other settings ({e}); give "
+                                  f"another --out, or remove that run") from None
+
+
 def execute(run: Run, np: int) -> str:
     """Runs (or skips, resumes, restarts) one run; returns what was done, in words."""
+    from flock.common.config import resumed_config
     from flock.run import holds_a_run, launch, simulate
 
     if finished(run.run_dir, run.config.rounds):
         return "finished already: skipped"
     if holds_a_run(run.run_dir) and (run.run_dir / "checkpoint.npz").is_file():
-        resume = Config(data_dir=run.config.data_dir, resume=str(run.run_dir))     # the saved options
+        # the saved options, with this sweep's --rounds (check_existing found nothing else differing)
+        resume = resumed_config(as_resumed(run))
         if np == 1:
             simulate(resume)
         else:
@@ -289,6 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--np must be at least 1, got {args.np}")
         grid = parse_grid(args.grid)
         runs = plan_runs(args.base, grid, seeds, out, args.target)
+        check_existing(runs, out)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ from typing import ClassVar, Mapping
 import torch
 from torch import nn
 
-from model.mnist import MnistCNN, MnistMLP
+from model.mnist import MnistCNN, MnistMLP, check_mnist_input
 
 
 class FedEMEnsemble(nn.Module):
@@ -33,6 +33,7 @@ class FedEMMLP(FedEMEnsemble):
 
     @classmethod
     def build(cls, spec: Mapping[str, int]) -> "FedEMMLP":
+        check_mnist_input(spec, cls.__name__)
         return cls([MnistMLP(int(spec["num_classes"])) for _ in range(3)])
 
 
@@ -41,4 +42,5 @@ class FedEMCNN(FedEMEnsemble):
 
     @classmethod
     def build(cls, spec: Mapping[str, int]) -> "FedEMCNN":
+        check_mnist_input(spec, cls.__name__)
         return cls([MnistCNN(int(spec["num_classes"])) for _ in range(3)])

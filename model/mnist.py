@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +17,15 @@ def _dropout(x: torch.Tensor, p: float, training: bool, rng: torch.Generator | N
     return x * keep / (1 - p)
 
 
+def check_mnist_input(spec: Mapping[str, int], model: str) -> None:
+    """MNIST's models take 28 x 28 one-channel images (784 values): another input shape in the data's spec is
+    refused here, at start-up, rather than by a reshape in the first round."""
+    shape = tuple(int(spec[f"input_{i}"]) for i in range(8) if f"input_{i}" in spec)
+    if shape and int(np.prod(shape)) != 784:
+        raise ValueError(f"{model} takes 28 x 28 one-channel images (784 values); the data's samples are "
+                         f"{' x '.join(map(str, shape))}: use a model of your own (--model module:Class)")
+
+
 class MnistMLP(nn.Module):
     """McMahan's "2NN": 784 -> 200 -> 200 -> 10 with ReLU (199,210 parameters)."""
 
@@ -27,6 +37,7 @@ class MnistMLP(nn.Module):
 
     @classmethod
     def build(cls, spec: Mapping[str, int]) -> "MnistMLP":
+        check_mnist_input(spec, cls.__name__)
         return cls(int(spec["num_classes"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +60,7 @@ class MnistCNN(nn.Module):
 
     @classmethod
     def build(cls, spec: Mapping[str, int]) -> "MnistCNN":
+        check_mnist_input(spec, cls.__name__)
         return cls(int(spec["num_classes"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -200,3 +200,21 @@ def test_a_backdoor_on_text_is_refused_before_the_run(tmp_path):
     data = make_lm_data(tmp_path / "lm")
     with pytest.raises(FlockError, match="--attack backdoor"):
         simulate(Config(data_dir=str(data), run_dir=str(tmp_path / "run"), attack="backdoor", rounds=1))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--aggregator", "median", "--krum-f", "1"], "--krum-f is for --aggregator krum or multi-krum or bulyan"),
+    (["--attack-fraction", "0.2"], "--attack-fraction is for --attack NAME"),
+])
+def test_a_rules_option_set_by_the_user_with_its_default_value_is_refused_too(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(["data", *argv])
+
+
+def test_a_built_in_mnist_model_on_other_images_is_one_message(tmp_path):
+    from tests.helpers import make_arrays_data
+
+    data = make_arrays_data(tmp_path / "data", features=12)
+    with pytest.raises(FlockError, match="MnistMLP takes 28 x 28 one-channel images .* the data's samples are 12"):
+        simulate(Config(data_dir=str(data), run_dir=str(tmp_path / "run"), reader="arrays", model="mlp",
+                        trainer="classifier", rounds=1))

@@ -122,3 +122,21 @@ def test_runs_of_two_ranks_give_what_one_process_gives(sweep, tmp_path):
 
     name = "lr=0.1_server-opt=fedadam-seed1"
     assert main_numbers(tmp_path / "out" / name) == main_numbers(out / name)
+
+
+def test_a_sweep_folder_made_with_other_settings_is_refused_and_more_rounds_continue_it(sweep, tmp_path, capsys):
+    """A changed base config does not pass for the old runs (their results would be reported as the new
+    settings'); more --rounds continue the runs to them."""
+    base, _ = sweep
+    out = tmp_path / "out"
+    assert main([str(base), "--grid", "lr=0.1", "--seeds", "0", "--out", str(out)]) == 0
+    changed = tmp_path / "changed.toml"
+    changed.write_text(base.read_text() + "local-epochs = 3\n")
+    capsys.readouterr()
+    assert main([str(changed), "--grid", "lr=0.1", "--seeds", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out") and "--local-epochs 3 (saved: 1)" in err
+    longer = tmp_path / "longer.toml"
+    longer.write_text(base.read_text().replace("rounds = 2", "rounds = 3"))
+    assert main([str(longer), "--grid", "lr=0.1", "--seeds", "0", "--out", str(out)]) == 0
+    assert [r["round"] for r in read_metrics(out / "lr=0.1-seed0") if r["kind"] == "train"] == [1, 2, 3]

@@ -97,3 +97,21 @@ def test_launch_hands_over_records_as_they_appear(data, tmp_path):
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["sources"]["rounds"] == "config file" and saved["sources"]["lr"] == "trainer lm"
     assert (tmp_path / "run" / "metrics.csv").is_file()
+
+
+def test_a_resumed_runs_csv_holds_each_record_once(tmp_path):
+    from flock import Config, simulate
+    from tests.helpers import make_arrays_data
+
+    data = make_arrays_data(tmp_path / "data")
+    run = tmp_path / "run"
+    common = dict(reader="arrays", trainer="classifier", model="tests.tiny_models:Linear", clients_per_round=4,
+                  eval_every=1, checkpoint_every=1, tracker=("csv",))
+    simulate(Config(data_dir=str(data), run_dir=str(run), rounds=2, **common))
+    simulate(Config(data_dir=str(data), resume=str(run), rounds=3))
+    lines = (run / "metrics.csv").read_text().splitlines()
+    rows = [line.split(",") for line in lines[1:]]
+    assert lines[0] == "round,kind,name,value"
+    assert sorted({(r[0], r[1]) for r in rows}) == [("1", "eval"), ("1", "train"), ("2", "eval"), ("2", "train"),
+                                                   ("3", "eval"), ("3", "train")]
+    assert len(rows) == len({(r[0], r[1], r[2]) for r in rows})       # no record twice

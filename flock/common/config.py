@@ -311,11 +311,16 @@ ATTACK_OPTIONS = {"attack_fraction": None, "attack_boost": ("scale",), "attack_s
                   "alie_z": ("alie",), "backdoor_target": ("backdoor",), "backdoor_fraction": ("backdoor",)}
 
 
-def check_attack_options(config: Config) -> None:
+def _set(config: Config, option: str, given: set[str] | None) -> bool:
+    """Whether the user set `option`: named on the command line or in a config file when that is known
+    (`given`), else given a value other than its default."""
+    return option in given if given is not None else getattr(config, option) != FIELDS[option].default
+
+
+def check_attack_options(config: Config, given: set[str] | None = None) -> None:
     """An attack's options only with that attack; attacks run in synchronous rounds of flock's own trainers."""
     for option, attacks in ATTACK_OPTIONS.items():
-        if getattr(config, option) != FIELDS[option].default and (not config.attack or (attacks and config.attack
-                                                                                         not in attacks)):
+        if _set(config, option, given) and (not config.attack or (attacks and config.attack not in attacks)):
             raise ConfigError(f"{_flag(option)} is for --attack {' or '.join(attacks or ('NAME',))}"
                               + (f", not {config.attack}" if config.attack else ""))
     if not config.attack:
@@ -331,14 +336,14 @@ def check_attack_options(config: Config) -> None:
                           f"not with central DP noise (calibrated for a sum)")
 
 
-def check_aggregator_options(config: Config) -> None:
+def check_aggregator_options(config: Config, given: set[str] | None = None) -> None:
     """How --aggregator combines with the rest: a rule's options only with that rule (or a module:Class, which
     may read any); per-client rules not where single updates are hidden (secure aggregation), where the noise is
     calibrated for a sum (central DP), nor with the asynchronous buffer, a Flower strategy or --centralized."""
     name = config.aggregator
     custom = ":" in name
     for option, rules in AGGREGATOR_OPTIONS.items():
-        if getattr(config, option) != FIELDS[option].default and name not in rules and not custom:
+        if _set(config, option, given) and name not in rules and not custom:
             raise ConfigError(f"{_flag(option)} is for --aggregator {' or '.join(rules)}, not {name}")
     if name == "fedavg":
         return
@@ -541,6 +546,8 @@ def parse_options(argv: Sequence[str] | None = None) -> tuple[Config, dict[str, 
         config = Config(**values)
         if config.resume:
             return resumed_config(config, set(given)), {}
+        check_aggregator_options(config, set(given))     # a rule's or attack's option set by the user, any value
+        check_attack_options(config, set(given))
         return config, given
     except ConfigError as e:
         at_fault = e.options or [n for n in FIELDS if re.search(rf"{_flag(n)}\b", str(e))]

@@ -84,15 +84,19 @@ def params(run_dir: Path) -> dict[str, Any]:
 
 
 class CsvTracker:
-    """RUN_DIR/metrics.csv: round, kind, name, value (long format); appended to on --resume."""
+    """RUN_DIR/metrics.csv: round, kind, name, value (long format). Opened once metrics.jsonl is as the run
+    continues from (a resumed run's cut back to its checkpoint), and written anew from it: the csv holds
+    what metrics.jsonl holds, never a record twice."""
 
     def __init__(self, run_dir: Path) -> None:
-        path = run_dir / "metrics.csv"
-        fresh = not path.exists() or path.stat().st_size == 0
-        self._file = open(path, "a", newline="", encoding="utf-8")
+        from flock.common.recorder import read_metrics
+
+        earlier = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+        self._file = open(run_dir / "metrics.csv", "w", newline="", encoding="utf-8")
         self._writer = csv.writer(self._file)
-        if fresh:
-            self._writer.writerow(["round", "kind", "name", "value"])
+        self._writer.writerow(["round", "kind", "name", "value"])
+        for record in earlier:
+            self.record(record)
 
     def record(self, record: dict) -> None:
         for name, value in numbers(record):
