@@ -546,8 +546,12 @@ def parse_options(argv: Sequence[str] | None = None) -> tuple[Config, dict[str, 
         config = Config(**values)
         if config.resume:
             return resumed_config(config, set(given)), {}
-        check_aggregator_options(config, set(given))     # a rule's or attack's option set by the user, any value
-        check_attack_options(config, set(given))
+        # a rule's or attack's option the user set, whatever its value (a saved run's config.json lists every
+        # option: from it, those that differ from their defaults)
+        saved_run = bool(known.config) and "run_id" in _read_table(known.config)
+        chosen = set(on_command_line) | {n for n in from_file if not saved_run or from_file[n] != FIELDS[n].default}
+        check_aggregator_options(config, chosen)
+        check_attack_options(config, chosen)
         return config, given
     except ConfigError as e:
         at_fault = e.options or [n for n in FIELDS if re.search(rf"{_flag(n)}\b", str(e))]
