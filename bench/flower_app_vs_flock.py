@@ -65,7 +65,7 @@ def flower_run(data_dir: Path, rounds: int) -> tuple[float, float, dict[int, dic
     from examples.flower_app.server_app import app as quickstart_server
     from flock.common.streams import user_seed
     from reader.arrays import ArrayReader
-    from scheduler.calendar import Calendar
+    from reader.calendar import Calendar
     from scheduler.sampling import sample_clients
     from trainer.flower import call_seed, partition_users, seed_globals
 

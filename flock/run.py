@@ -445,10 +445,11 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
                      progress: str):
     """Rank 0: the scheduler (restored on --resume), config.json and the recorder; returns (scheduler, rounds
     already done)."""
-    from flock.common.channel_config import channel_settings
+    from flock.channel import keeps_user_state, server_channel
+    from flock.channel.accounting import Accountant, training_population
     from flock.common.recorder import Recorder, truncate_metrics
     from scheduler.optim import make_server_optimizer
-    from scheduler.privacy import server_channel, training_population
+    from scheduler.rounds import round_policy
     from scheduler.state import Scheduler, SchedulerConfig
 
     run_dir = Path(config.run_dir)
@@ -464,19 +465,20 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
     channel = server_channel(config, layout.sizes, training_population(reader))     # privacy and bytes
     phones = phone_rounds(config)
     if phones is not None:      # compressed transfers take their own time on the virtual clock
+        accounting = channel.stage(Accountant).accounting
         phones = replace(phones, client_bytes=(channel.bytes_down, channel.bytes_up),
-                         count_online=channel.accounting is not None and channel.accounting.per_round)
+                         count_online=accounting is not None and accounting.per_round)
     scheduler = Scheduler(
         SchedulerConfig(world_size=world, rounds=config.rounds, clients_per_round=config.clients_per_round,
                         eval_every=config.eval_every, eval_users=config.eval_users, seed=config.seed,
-                        pin_users=bool(built.private) or channel_settings(config).error_feedback,
+                        pin_users=bool(built.private) or keeps_user_state(config),
                         checkpoint_every=config.checkpoint_every, target=parse_target(config.target)),
         reader=reader, optimizer=trainer_cls.server_step(layout) if config.flower_server else make_server_optimizer(
             config.server_opt, server_lr=config.server_lr, momentum=config.server_momentum,
             beta1=config.server_beta1, beta2=config.server_beta2, tau=config.server_tau),
         train_ratios=trainer_cls.train_ratios, eval_ratios=built.eval_ratios,
-        main_metric=getattr(trainer_cls, "main_metric", ""), phones=phones,
-        asynchronous=async_config(config), channel=channel,
+        main_metric=getattr(trainer_cls, "main_metric", ""), rounds=round_policy(phones, async_config(config)),
+        channel=channel,
         checkpoint_path=checkpoint if config.checkpoint_every else None)
     resume_round = 0
     if config.resume:
@@ -494,16 +496,15 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
         "versions": package_versions(), **channel.run_fields(), "sources": sink.sources})
     sink.open(config, run_dir, stack.enter_context(Recorder(run_dir, config.rounds, mode=progress,
                                                             done=resume_round)))
-    scheduler.on_record = sink       # before rank 0's parameters arrive, no step can finish
-    scheduler.before_checkpoint = sink.recorder.sync
+    scheduler.attach(on_record=sink, before_checkpoint=sink.recorder.sync)   # before rank 0's parameters arrive,
     return scheduler, resume_round
 
 
 def _simulator(config: Config, built: _Built, comm: Comm, reader, client, data_plane, train_config,
                resume_round: int, stack: ExitStack):
     """This rank's simulator: its private store (rolled back on --resume), shards with model replicas."""
+    from flock.channel import update_channel
     from simulator.async_simulator import AsyncSimulator
-    from simulator.channel import update_channel
     from simulator.data_server import MemoryStore, SQLiteStore
     from simulator.per_client import PerClientRound
     from simulator.shard import Shard
@@ -514,7 +515,7 @@ def _simulator(config: Config, built: _Built, comm: Comm, reader, client, data_p
     if config.data_server == "sqlite":
         store = SQLiteStore(run_dir / "private" / f"rank{rank}.sqlite")
     else:
-        keep = (built.private or (channel and channel.settings.error_feedback)) and config.checkpoint_every
+        keep = (built.private or (channel and channel.error_feedback)) and config.checkpoint_every
         store = MemoryStore(run_dir / "private" / f"rank{rank}-memory" if keep else None)
     stack.callback(store.close)
     if config.resume:

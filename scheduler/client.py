@@ -153,8 +153,7 @@ class LocalSchedulerClient:
         with self.scheduler._cond:
             if mirror is not None and self.scheduler.params is not None:
                 np.copyto(mirror, self.scheduler.params)
-            self.scheduler.on_version = publish
-            self.scheduler.mirror = mirror
+            self.scheduler.attach(on_version=publish, mirror=mirror)
 
     def on_plans(self, post: Callable[[int, list[Plan] | None, str | None], None] | None) -> None:
         """Has the scheduler call `post(step, plans, None)` with every rank's plans as each step opens, or
@@ -162,7 +161,7 @@ class LocalSchedulerClient:
         current step's plans (or failure) are posted here at once. `None` ends it."""
         s = self.scheduler
         with s._cond:
-            s.on_plans = post or (lambda step, plans, failure: None)
+            s.attach(on_plans=post)
             if post is not None and s.failure is not None:
                 post(s.step, None, s.failure)
             elif post is not None and s.params is not None:

@@ -14,6 +14,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from flock.channel import ServerChannel
 from flock.common.domain import (
     DONE,
     EVAL,
@@ -22,25 +23,17 @@ from flock.common.domain import (
     Plan,
     RankMetrics,
     RankUpdate,
-    TaskSpec,
-    assign_users,
-    home_rank,
 )
 from flock.common.errors import ConfigError, RefusedError, RunFailed
 from flock.common.metrics import Ratios, add_sums, eval_record, train_record
 from reader.base import Reader
-from reader.users import counts_for
+from reader.calendar import Calendar
 from scheduler.aggregate import all_finite, blockwise, server_step
-from scheduler.calendar import Calendar
-from scheduler.checkpoint import load_checkpoint, load_versions, save_checkpoint
+from scheduler.checkpoint import load_checkpoint, save_checkpoint
 from scheduler.optim.base import ServerOptimizer
-from scheduler.phones.asynchronous import AsyncRounds
-from scheduler.phones.clock import model_bytes
-from scheduler.phones.fedbuff import AsyncConfig
-from scheduler.phones.files import check_covers
-from scheduler.phones.rounds import PhoneRounds, PlannedRound
-from scheduler.privacy import ServerChannel
-from scheduler.sampling import evaluation_users, sample_clients
+from scheduler.phones.rounds import PhoneRounds
+from scheduler.rounds import RoundPolicy, RoundView, Synchronous, spread
+from scheduler.sampling import evaluation_users
 
 log = logging.getLogger(__name__)
 
@@ -107,43 +100,45 @@ def schedule(rounds: int, eval_every: int) -> list[tuple[str, int]]:
     return list(Schedule(rounds, eval_every))
 
 
+HOOKS = ("on_record", "before_checkpoint", "on_version", "mirror", "on_plans")
+
+
 class Scheduler:
-    """Owns the run's global state; simulators talk to it through `plan`, `params`, `push_update` and
-    `push_metrics`. `on_record` receives one dict per finished step (the metrics.jsonl lines; evaluations
-    also carry "_per_user": each user's main metric), called under the scheduler's lock so records and
-    checkpoints are written in order."""
+    """Owns the run's global state: the lock, the shared parameters and their versions, the steps and the
+    checkpoint. Simulators talk to it through `plan`, `params`, `push_update` and `push_metrics`; the round
+    policy (scheduler/rounds.py) says who trains in each round, the channel (flock/channel/) what the
+    server does to a round's sum before its optimizer step. Its hooks (`attach`):
+
+    - `on_record(record)`: one dict per finished step (the metrics.jsonl lines; evaluations also carry
+      "_per_user": each user's main metric), called under the lock so records and checkpoints are in order;
+    - `before_checkpoint()`: e.g. make the records durable first;
+    - `on_version(version, params)`: each new version's parameters (not to be written), under the lock,
+      before its plans are handed out: rank 0's data plane announces them to its node there and then;
+    - `mirror`: an array where each server step also writes the new parameters, in its one pass (rank 0's
+      node shared memory); it holds the current parameters, except after a step that failed (partly written:
+      the run stops there);
+    - `on_plans(step, plans, failure)`: each step's plans as it opens (every rank's, in rank order), or the
+      run's failure, under the lock, in the thread that opened the step or failed the run; rank 0's data
+      plane posts them to its node's ranks."""
 
     def __init__(self, config: SchedulerConfig, *, reader: Reader, optimizer: ServerOptimizer,
-                 train_ratios: Ratios, eval_ratios: Ratios, main_metric: str = "", phones: PhoneRounds | None = None,
-                 asynchronous: AsyncConfig | None = None, channel: ServerChannel | None = None, on_record: Callable[[dict], None] | None = None, checkpoint_path: Path | None = None) -> None:
+                 train_ratios: Ratios, eval_ratios: Ratios, main_metric: str = "", rounds: RoundPolicy | None = None,
+                 channel: ServerChannel | None = None, checkpoint_path: Path | None = None) -> None:
         self.config = config
         self.reader = reader
         self.optimizer = optimizer
         self.train_ratios = dict(train_ratios)
         self.eval_ratios = dict(eval_ratios)
         self.main_metric = main_metric or next(iter(self.eval_ratios), "")   # per-user values (eval_users.json)
-        self.on_record = on_record or (lambda record: None)
-        self.before_checkpoint: Callable[[], None] = lambda: None   # e.g. make the records durable first
-        # each new version's parameters (not to be written), under the lock, before its plans are handed out: rank 0's
-        # data plane announces them to its node there and then
+        self.on_record: Callable[[dict], None] = lambda record: None
+        self.before_checkpoint: Callable[[], None] = lambda: None
         self.on_version: Callable[[int, np.ndarray], None] = lambda version, params: None
-        # where each server step also writes the new parameters, in its one pass (rank 0's node shared memory);
-        # it holds the current parameters (LocalSchedulerClient.on_version), except after a step that failed
-        # (partly written: the run stops there)
         self.mirror: np.ndarray | None = None
-        # each step's plans as the step opens (every rank's, in rank order), or the run's failure: under the lock,
-        # in the thread that opened the step or failed the run; rank 0's data plane posts them to its node's ranks
         self.on_plans: Callable[[int, list[Plan] | None, str | None], None] = lambda step, plans, failure: None
         self.checkpoint_path = checkpoint_path
-        self.phones = phones              # None: every sampled client trains, and no virtual clock runs
-        self.sim_time = 0.0               # virtual seconds since the run began (with phones)
+        self.rounds = rounds or Synchronous()
         self.failed_rounds = 0            # training rounds that applied nothing (too few phones, secure aggregation)
-        self._planned: PlannedRound | None = None    # the current training round's clock decisions
-        self.async_config = asynchronous  # None: synchronous rounds; else FedBuff (needs phones)
-        self.channel = channel            # privacy and compression (scheduler/privacy.py); None: byte counts only
-        self._async: AsyncRounds | None = None
-        self._old_versions: dict[int, np.ndarray] = {}   # asynchronous: versions tasks still start from
-        self._rank_load: dict[int, list[int]] = {}        # asynchronous: target -> samples handed to each rank
+        self.channel = channel            # privacy and compression (flock/channel/); None: byte counts only
         self.calendar = Calendar.from_reader(reader)
         self.steps = Schedule(config.rounds, config.eval_every)
         self._indexes: dict[tuple[str, str], tuple[Sequence[str], Mapping[str, int]]] = {}
@@ -152,15 +147,11 @@ class Scheduler:
             if config.clients_per_round > len(users):
                 raise ConfigError(f"--clients-per-round {config.clients_per_round} is more than the {len(users)} "
                                   f"users with training data on day {day}")
-            if phones is not None:      # a per-user file that lacks a user fails now, not in the round that samples it
-                check_covers(phones.profiles, users, what=f"training day {day}")
-                check_covers(phones.availability, users, what=f"training day {day}")
-        if asynchronous is not None:
-            if phones is None:
-                raise ConfigError("asynchronous aggregation times its tasks on phones: it needs device profiles")
-            if len(set(self.calendar.train_days)) > 1:
-                raise ConfigError(f"asynchronous aggregation runs on one training day's population; the data has "
-                                  f"{len(self.calendar.train_days)} training days ({', '.join(self.calendar.train_days)})")
+        self.rounds.bind(RoundView(world_size=config.world_size, rounds=config.rounds,
+                                   clients_per_round=config.clients_per_round, seed=config.seed,
+                                   pin_users=config.pin_users, calendar=self.calendar, eligible=self._eligible,
+                                   checkpoint_due=lambda v: self.checkpoint_path is not None
+                                   and self.config.checkpoint_due(v)))
         self.data_fingerprint = self._fingerprint()
         self._cond = threading.Condition()
         self.layout: ParamLayout | None = None
@@ -172,6 +163,28 @@ class Scheduler:
         self._plans: list[Plan] = []
         self._pushed: dict[int, RankUpdate | RankMetrics] = {}
         self._step_started = time.perf_counter()
+
+    def attach(self, **hooks) -> None:
+        """Sets hooks by name (see the class's docstring); None restores a hook's default."""
+        unknown = set(hooks) - set(HOOKS)
+        if unknown:
+            raise TypeError(f"unknown scheduler hook(s): {', '.join(sorted(unknown))}; known: {', '.join(HOOKS)}")
+        defaults = {"on_record": lambda record: None, "before_checkpoint": lambda: None,
+                    "on_version": lambda version, params: None, "mirror": None,
+                    "on_plans": lambda step, plans, failure: None}
+        with self._cond:
+            for name, hook in hooks.items():
+                setattr(self, name, defaults[name] if hook is None else hook)
+
+    @property
+    def phones(self) -> PhoneRounds | None:
+        """The device model (None: every sampled client trains, and no virtual clock runs)."""
+        return self.rounds.phones
+
+    @property
+    def sim_time(self) -> float:
+        """Virtual seconds since the run began (with phones)."""
+        return self.rounds.sim_time
 
     # -- data -------------------------------------------------------------------------------------------
 
@@ -200,71 +213,17 @@ class Scheduler:
 
     def _make_plans(self, step: int) -> list[Plan]:
         kind, done = self.steps[step]
-        world = self.config.world_size
         if kind == DONE:
-            return [Plan(step=step, kind=DONE, round=done, version=self.version)] * world
-        if kind == TRAIN and self._async is not None:
-            return self._async_plans(step, done)
+            return [Plan(step=step, kind=DONE, round=done, version=self.version)] * self.config.world_size
         if kind == TRAIN:
-            day, split = self.calendar.train_day(done, self.config.rounds), "train"
-            users, counts = self._eligible(day, split)
-            if self.phones is None:
-                chosen = sample_clients(self.config.seed, done, users, self.config.clients_per_round)
-            else:        # decided in virtual time before anyone trains: late or off-line phones are not trained
-                self._planned = self.phones.plan_round(done, users, counts, self.config.clients_per_round,
-                                                       start_time=self.sim_time, shared_params=self.layout.size)
-                chosen = self._planned.trained
-        else:
-            day, split = self.calendar.test_day, "test"
-            users, counts = self._eligible(day, split)
-            chosen = evaluation_users(self.config.seed, users, self.config.eval_users)
-        per_rank = assign_users(chosen, counts_for(counts, chosen), world, pinned=self.config.pin_users)
-        checkpoint = kind == TRAIN and self.checkpoint_path is not None and self.config.checkpoint_due(done + 1)
-        train_day = self.calendar.train_days[-1] if kind == EVAL else ""
-        # the round's clipping norm comes from here (fixed, or adaptive clipping's), the same for every client
-        clip = self.channel.round_clip if kind == TRAIN and self.channel is not None else 0.0
-        return [Plan(step=step, kind=kind, round=done, day=day, split=split, users=tuple(mine), version=self.version,
-                     total_users=len(chosen), checkpoint=checkpoint, train_day=train_day, clip=clip)
-                for mine in per_rank]
-
-    def _async_plans(self, step: int, done: int) -> list[Plan]:
-        """The tasks handed out while version `done` is current, spread over the ranks (each rank's in task
-        order); the scheduler keeps the old versions that tasks still start from."""
-        day = self.calendar.train_days[0]
-        tasks = self._async.tasks_at(done)
-        later = self._async.needed_versions(done)      # the ranks keep these too
-        keep = {t.start_version for t in tasks} | later
-        self._old_versions = {v: a for v, a in self._old_versions.items() if v in keep}
-        counts = self._eligible(day, "train")[1]
-        world = self.config.world_size
-        # the work each rank holds for updates not yet applied: a new task goes to the least loaded rank
-        # (largest first), so that a long task on one rank is met by fewer others there
-        self._rank_load = {t: load for t, load in self._rank_load.items() if t > done}
-        outstanding = [sum(load[r] for load in self._rank_load.values()) for r in range(world)]
-        per_rank: list[list[TaskSpec]] = [[] for _ in range(world)]
-        for t in sorted(tasks, key=lambda t: (-counts[t.uid], t.task_id)):
-            r = home_rank(t.uid, world) if self.config.pin_users else min(range(world), key=lambda i: (outstanding[i], i))
-            per_rank[r].append(t)
-            outstanding[r] += counts[t.uid]
-            self._rank_load.setdefault(t.target, [0] * world)[r] += counts[t.uid]
-        for mine in per_rank:
-            mine.sort(key=lambda t: t.task_id)
-        checkpoint = self.checkpoint_path is not None and self.config.checkpoint_due(done + 1)
-        return [Plan(step=step, kind=TRAIN, round=done, day=day, split="train", users=tuple(t.uid for t in mine),
-                     version=self.version, total_users=len(tasks), checkpoint=checkpoint, tasks=tuple(mine),
-                     keep=tuple(sorted(later)))
-                for mine in per_rank]
-
-    def _start_async(self, layout: ParamLayout) -> None:
-        if self.async_config is None:
-            return
-        day = self.calendar.train_days[0]
-        users, counts = self._eligible(day, "train")
-        size = model_bytes(layout.size)
-        self._async = AsyncRounds(phones=self.phones, config=self.async_config, population=users, counts=counts,
-                                  rounds=self.config.rounds, bytes_down=size, bytes_up=size,
-                                  checkpoint_due=lambda v: self.checkpoint_path is not None
-                                  and self.config.checkpoint_due(v))
+            # the round's clipping norm comes from here (fixed, or adaptive clipping's), the same for every client
+            clip = self.channel.round_clip if self.channel is not None else 0.0
+            return self.rounds.plans(step, done, self.version, clip)
+        day = self.calendar.test_day
+        users, counts = self._eligible(day, "test")
+        chosen = evaluation_users(self.config.seed, users, self.config.eval_users)
+        return spread(self.rounds.view, step=step, kind=EVAL, done=done, day=day, split="test", chosen=chosen,
+                      counts=counts, version=self.version, train_day=self.calendar.train_days[-1])
 
     # -- parameters -------------------------------------------------------------------------------------
 
@@ -276,7 +235,7 @@ class Scheduler:
             if flat.dtype != np.float32 or flat.shape != (layout.size,):
                 raise RefusedError(f"initial parameters: expected {layout.size} float32 values")
             self.layout, self.params = layout, flat.copy()
-            self._start_async(layout)
+            self.rounds.start(layout)
             self._open(0)
             self._step_started = time.perf_counter()
 
@@ -285,22 +244,21 @@ class Scheduler:
         with self._cond:
             if self.params is None:
                 raise RefusedError("no parameters yet")
-            if version != self.version and version not in self._old_versions:
+            params = self.params if version == self.version else self.rounds.params_of(version)
+            if params is None:
                 raise RefusedError(f"parameters version {version} requested, current is {self.version}")
-            params = self.params if version == self.version else self._old_versions[version]
         params.flags.writeable = False
         return self.layout, params
 
     def _write_checkpoint(self, rounds_done: int) -> None:
         meta = {"round": rounds_done, "version": self.version, "step": self.step + 1, "seed": self.config.seed,
                 "rounds": self.config.rounds, "world_size": self.config.world_size, "data": self.data_fingerprint,
-                "sim_time": self.sim_time, "failed_rounds": self.failed_rounds,
+                "sim_time": self.rounds.sim_time, "failed_rounds": self.failed_rounds,
                 "privacy": self.channel.state_dict() if self.channel else {},
                 "layout": [[n, list(s)] for n, s in zip(self.layout.names, self.layout.shapes)]}
-        # asynchronous: the versions that tasks pending at this checkpoint start from (they train again)
-        old = {v: self._old_versions[v] for v in self._async.needed_versions(self.version)} if self._async else {}
         save_checkpoint(self.checkpoint_path, params=self.params, meta=meta,
-                        optimizer_state=self.optimizer.state_dict(), versions=old)
+                        optimizer_state=self.optimizer.state_dict(),
+                        versions=self.rounds.checkpoint_versions(self.version))
         log.info("checkpoint after round %d: %s", rounds_done, self.checkpoint_path)
 
     def restore(self, path: Path, layout: ParamLayout) -> int:
@@ -318,10 +276,7 @@ class Scheduler:
         if meta["round"] > self.config.rounds:
             raise ConfigError(f"--rounds {self.config.rounds}: the run has done {meta['round']} rounds already "
                               f"(its last checkpoint, {path})")
-        if meta["rounds"] != self.config.rounds and self.async_config is not None:
-            raise ConfigError(f"--rounds {self.config.rounds}: an asynchronous run continues with the --rounds it "
-                              f"had ({meta['rounds']}): its checkpoint keeps only the model versions that the tasks "
-                              f"of {meta['rounds']} server updates start from")
+        self.rounds.check_resume(meta["rounds"], path)
         if meta["rounds"] != self.config.rounds and len(set(self.calendar.train_days)) > 1:
             log.warning("--rounds %d (the run had %d): the rounds still to come spread over the %d training days "
                         "as a %d-round run's would", self.config.rounds, meta["rounds"],
@@ -333,15 +288,12 @@ class Scheduler:
             # the step after the checkpointed round in this run's schedule (--rounds and --eval-every may have changed)
             step = self.steps.train_step(meta["round"] - 1) + 1 if meta["round"] else 0
             self.layout, self.params, self.version, self.step = layout, params, meta["version"], step
-            self.sim_time = float(meta.get("sim_time", 0.0))
             self.failed_rounds = int(meta.get("failed_rounds", 0))
             if self.channel is not None:
                 self.channel.load_state_dict(meta.get("privacy"))    # the accountant's rounds, the clipping norm
             self.optimizer.load_state_dict(opt_state)
-            self._start_async(layout)
-            if self._async is not None:
-                self._async.restore(self.version, self.sim_time)
-                self._old_versions = load_versions(path)
+            self.rounds.start(layout)
+            self.rounds.restore(self.version, float(meta.get("sim_time", 0.0)), path)
             self._open(self.step)
             self._step_started = time.perf_counter()
         return int(meta["round"])
@@ -472,8 +424,7 @@ class Scheduler:
         parts = [part for u in pushed for part in (u.delta_sum, *u.more) if part.size]
         weight, link = sum(u.weight for u in pushed), {}
         if self.channel is not None:      # privacy hook: secure aggregation's decoding, DP noise, bytes, epsilon
-            sampling = self._planned.sampling if self.phones is not None and self._async is None else None
-            parts, weight, link = self.channel.aggregate(done, parts, weight, sums, sampling=sampling)
+            parts, weight, link = self.channel.aggregate(done, parts, weight, sums, sampling=self.rounds.sampling())
         applied = bool(parts) and weight > 0
         if len(parts) > 1 and self._total is None and not blockwise(self.optimizer):
             self._total = np.empty(self.layout.size, np.float64)    # reused: no 50 MB page-in a round
@@ -491,24 +442,14 @@ class Scheduler:
             self.params = result.params
         # each rank's own time on the step's users (training and its local sum): stragglers show here
         work = [round(float(u.sums.get("train_seconds", 0.0)), 4) for u in pushed]
-        clock = (self._async.record(done + 1) if self._async is not None
-                 else self._planned.record if self.phones is not None else {})
+        clock = self.rounds.record(done)
         record = {**train_record(done + 1, sums, self.train_ratios, self._step_seconds()), "rank_work_s": work,
                   **link, **clock}
         bad = nonfinite_keys(record)
         if bad:
             return f"{where}: {', '.join(bad)} not finite; the run stops, the last checkpoint is kept"
-        if self._async is not None:       # tasks handed out later may still start from it
-            self._old_versions[self.version] = before
+        self.rounds.applied(done, record, self.version, before)
         self.version += 1
-        if self._async is not None:
-            self.sim_time = record["sim_time"]
-        elif self.phones is not None:
-            self.sim_time = self._planned.outcome.end_time
-            if self._planned.outcome.failed:
-                log.warning("%s failed: fewer than %d results in time (%d of %d phones off-line, %d late, %d in "
-                            "time); nothing applied", where, self.phones.min_clients, record["dropped"],
-                            record["selected"], record["stale"], record["voided"])
         self.failed_rounds += not applied
         self.on_record(record)
         if self._plans[0].checkpoint:     # after the record: a resumed run's metrics lose nothing

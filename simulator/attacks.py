@@ -314,7 +314,7 @@ def client_attack(config: Any, spec: Mapping[str, Any], reader: Any) -> ClientAt
     malicious users drawn from every training day's users with samples."""
     if not config.attack:
         return None
-    from scheduler.calendar import Calendar
+    from reader.calendar import Calendar
 
     settings = AttackSettings(name=config.attack, fraction=config.attack_fraction, boost=config.attack_boost,
                               std=config.attack_std, alie_z=config.alie_z, backdoor_target=config.backdoor_target,

@@ -18,7 +18,7 @@ from flock.common import streams
 from flock.common.domain import EVAL, TRAIN
 from flock.common.metrics import add_user_eval, eval_record, train_record
 from reader.base import Reader
-from scheduler.calendar import Calendar
+from reader.calendar import Calendar
 from scheduler.sampling import evaluation_users, sample_clients
 from scheduler.state import Schedule
 from trainer.base import Trainer

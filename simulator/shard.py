@@ -9,9 +9,9 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from flock.channel import UpdateChannel
 from flock.common.domain import ParamLayout
 from flock.common.streams import channel_seed
-from simulator.channel import UpdateChannel
 from simulator.data_server import PrivateStore
 from trainer.base import Trainer, simulating
 
@@ -60,7 +60,7 @@ class Shard:
         self.model = model
         self.trainer = trainer
         self.finetuner = finetuner
-        self.channel = channel     # privacy/compression (simulator/channel.py); None: plain FedAvg
+        self.channel = channel     # privacy/compression (flock/channel/); None: plain FedAvg
         named = dict(model.named_parameters())
         self.shared = [named[n] for n in layout.names]
         self.private = {n: named[n] for n in private}
@@ -151,7 +151,7 @@ class Shard:
         weight * scale * (theta_global + delta') into `into`; returns the user's private channel state and
         the channel's sums (whether it was clipped)."""
         deltas = [p.detach().double() - r.double() for p, r in zip(self.shared, received)]
-        stored = self.store.get_param_by_uid(uid) if self.channel.settings.error_feedback else None
+        stored = self.store.get_param_by_uid(uid) if self.channel.error_feedback else None
         rng = torch.Generator(device="cpu").manual_seed(channel_seed(seed))
         state, report = self.channel.apply(uid, deltas, rng, stored, self.layout.names, clip=clip)
         into.add_update(self._global_views, deltas, weight * scale, weight)

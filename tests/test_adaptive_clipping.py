@@ -9,21 +9,22 @@ import pytest
 import torch
 
 from flock import simulate
-from flock.common.channel_config import ChannelSettings
+from flock.channel import ServerChannel, UpdateChannel
+from flock.channel.accounting import Accountant, DpAccounting
+from flock.channel.central_noise import CentralNoise
+from flock.channel.clip import (
+    AdaptiveClip,
+    AdaptiveClipping,
+    Clip,
+    adaptive_clipping_of,
+    next_clip,
+    update_noise_multiplier,
+)
 from flock.common.config import Config, parse_config
 from flock.common.domain import TRAIN, Plan
 from flock.common.errors import ConfigError
 from flock.common.streams import clip_count_rng
 from protos.convert import plan_from_proto, plan_to_proto
-from scheduler.adaptive_clipping import (
-    AdaptiveClip,
-    AdaptiveClipping,
-    adaptive_clipping_of,
-    next_clip,
-    update_noise_multiplier,
-)
-from scheduler.privacy import DpAccounting, ServerChannel
-from simulator.channel import UpdateChannel
 from tests.helpers import make_lm_data
 
 
@@ -79,14 +80,14 @@ def test_the_count_noise_is_seeded_and_as_noisy_as_the_deployed_cohorts():
 
 def test_the_server_noises_with_z_delta_times_the_rounds_norm_and_accounts_z(tmp_path):
     size, z, sigma_b = 200_000, 1.3, 2.0
-    settings = ChannelSettings(clip=0.5)
 
     def channel() -> ServerChannel:
         adaptive = AdaptiveClip(AdaptiveClipping(quantile=0.5, lr=0.2, count_noise=sigma_b, initial_clip=0.5,
                                                  clients_per_round=8), seed=3)
         accounting = DpAccounting(noise_multiplier=z, cohort=8, population=80, delta=1e-5)
-        return ServerChannel(settings=settings, sizes=(size,), seed=3, clients_per_round=8, noise_multiplier=z,
-                             accounting=accounting, adaptive=adaptive)
+        clip = Clip(0.5, adaptive, update_noise=update_noise_multiplier(z, sigma_b))
+        return ServerChannel([Accountant(accounting), clip, CentralNoise(clip, noise_multiplier=clip.update_noise,
+                                                                         seed=3, clients_per_round=8)], (size,))
 
     server = channel()
     z_delta = (z ** -2 - (2 * sigma_b) ** -2) ** -0.5
@@ -101,7 +102,7 @@ def test_the_server_noises_with_z_delta_times_the_rounds_norm_and_accounts_z(tmp
     # the next round's noise follows the moved norm; a channel restored from the checkpoint state goes on alike
     restored = channel()
     restored.load_state_dict(server.state_dict())
-    assert restored.round_clip == server.round_clip and restored.released == 1
+    assert restored.round_clip == server.round_clip and restored.stage(Accountant).released == 1
     second = server.aggregate(1, [np.zeros(size)], 6.0, {"clients": 6, "unclipped": 6})
     again = restored.aggregate(1, [np.zeros(size)], 6.0, {"clients": 6, "unclipped": 6})
     assert second[0][-1].std() == pytest.approx(z_delta * record["dp_clip"] * math.exp(-0.2 * (fraction - 0.5)),
@@ -116,7 +117,7 @@ def test_the_server_noises_with_z_delta_times_the_rounds_norm_and_accounts_z(tmp
 
 
 def test_clients_clip_to_the_plans_norm_and_report_whether_they_were_clipped():
-    channel = UpdateChannel(ChannelSettings(clip=1.0), seed=0)
+    channel = UpdateChannel([Clip(1.0)], seed=0)
     update = [torch.full((3, 4), 0.5, dtype=torch.float64)]           # norm sqrt(12 * 0.25) = 1.732
     _, sums = channel.apply("u", update, torch.Generator(), clip=2.0)
     assert sums == {"unclipped": 1.0} and float(update[0].norm()) == pytest.approx(math.sqrt(3), rel=1e-12)
@@ -126,7 +127,7 @@ def test_clients_clip_to_the_plans_norm_and_report_whether_they_were_clipped():
     assert sums == {"unclipped": 0.0} and float(update[0].norm()) == pytest.approx(1.0, rel=1e-12)
     with pytest.raises(ValueError, match="clipping norm 0"):
         channel.apply("u", update, torch.Generator(), clip=0.0)
-    assert UpdateChannel(ChannelSettings(), seed=0).apply("u", update, torch.Generator())[1] == {}
+    assert UpdateChannel([], seed=0).apply("u", update, torch.Generator())[1] == {}
 
 
 def test_the_rounds_norm_travels_in_the_plan():

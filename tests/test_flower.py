@@ -489,18 +489,19 @@ def test_a_bad_reply_stops_every_rank_with_one_message(mnist_iid, tmp_path):
 def test_a_flower_client_composes_with_dp_clipping_and_compression(tiny):
     """The channel sees a Flower client's update like any other: fit's new arrays minus the global ones,
     clipped to C with weight 1 (not num_examples), then quantized; the int64 counter is a parameter too."""
-    from flock.common.channel_config import ChannelSettings
+    from flock.channel import UpdateChannel
+    from flock.channel.clip import Clip
+    from flock.channel.compress import Compress
     from flock.common.codecs import Codec
-    from simulator.channel import UpdateChannel
 
     shard, _ = make_shard(tiny)
-    shard.channel = UpdateChannel(ChannelSettings(clip=1.0), seed=0)
+    shard.channel = UpdateChannel([Clip(1.0)], seed=0)
     shard.train_user("cy", tiny.load("20200101", "train", "cy"), seed=3, round_index=1)
     # the update: +2 (cy's mean label) on six weights and +1 on the counter: norm 5, clipped to 1
     np.testing.assert_allclose(shard.sum.total[:6].numpy(), np.full(6, 2 / 5))
     assert shard.sum.total[6] == pytest.approx(7 + 1 / 5) and shard.sum.weight == 1.0
     shard.reset_sum()
-    shard.channel = UpdateChannel(ChannelSettings(up=Codec("fp16", bits=16)), seed=0)
+    shard.channel = UpdateChannel([Compress(Codec("fp16", bits=16), Codec(), seed=0)], seed=0)
     shard.train_user("cy", tiny.load("20200101", "train", "cy"), seed=3, round_index=1)
     np.testing.assert_allclose(shard.sum.total[:6].numpy(), np.full(6, 4 * 2.0))     # n_k weights without clipping
     assert shard.sum.weight == 4.0

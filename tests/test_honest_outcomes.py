@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from flock import simulate
+from flock.channel.accounting import accounting_of
 from flock.common.config import FIELDS, Config, parse_config
 from flock.common.errors import ConfigError, DataError, RunFailed
 from reader.leaf import parse_leaf_reddit
@@ -17,7 +18,6 @@ from scheduler.phones.availability import AlwaysOn
 from scheduler.phones.devices import BuiltinProfiles
 from scheduler.phones.rounds import PhoneRounds
 from scheduler.phones.sync_round import resolve_sync_round
-from scheduler.privacy import accounting_of
 from tests.helpers import make_lm_data, read_metrics, run_app
 
 VOLATILE = ("seconds", "time", "clients_per_s", "rank_work_s")

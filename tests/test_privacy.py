@@ -8,12 +8,15 @@ import torch
 
 from application import main
 from flock import simulate
-from flock.common.channel_config import ChannelSettings, channel_settings
+from flock.channel import ServerChannel, UpdateChannel, server_channel, update_channel
+from flock.channel.accounting import Accountant, DpAccounting
+from flock.channel.central_noise import CentralNoise
+from flock.channel.clip import Clip
+from flock.channel.compress import RESIDUAL, Compress, stochastic_levels
+from flock.channel.local_noise import LocalNoise
 from flock.common.codecs import Codec, parse_codec
 from flock.common.config import Config, parse_config
 from flock.common.errors import ConfigError
-from scheduler.privacy import DpAccounting, ServerChannel, client_bytes
-from simulator.channel import RESIDUAL, UpdateChannel, stochastic_levels, update_channel
 from tests.helpers import make_lm_data
 
 SHAPES = ((30, 20), (20,), (7, 3))
@@ -35,7 +38,7 @@ def norm(ts) -> float:
 
 
 def test_clipped_norms_are_at_most_c_and_small_updates_pass_unchanged():
-    channel = UpdateChannel(ChannelSettings(clip=0.7), seed=0)
+    channel = UpdateChannel([Clip(0.7)], seed=0)
     for seed in range(20):
         big = deltas(seed, scale=3.0)
         before = norm(big)
@@ -50,27 +53,33 @@ def test_clipped_norms_are_at_most_c_and_small_updates_pass_unchanged():
 
 def test_server_noise_std_is_sigma_times_c_and_the_denominator_is_k():
     size = 200_000
-    settings = ChannelSettings(clip=0.5)
-    server = ServerChannel(settings=settings, sizes=(size,), seed=3, clients_per_round=8, noise_multiplier=1.3)
+
+    def noisy(cohort: int = 0) -> ServerChannel:
+        clip = Clip(0.5)
+        return ServerChannel([Accountant(None), clip, CentralNoise(clip, noise_multiplier=1.3, seed=3,
+                                                                   clients_per_round=8, noise_cohort=cohort)], (size,))
+
+    server = noisy()
     parts, weight, record = server.aggregate(0, [np.zeros(size)], 5.0, {"clients": 5})
     noise = parts[-1]
     assert weight == 8.0                      # the fixed denominator: the cohort K, not the 5 that arrived
     assert noise.std() == pytest.approx(1.3 * 0.5, rel=0.01) and abs(noise.mean()) < 0.01
-    again = ServerChannel(settings=settings, sizes=(size,), seed=3, clients_per_round=8, noise_multiplier=1.3)
+    again = noisy()
     assert np.array_equal(again.aggregate(0, [np.zeros(size)], 5.0, {"clients": 5})[0][-1], noise)   # seeded
-    cohort = ServerChannel(settings=settings, sizes=(size,), seed=3, clients_per_round=8, noise_multiplier=1.3,
-                           noise_cohort=80)
+    cohort = noisy(cohort=80)
     assert cohort.aggregate(1, [np.zeros(size)], 5.0, {"clients": 5})[0][-1].std() == pytest.approx(1.3 * 0.5 / 10,
                                                                                                      rel=0.01)
     assert record["bytes_up"] == 5 * 4 * size and record["bytes_down"] == 5 * 4 * size
 
 
 def test_local_dp_noise_is_added_by_each_client_and_not_by_the_server():
-    channel = UpdateChannel(ChannelSettings(clip=2.0, local_noise_std=0.6), seed=0)
+    config = Config(data_dir="D", dp_clip=2.0, dp_noise_multiplier=0.3, dp_local=True, clients_per_round=4)
+    channel = update_channel(config)
+    assert [type(s) for s in channel.stages] == [Clip, LocalNoise] and channel.stages[1].std == pytest.approx(0.6)
     zero = [torch.zeros(400, 500, dtype=torch.float64)]
     channel.apply("u", zero, torch.Generator().manual_seed(4))
     assert float(zero[0].std()) == pytest.approx(0.6, rel=0.01)
-    server = ServerChannel(settings=channel.settings, sizes=(10,), seed=0, clients_per_round=4, noise_multiplier=0.3)
+    server = server_channel(config, (10,), population=100)
     parts, weight, _ = server.aggregate(0, [np.ones(10)], 4.0, {"clients": 4})
     assert len(parts) == 1 and weight == 4.0
 
@@ -152,8 +161,8 @@ def test_exact_bytes_of_each_codec():
     assert parse_codec("q4", "--x").bytes(sizes) == (300 + 4) + (10 + 4) + (11 + 4)       # ceil(21 * 4 / 8) = 11
     assert parse_codec("q1", "--x").bytes(sizes) == (75 + 4) + (3 + 4) + (3 + 4)
     assert parse_codec("topk:0.01", "--x").bytes(sizes) == 8 * 7                          # ceil(6.41) values + indices
-    settings = channel_settings(Config(data_dir="D", compress_up="q8", compress_down="fp16"))
-    assert client_bytes(settings, sizes) == (2 * 641, 653)
+    channel = server_channel(Config(data_dir="D", compress_up="q8", compress_down="fp16"), sizes, population=100)
+    assert (channel.bytes_down, channel.bytes_up) == (2 * 641, 653)
 
 
 def test_stochastic_quantization_is_unbiased_and_on_its_levels():
@@ -168,7 +177,7 @@ def test_stochastic_quantization_is_unbiased_and_on_its_levels():
 
 
 def test_top_k_sends_k_values_and_keeps_the_rest_as_the_users_residual():
-    channel = UpdateChannel(ChannelSettings(up=Codec("topk", fraction=0.05)), seed=0)
+    channel = UpdateChannel([Compress(Codec("topk", fraction=0.05), Codec(), seed=0)], seed=0)
     d = deltas(2)
     original = [t.clone() for t in d]
     state, _ = channel.apply("u", d, torch.Generator(), None, NAMES)
@@ -185,8 +194,8 @@ def test_top_k_sends_k_values_and_keeps_the_rest_as_the_users_residual():
 
 def test_the_model_broadcast_is_compressed_once_per_version_the_same_for_everyone():
     flat = torch.randn(641, generator=torch.Generator().manual_seed(1))
-    a = UpdateChannel(ChannelSettings(down=Codec("q", bits=8)), seed=5)
-    b = UpdateChannel(ChannelSettings(down=Codec("q", bits=8)), seed=5)
+    a = UpdateChannel([Compress(Codec(), Codec("q", bits=8), seed=5)], seed=5)
+    b = UpdateChannel([Compress(Codec(), Codec("q", bits=8), seed=5)], seed=5)
     sizes = (600, 20, 21)
     first = a.received_model(flat, sizes, 3)
     assert first is a.received_model(flat, sizes, 3) and torch.equal(first, b.received_model(flat, sizes, 3))

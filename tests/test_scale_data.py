@@ -157,6 +157,7 @@ def test_the_scheduler_plans_alike_from_the_compact_table_and_from_tuples(tmp_pa
     from flock.common.domain import ParamLayout
     from flock.run import phone_rounds
     from scheduler.optim import make_server_optimizer
+    from scheduler.rounds import Synchronous
     from scheduler.state import Scheduler, SchedulerConfig
 
     data = tmp_path / "d"
@@ -169,7 +170,7 @@ def test_the_scheduler_plans_alike_from_the_compact_table_and_from_tuples(tmp_pa
         s = Scheduler(SchedulerConfig(world_size=2, rounds=rounds, clients_per_round=50, eval_every=2, eval_users=30,
                                       pin_users=True), reader=source,
                       optimizer=make_server_optimizer("fedavg", server_lr=1.0), train_ratios={}, eval_ratios={},
-                      phones=phone_rounds(extra) if phones else None)
+                      rounds=Synchronous(phone_rounds(extra) if phones else None))
         s.init_params(ParamLayout(names=("w",), shapes=((3,),)), np.zeros(3, dtype=np.float32))
         plans.append(([s._make_plans(step) for step in range(len(s.steps))], s.data_fingerprint))
     assert plans[0] == plans[1]

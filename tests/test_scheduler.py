@@ -22,8 +22,8 @@ def reader(tmp_path_factory) -> LeafRedditReader:
 def make(reader, *, world=2, rounds=3, server_lr=1.85, records=None, **kw) -> Scheduler:
     s = Scheduler(SchedulerConfig(world_size=world, rounds=rounds, clients_per_round=4, eval_every=2, **kw),
                   reader=reader, optimizer=make_server_optimizer("fedavg", server_lr=server_lr),
-                  train_ratios={"loss": ("loss_sum", "tokens")}, eval_ratios={"top1": ("correct", "tokens")},
-                  on_record=(records.append if records is not None else None))
+                  train_ratios={"loss": ("loss_sum", "tokens")}, eval_ratios={"top1": ("correct", "tokens")})
+    s.attach(on_record=records.append if records is not None else None)
     s.init_params(LAYOUT, np.arange(10, dtype=np.float32))
     return s
 

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 
 from flock import Config, simulate
-from flock.common.channel_config import fixed_point_fraction_bits
-from scheduler.secagg import (
+from flock.channel.secagg import (
     SecAggFailed,
     SecAggRound,
     client_bytes,
     decode_sum,
     encode_fixed_point,
+    fixed_point_fraction_bits,
     masking_graph,
     wrap_signed,
 )

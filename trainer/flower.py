@@ -100,7 +100,7 @@ def partition_samples(data_dir: str, reader_name: str, partition_id: int, split:
     """Partition `partition_id`'s samples of `split` in a flock data folder: "test" from the test day (the
     last day), "train" from every other day, concatenated."""
     from flock.common.plugins import resolve
-    from scheduler.calendar import Calendar
+    from reader.calendar import Calendar
 
     if (data_dir, reader_name) not in _OPENED:
         reader = resolve("reader", reader_name)(Path(data_dir))

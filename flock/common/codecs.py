@@ -1,6 +1,5 @@
 """How a simulated phone's transfers are encoded (`--compress-up`, `--compress-down`), and the exact bytes each
-encoding sends. Pure arithmetic: the client-side transform is `simulator/channel.py`, the server's bytes and
-privacy are `scheduler/privacy.py`.
+encoding sends. Pure arithmetic: the channel's compression stage (`flock/channel/compress.py`) applies them.
 
 | spec | encoding | bytes for a tensor of n values |
 |---|---|---|

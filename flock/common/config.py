@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from flock.common.channel_config import central_dp_noise, check_channel_options
+from flock.channel import check_channel_options
+from flock.channel.accounting import central_dp_noise
 from flock.common.errors import ConfigError
 from flock.common.run_config import format_run_config, parse_run_config
-from scheduler.optim import SERVER_OPTIMIZERS
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 TRACKERS = ("csv", "mlflow", "wandb")
+# scheduler/optim's SERVER_OPTIMIZERS by name (common/ never imports the scheduler; a test keeps the two equal)
+SERVER_OPTIMIZER_NAMES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 LIST_OPTIONS = ("private", "tracker")     # repeatable options: a tuple of strings
 BUILTIN_DATA = "lm_data"      # the documented DATA_DIR that is built from the built-in corpus when missing
 # upper bounds that no real study reaches and a machine can hold (nothing is built in proportion to them up
@@ -78,7 +80,7 @@ class Config:
     server_lr: float = opt(1.85, "server learning rate: theta += server_lr * weighted mean client delta",
                            lo=0, lo_open=True, hi=MAX_STEP)
     server_opt: str = opt("fedavg", "server optimizer: fedavg, fedavgm (server momentum), fedadam, fedyogi, "
-                          "fedadagrad (FedOpt)", choices=SERVER_OPTIMIZERS)
+                          "fedadagrad (FedOpt)", choices=SERVER_OPTIMIZER_NAMES)
     server_momentum: float = opt(0.9, "fedavgm's momentum", lo=0, hi=1, hi_open=True)
     server_beta1: float = opt(0.9, "fedadam/fedyogi/fedadagrad: first-moment decay", lo=0, hi=1, hi_open=True)
     server_beta2: float = opt(0.99, "fedadam/fedyogi: second-moment decay", lo=0, hi=1, hi_open=True)
@@ -187,7 +189,7 @@ class Config:
     backdoor_target: int = opt(0, "--attack backdoor: the class the trigger leads to", lo=0, hi=2**31 - 1)
     backdoor_fraction: float = opt(0.5, "--attack backdoor: the share of a malicious client's samples poisoned",
                                    lo=0, lo_open=True, hi=1)
-    # privacy and communication (issue 15): flock/common/channel_config.py checks how they combine
+    # privacy and communication (issue 15): flock/channel/ checks how they combine
     dp_clip: float = opt(0.0, "DP-FedAvg: clip each user's shared-parameter update to this L2 norm C; users then "
                          "weigh 1 each, not n_k (0: no clipping, sample-weighted FedAvg)", lo=0, hi=1e6)
     dp_noise_multiplier: float = opt(0.0, "DP-FedAvg: Gaussian noise of std z*C added once to the round's sum of "

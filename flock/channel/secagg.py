@@ -3,7 +3,7 @@ graph (Bell et al. 2020), without the cryptography, so that its effects on the n
 its costs can be studied.
 
 - Encoding: a client's clipped update (every value in [-C, C]) in fixed point with f fractional bits,
-  stochastic rounding, as integers modulo 2^b. `flock.common.channel_config.fixed_point_fraction_bits` picks f so
+  stochastic rounding, as integers modulo 2^b. `fixed_point_fraction_bits` picks f so
   that a round's sum cannot leave the signed range; `wrap_signed` still reports every value that did.
 - Masks: every pair (u, v) of neighbours in the round's masking graph shares a seeded pseudo-random mask
   m_uv (u adds it, v subtracts it) and every user adds a self mask b_u; modulo 2^b the pairwise masks cancel
@@ -14,20 +14,26 @@ its costs can be studied.
 - Costs: bytes per client from the protocol's messages (`client_bytes`) and the pseudo-random values each
   party expands (`SecAggResult.prg_values`).
 
-In a flock run (`--secagg`) the clients' encoding happens on the ranks (`simulator/channel.py`), each rank
+In a flock run (`--secagg`, the channel's `SecAgg` stage) the clients' encoding happens on the ranks, each rank
 sums its users' fixed-point values exactly (multiples of 2^-f in float64), and the scheduler decodes the sum
 modulo 2^b (`decode_sum`) and enforces the threshold on the users that dropped after training. The pairwise
 masks cancel exactly in that sum (tested here), so the run does not expand them.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from flock.channel.base import Build, ClientStep, ServerRound, Stage
+from flock.common.codecs import parse_codec
+from flock.common.errors import ConfigError
 from flock.common.streams import secagg_rng
+
+log = logging.getLogger(__name__)
 
 KEY_BYTES, SIGNATURE_BYTES = 32, 64          # X25519 public keys, Ed25519 signatures
 NONCE_BYTES, TAG_BYTES = 12, 16              # AES-GCM of the shares
@@ -148,3 +154,80 @@ class SecAggRound:
                 if v in received:
                     total = (total + self.modulus - self._pair(v, gone)) % self.modulus
         return SecAggResult(total=total, survivors=survivors, dropped=dropped, prg_values=self.prg_values)
+
+
+def fixed_point_fraction_bits(bits: int, clip: float, clients: int) -> int:
+    """Fractional bits f such that the sum of `clients` values in [-clip, clip], each rounded to a multiple
+    of 2^-f, stays inside the signed range of `bits`-bit integers: clients * (clip * 2^f + 1) < 2^(bits-1)."""
+    room = (2 ** (bits - 1) - 1) / clients - 1
+    if room < clip:
+        raise ConfigError(f"--secagg-bits {bits}: too few bits for {clients} clients' updates of norm up to "
+                          f"--dp-clip {clip:g} (need at least one fractional bit)")
+    return math.floor(math.log2(room / clip))
+
+
+class SecAgg(Stage):
+    """The channel's last client stage and first server one: clients send their clipped update in `bits`-bit
+    fixed point with `fraction_bits` fractional bits (values held to [-clip, clip]); the server decodes the
+    round's sum modulo 2^bits and fails the round when fewer than `threshold` of its clients survived."""
+
+    name = "secagg"
+    OPTIONS = ("secagg_bits", "secagg_neighbors", "secagg_threshold")
+
+    @classmethod
+    def from_config(cls, config, build: Build) -> SecAgg | None:
+        if not config.secagg:
+            return None
+        return cls(bits=config.secagg_bits, clip=config.dp_clip, clients_per_round=config.clients_per_round,
+                   neighbors=config.secagg_neighbors, threshold=config.secagg_threshold)
+
+    @classmethod
+    def check(cls, config) -> None:
+        from flock.common.config import FIELDS
+
+        given = ["--" + n.replace("_", "-") for n in cls.OPTIONS if getattr(config, n) != FIELDS[n].default]
+        if given and not config.secagg:
+            raise ConfigError(f"{', '.join(given)} need(s) --secagg")
+        if not config.secagg:
+            return
+        up = parse_codec(config.compress_up, "--compress-up")
+        if not up.lossless:
+            raise ConfigError(f"--secagg sends updates in fixed point (--secagg-bits): not with --compress-up {up}")
+        if config.secagg_neighbors >= config.clients_per_round:
+            raise ConfigError(f"--secagg-neighbors {config.secagg_neighbors} must be less than --clients-per-round "
+                              f"{config.clients_per_round}")
+        fixed_point_fraction_bits(config.secagg_bits, config.dp_clip, config.clients_per_round)
+
+    def __init__(self, *, bits: int, clip: float, clients_per_round: int, neighbors: int = 0,
+                 threshold: float = 0.5) -> None:
+        self.bits, self.clip, self.threshold = bits, clip, threshold
+        self.fraction_bits = fixed_point_fraction_bits(bits, clip, clients_per_round)
+        self.neighbors = neighbors or clients_per_round - 1
+
+    def client(self, step: ClientStep) -> None:
+        import torch
+        scale = float(2 ** self.fraction_bits)
+        for d in step.deltas:
+            d.clamp_(-self.clip, self.clip).mul_(scale)
+            d.add_(torch.rand(d.shape, generator=step.rng, dtype=d.dtype)).floor_().div_(scale)
+
+    def bytes(self, down: int, up: int, sizes: Sequence[int]) -> tuple[int, int]:
+        extra_down, up = client_bytes(size=sum(sizes), bits=self.bits, neighbors=self.neighbors)
+        return down + extra_down, up
+
+    def server(self, round_: ServerRound) -> None:
+        if not round_.parts:
+            return
+        total = round_.parts[0].copy()
+        for part in round_.parts[1:]:        # the left fold np.sum(parts, axis=0) makes, without stacking them
+            total += part
+        total, overflow = decode_sum(total, fraction_bits=self.fraction_bits, bits=self.bits)
+        clients, arrived = round_.clients, round_.arrived
+        round_.record.update(secagg_overflow=overflow, secagg_dropped=clients - arrived)
+        if arrived < math.ceil(self.threshold * clients):
+            log.warning("round %d: secure aggregation failed: %d of %d clients survived, the threshold is %d; "
+                        "nothing applied", round_.index + 1, arrived, clients, math.ceil(self.threshold * clients))
+            round_.record["secagg_failed"] = 1
+            round_.parts, round_.weight, round_.void = [], 0.0, True
+            return
+        round_.parts = [total]

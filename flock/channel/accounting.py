@@ -1,26 +1,18 @@
-"""The server side of the update channel: DP-FedAvg's noise and accountant, secure aggregation's decoding and
-threshold, and the bytes each client sends and receives. The scheduler calls `ServerChannel.aggregate` once
-per training round (before its server optimizer step); without any option it only counts bytes.
+"""The DP accountant's stage: epsilon for the rounds released so far, from Google's dp-accounting (RDP or PLD),
+and the noise multiplier that --dp-target-epsilon calibrates.
 
-DP-FedAvg (McMahan et al. 2018, user level): clients clip their shared-parameter update to norm C and weigh 1
-each (`simulator/channel.py`); the server adds Gaussian noise of std z*C once to the round's sum, from the
-round's seeded stream (the same at any -np), and divides by the expected cohort K (the fixed-denominator
-estimator: the number of contributors is not released). With a noise cohort M (pfl's noise-cohort scaling)
-the sum gets std z*C*K/M: the mean is as noisy as a deployed round of M users, and the accountant counts
-rounds at the deployed rate M/population. Epsilon comes from Google's dp-accounting (RDP or PLD).
-
-With phones the accountant's rate bounds each user's real chance of being in a round: over-selection asks
-for c = ceil(K x over_select) candidates, and every user who contributes is one of them, so with phones
-always on-line the rate is c / population (a deadline or a quorum only removes contributors). When phones
-come and go (`--availability`), the candidates are c of the m users on-line at the round's start, drawn
-uniformly, so a user on-line then is a candidate with probability c / m (at most: the search for on-line
-users may stop early) and one off-line is not: each round is accounted at its own rate min(1, c / m), m
-counted over the round's population, and the rounds composed. Those rates are known only as the run goes,
-so such runs cannot calibrate to a target epsilon.
-
-With adaptive clipping (`scheduler/adaptive_clipping.py`) C is the round's C_t, which the scheduler hands the
-clients in the round's plan, the update's noise multiplier is z_delta (the count of unclipped clients takes
-the rest of the budget), and the accountant still counts rounds of multiplier z.
+Each round is the Gaussian mechanism of the run's multiplier z on a sampled cohort: K of the population,
+or with a noise cohort M (pfl's noise-cohort scaling, `central_noise.py`) M of it, the deployed rate. With
+phones the rate bounds each user's real chance of being in a round: over-selection asks for c = ceil(K x
+over_select) candidates, and every user who contributes is one of them, so with phones always on-line the
+rate is c / population (a deadline or a quorum only removes contributors). When phones come and go
+(`--availability`), the candidates are c of the m users on-line at the round's start, drawn uniformly, so a
+user on-line then is a candidate with probability c / m (at most: the search for on-line users may stop
+early) and one off-line is not: each round is accounted at its own rate min(1, c / m), m counted over the
+round's population, and the rounds composed. Those rates are known only as the run goes, so such runs
+cannot calibrate to a target epsilon. With adaptive clipping (`clip.py`) the accountant still counts rounds
+of multiplier z (the count of unclipped clients takes its share of the budget from the update's noise).
+Local DP (`local_noise.py`): the user's own report is the mechanism, at rate 1.
 """
 from __future__ import annotations
 
@@ -28,15 +20,11 @@ import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-import numpy as np
-
-from flock.common.channel_config import ChannelSettings, phones_come_and_go
+from flock.channel.base import Build, ServerRound, Stage
+from flock.channel.clip import Clip
 from flock.common.errors import ConfigError
-from flock.common.streams import privacy_rng
-from scheduler import secagg
-from scheduler.adaptive_clipping import AdaptiveClip, adaptive_clipping_of, update_noise_multiplier
 
 log = logging.getLogger(__name__)
 MAX_NOISE_MULTIPLIER = 1e3       # calibration's upper end: a target that needs more is unreachable
@@ -168,132 +156,79 @@ def local_accounting(noise_multiplier: float, delta: float) -> DpAccounting:
     return DpAccounting(noise_multiplier=noise_multiplier, cohort=1, population=1, delta=delta)
 
 
-def client_bytes(settings: ChannelSettings, sizes: Sequence[int], *, secagg_neighbors: int = 0,
-                 clients_per_round: int = 1) -> tuple[int, int]:
-    """(down, up): the exact bytes one client receives and sends in a round, from the codecs (fp32: 4 bytes
-    per shared parameter) and, with secure aggregation, the protocol's messages."""
-    down, up = settings.down.bytes(sizes), settings.up.bytes(sizes)
-    if settings.secagg_bits:
-        neighbors = secagg_neighbors or clients_per_round - 1
-        extra_down, up = secagg.client_bytes(size=sum(sizes), bits=settings.secagg_bits, neighbors=neighbors)
-        down += extra_down
-    return down, up
+class Accountant(Stage):
+    """The accountant's stage (always in the channel; without DP noise it counts nothing): after the round's
+    noise, it counts each released round and records epsilon (`accounting` None: no DP noise, or clipping
+    without noise). It also writes the run's closing privacy line, with `clip`'s norm."""
 
+    name = "accountant"
 
-class ServerChannel:
-    """What the scheduler does with a round's sum: decode (secure aggregation), noise, the fixed
-    denominator, the accountant, the bytes record. `accounting` None: no DP noise (bytes only, or clipping
-    without noise, or local DP's noise which the clients add). `adaptive`: adaptive clipping's norm, which
-    then is each round's C, and the update's noise multiplier becomes z_delta (of `noise_multiplier` z)."""
-
-    def __init__(self, *, settings: ChannelSettings, sizes: Sequence[int], seed: int, clients_per_round: int,
-                 noise_multiplier: float = 0.0, noise_cohort: int = 0, accounting: DpAccounting | None = None,
-                 secagg_neighbors: int = 0, secagg_threshold: float = 0.5, adaptive: AdaptiveClip | None = None) -> None:
-        self.settings = settings
-        self.seed = seed
-        self.clients_per_round = clients_per_round
-        self.noise_multiplier = 0.0 if settings.local_noise_std else noise_multiplier     # z, the accountant's
-        self.adaptive = adaptive
-        self.central_noise = (update_noise_multiplier(self.noise_multiplier, adaptive.settings.count_noise)
-                              if adaptive is not None else self.noise_multiplier)          # on the update
-        self.noise_cohort = noise_cohort or clients_per_round
+    def __init__(self, accounting: DpAccounting | None, *, local: bool = False, clip: "Clip | None" = None) -> None:
         self.accounting = accounting
-        self.secagg_threshold = secagg_threshold
-        self.bytes_down, self.bytes_up = client_bytes(settings, sizes, secagg_neighbors=secagg_neighbors,
-                                                      clients_per_round=clients_per_round)
+        self.local = local            # local DP: the clients add the noise, rate 1
+        self.clip = clip
         self.released = 0            # rounds whose aggregate was released (the accountant's count)
         # rounds at their own rates (phones that come and go); None: every round at the run's rate
         self.by_round = accounting.round_by_round() if accounting is not None and accounting.per_round else None
         self.epsilon = 0.0
 
-    @property
-    def round_clip(self) -> float:
-        """The clipping norm of the current round (0: no clipping): --dp-clip, or adaptive clipping's C_t."""
-        return self.adaptive.clip if self.adaptive is not None else self.settings.clip
+    @classmethod
+    def from_config(cls, config, build: Build) -> Accountant | None:
+        if build.side != "server":
+            return None
+        return cls(accounting_of(config, build.noise_multiplier, build.population), local=bool(config.dp_local))
 
-    @property
-    def noise_std(self) -> float:
-        """The std of the Gaussian noise on the current round's sum of clipped updates."""
-        return self.central_noise * self.round_clip * self.clients_per_round / self.noise_cohort
+    @staticmethod
+    def check(config) -> None:
+        if config.dp_noise_multiplier > 0 and config.dp_target_epsilon > 0:
+            raise ConfigError("--dp-target-epsilon calibrates the noise: give it or --dp-noise-multiplier, not both")
+        per_round = [f"--{n.replace('_', '-')}" for n in ("dp_target_epsilon", "dp_population", "dp_noise_cohort")
+                     if getattr(config, n)]
+        if central_dp_noise(config) and phones_come_and_go(config) and per_round:
+            raise ConfigError(f"{', '.join(per_round)}: with --availability {config.availability} the accountant "
+                              f"counts each round's own rate (candidates / users on-line), known only as the run "
+                              f"goes: not with a population, cohort or target fixed in advance (give "
+                              f"--dp-noise-multiplier)")
 
-    def aggregate(self, round_index: int, parts: list[np.ndarray], weight: float, sums: dict[str, float], *,
-                  sampling: tuple[int, int] | None = None) -> tuple[list[np.ndarray], float, dict[str, Any]]:
-        """Round `round_index` (0-based): the ranks' `parts` (sums of weighted deltas, float64) and total
-        `weight` -> the parts and weight for the mean, and the record's fields (bytes, epsilon, ...). With
-        adaptive clipping `sums["unclipped"]` (the clients whose update norm was at most the round's C) moves
-        the norm for the next round. `sampling`: the round's own (population, cohort) for the accountant
-        (phones that come and go); None: the run's."""
-        clients = int(sums.get("clients", 0))
-        arrived = clients - int(sums.get("diverged", 0))
-        record: dict[str, Any] = {"bytes_down": clients * self.bytes_down, "bytes_up": arrived * self.bytes_up}
-        if self.settings.secagg_bits and parts:
-            total = parts[0].copy()
-            for part in parts[1:]:        # the left fold np.sum(parts, axis=0) makes, without stacking them
-                total += part
-            total, overflow = secagg.decode_sum(total, fraction_bits=self.settings.fraction_bits,
-                                                bits=self.settings.secagg_bits)
-            record.update(secagg_overflow=overflow, secagg_dropped=clients - arrived)
-            if arrived < math.ceil(self.secagg_threshold * clients):
-                log.warning("round %d: secure aggregation failed: %d of %d clients survived, the threshold is %d; "
-                            "nothing applied", round_index + 1, arrived, clients,
-                            math.ceil(self.secagg_threshold * clients))
-                record["secagg_failed"] = 1
-                return [], 0.0, self._privacy_fields(record)
-            parts = [total]
-        if self.settings.clip > 0 and self.central_noise > 0 and arrived > 0:
-            noise = privacy_rng(self.seed, "dp-noise", round_index).standard_normal(parts[0].size if parts else 0)
-            noise *= self.noise_std
-            parts = [*parts, noise]
-            weight = float(self.clients_per_round)
-        if self.adaptive is not None:
-            record["dp_clip"] = self.adaptive.clip
-            if arrived > 0:
-                record["dp_unclipped_fraction"] = self.adaptive.release(round_index, sums.get("unclipped", 0.0))
-        if self.accounting is not None and arrived > 0:
+    def bind(self, stages: Sequence[Stage]) -> None:
+        self.clip = next((s for s in stages if isinstance(s, Clip)), None)
+
+    def server(self, round_: ServerRound) -> None:
+        if self.accounting is not None and round_.arrived > 0 and not round_.void:
             self.released += 1
             if self.by_round is None:
                 self.epsilon = self.accounting.epsilon(self.released)
             else:
+                sampling = round_.sampling
                 if sampling is None:
                     raise ValueError("per-round accounting needs each round's (population, cohort)")
                 self.epsilon = self.by_round.add(*sampling)
-                record["dp_sampling_rate"] = min(1.0, sampling[1] / sampling[0]) if sampling[0] else 1.0
-        return parts, weight, self._privacy_fields(record)
-
-    def _privacy_fields(self, record: dict[str, Any]) -> dict[str, Any]:
+                round_.record["dp_sampling_rate"] = min(1.0, sampling[1] / sampling[0]) if sampling[0] else 1.0
         if self.accounting is not None:
-            record["epsilon"] = self.epsilon
-        return record
+            round_.record["epsilon"] = self.epsilon
 
     def eval_fields(self) -> dict[str, Any]:
-        """Fields of an evaluation record: the epsilon spent so far (with DP)."""
         return {"epsilon": self.epsilon} if self.accounting is not None else {}
 
     def state_dict(self) -> dict[str, Any]:
-        """For the checkpoint: the accountant's count of released rounds (epsilon follows from it) and the
-        next round's adaptive clipping norm."""
+        """The count of released rounds (epsilon follows from it) and, per round, their rates."""
         return {"released": self.released, "epsilon": self.epsilon,
-                **({"rounds_at": [list(r) for r in self.by_round.rounds]} if self.by_round is not None else {}),
-                **(self.adaptive.state_dict() if self.adaptive is not None else {})}
+                **({"rounds_at": [list(r) for r in self.by_round.rounds]} if self.by_round is not None else {})}
 
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        state = state or {}
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.released, self.epsilon = int(state.get("released", 0)), float(state.get("epsilon", 0.0))
         if self.by_round is not None:        # the same rounds composed again, in order: the same epsilon
             self.by_round = self.accounting.round_by_round()
             for population, cohort in state.get("rounds_at", []):
                 self.epsilon = self.by_round.add(int(population), int(cohort))
-        if self.adaptive is not None:
-            self.adaptive.load_state_dict(state)
 
     def run_fields(self) -> dict[str, Any]:
-        """What config.json records beside the options (with DP noise): the noise multipliers actually used,
-        a calibrated one included."""
+        """The noise multiplier actually used (a calibrated one included) and how the rate was derived."""
         if self.accounting is None:
             return {}
         a = self.accounting
         fields: dict[str, Any] = {"noise_multiplier": a.noise_multiplier, "accountant": a.kind}
-        if self.settings.local_noise_std:
+        if self.local:
             fields["sampling"] = "local DP: rate 1, every round (a bound for the user who takes part most)"
         elif a.per_round:
             fields["sampling"] = (f"per round: min(1, c / m), c = {a.cohort} candidates asked for (--clients-per-"
@@ -303,25 +238,16 @@ class ServerChannel:
             fields.update(sampling=f"{a.cohort} / {a.population} every round (candidates asked for, or "
                                    f"--dp-noise-cohort; / the smallest training day's users, or --dp-population)",
                           sampling_rate=a.sampling_rate)
-        if self.adaptive is not None:
-            fields.update(update_noise_multiplier=self.central_noise, count_noise=self.adaptive.settings.count_noise)
-        return {"privacy": fields}
+        return fields
 
     def summary(self) -> str:
-        """One line for the end of the run."""
-        if self.adaptive is None:
-            clip = f"clip {self.settings.clip:g}"
-        else:
-            clip = (f"adaptive clip {self.adaptive.clip:.4g} towards quantile {self.adaptive.settings.quantile:g}, "
-                    f"update noise multiplier {self.central_noise:.4g}, count noise {self.adaptive.settings.count_noise:g}")
         if self.accounting is None:
-            return f"privacy: no DP noise ({clip})" if self.adaptive is not None else ""
+            return ""
         a = self.accounting
-        return (f"privacy: epsilon {self.epsilon:.4g} at delta {a.delta:g} after {self.released} rounds "
+        clip = self.clip.describe() if self.clip is not None else "no clipping"
+        return (f"epsilon {self.epsilon:.4g} at delta {a.delta:g} after {self.released} rounds "
                 f"(noise multiplier {a.noise_multiplier:.4g}, {clip}, "
-                f"{'local DP' if self.settings.local_noise_std else self._rate_text()}, "
-                f"{a.kind} accountant)")
-
+                f"{'local DP' if self.local else self._rate_text()}, {a.kind} accountant)")
 
     def _rate_text(self) -> str:
         if self.by_round is None:
@@ -332,7 +258,7 @@ class ServerChannel:
 def training_population(reader) -> int:
     """The users the sampler draws from: the smallest training day's users with samples (the largest
     sampling rate of the run)."""
-    from scheduler.calendar import Calendar
+    from reader.calendar import Calendar
 
     days = Calendar.from_reader(reader).train_days
     return min(sum(1 for c in reader.index(day, "train").counts if c > 0) for day in days)
@@ -354,6 +280,15 @@ def accounting_of(config, noise_multiplier: float, population: int) -> DpAccount
                         per_round=phones_come_and_go(config))
 
 
+def central_dp_noise(config) -> bool:
+    """Whether the server adds DP noise to the round's sum (given or calibrated; local DP's is the clients')."""
+    return (config.dp_noise_multiplier > 0 or config.dp_target_epsilon > 0) and not config.dp_local
+
+
+def phones_come_and_go(config) -> bool:
+    """Whether the run's users are on-line only at times (--availability other than always)."""
+    return bool(config.device_profiles) and config.availability not in ("", "always")
+
 
 def noise_multiplier_of(config, population: int) -> float:
     """--dp-noise-multiplier, or the one --dp-target-epsilon calibrates for --rounds rounds (logged)."""
@@ -366,23 +301,3 @@ def noise_multiplier_of(config, population: int) -> float:
              "local DP" if config.dp_local else f"sampling rate {accounting.sampling_rate:.4g}", config.dp_delta,
              accounting.kind)
     return z
-
-
-def server_channel(config, sizes: Sequence[int], population: int) -> ServerChannel:
-    """The run's ServerChannel (always: it counts the bytes) from its Config."""
-    from flock.common.channel_config import channel_settings
-
-    z = noise_multiplier_of(config, population)
-    accounting = accounting_of(config, z, population)
-    adaptive = adaptive_clipping_of(config)
-    channel = ServerChannel(settings=channel_settings(config, z), sizes=sizes, seed=config.seed,
-                         clients_per_round=config.clients_per_round,
-                         noise_multiplier=z, noise_cohort=config.dp_noise_cohort,
-                         accounting=accounting,
-                         secagg_neighbors=config.secagg_neighbors, secagg_threshold=config.secagg_threshold,
-                         adaptive=AdaptiveClip(adaptive, seed=config.seed) if adaptive is not None else None)
-    if adaptive is not None:
-        log.info("adaptive clipping towards quantile %g from C0 = %g: update noise multiplier %.4f of z = %.4f, "
-                 "count noise %g", adaptive.quantile, adaptive.initial_clip, channel.central_noise, z,
-                 adaptive.count_noise)
-    return channel
