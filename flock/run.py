@@ -326,6 +326,10 @@ def _build(config: Config, comm: Comm, reader, plugins: tuple, train_config) -> 
     from simulator.attacks import client_attack
 
     aggregator = agreed(comm, lambda: make_aggregator(config, trainer_cls.aggregator() if config.flower_server else None))
+    if getattr(aggregator, "needs_loss", False) and aggregator.loss_metric not in trainer_cls.train_ratios:
+        raise ConfigError(f"{config.flower_server or '--aggregator ' + config.aggregator}: weighs clients by their "
+                          f"training loss {aggregator.loss_metric!r}, which the trainer does not report (its training "
+                          f"metrics: {', '.join(trainer_cls.train_ratios) or 'none'})")
     attack = agreed(comm, lambda: client_attack(config, spec, reader))
     if attack is not None and attack.settings.kind == "model" and aggregator is None:
         from scheduler.aggregators import WeightedMean  # FedAvg's mean, on updates the attackers changed
@@ -535,8 +539,9 @@ def _simulator(config: Config, built: _Built, comm: Comm, reader, client, data_p
                                    eval_ratios=built.eval_ratios, seed=config.seed, round_timeout=config.round_timeout,
                                    data_plane=data_plane)
     else:
+        loss = built.trainer_cls.train_ratios.get(getattr(built.aggregator, "loss_metric", "loss"))
         per_client = (PerClientRound(comm, built.layout.size, built.aggregator, timeout=config.round_timeout,
-                                     attack=built.attack) if built.aggregator is not None else None)
+                                     attack=built.attack, loss_ratio=loss) if built.aggregator is not None else None)
         simulator = Simulator(rank=rank, client=client, reader=reader, shards=shards, store=store,
                               eval_ratios=built.eval_ratios, seed=config.seed, round_timeout=config.round_timeout,
                               data_plane=data_plane, per_client=per_client, attack=built.attack)

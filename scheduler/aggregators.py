@@ -117,6 +117,21 @@ class NormBounded(_Rule):
         return robust.norm_bounded_mean(updates, weights, max_norm=self.max_norm, reducer=reducer)
 
 
+class QFedAvg(_Rule):
+    """q-FedAvg (q-FFL, Li et al. 2020; Flower's QFedAvg): clients weigh by a power q of their training loss
+    (`needs_loss`: the per-client path brings each client's `loss_metric` from its training sums); L = 1 / the
+    clients' learning rate."""
+
+    needs_loss = True
+
+    def __init__(self, *, q: float, lr: float, loss_metric: str = "loss") -> None:
+        robust.check_qfedavg(q, lr)
+        self.q, self.lr, self.loss_metric = q, lr, loss_metric
+
+    def aggregate(self, updates, weights, *, reducer, losses):
+        return robust.qfedavg(updates, losses, q=self.q, lr=self.lr, reducer=reducer)
+
+
 class WeightedMean(_Rule):
     """FedAvg's weighted mean computed on the per-client path (what `fedavg` becomes under an attack that
     changes single updates)."""
@@ -136,12 +151,13 @@ BUILTIN: dict[str, Callable[[Config], Any] | None] = {
     "geomed": lambda config: GeometricMedian(nu=config.geomed_nu, max_iter=config.geomed_max_iter,
                                              tol=config.geomed_tol),
     "norm-bound": lambda config: NormBounded(max_norm=config.norm_bound),
+    "qfedavg": lambda config: QFedAvg(q=config.qfedavg_q, lr=config.lr),
 }
 
 
 # rules by name with explicit settings (a Flower strategy's, trainer/flower_server.py: per_client_rule)
 RULES: dict[str, Callable[..., Any]] = {"median": Median, "trimmed-mean": TrimmedMean, "krum": Krum,
-                                        "bulyan": Bulyan}
+                                        "bulyan": Bulyan, "qfedavg": QFedAvg}
 
 
 def make_aggregator(config: Config, strategy_rule: tuple[str, dict[str, Any]] | None = None) -> Any | None:

@@ -356,3 +356,34 @@ def norm_bounded_mean(updates: np.ndarray, weights: np.ndarray, *, max_norm: flo
     scale = np.array([max_norm / n if n > max_norm else 1.0 for n in norms(updates, reducer)])
     w = np.asarray(weights, np.float64)
     return weighted_sum(updates, w * scale) / math.fsum(w)
+
+
+# ---------------------------------------------------------------------------------------- q-FedAvg
+
+
+QFFL_EPS = 1e-10      # added to each loss before its powers (Flower's QFedAvg)
+
+
+def check_qfedavg(q: float, lr: float) -> None:
+    if not (math.isfinite(q) and q >= 0):
+        raise ConfigError(f"--qfedavg-q must be a finite number >= 0, got {q}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"q-FedAvg's client learning rate must be above 0, got {lr}")
+
+
+def qfedavg(updates: np.ndarray, losses: np.ndarray, *, q: float, lr: float, reducer: Reducer) -> np.ndarray:
+    """q-FedAvg (Li, Sanjabi, Beirami, Smith, ICLR 2020 "Fair Resource Allocation in Federated Learning"; as
+    Flower's QFedAvg): with L = 1 / lr, each client's Delta_k = L (w - w_k) = -L u_k (u_k its update) weighs
+    F_k^q (F_k its training loss), h_k = q F_k^(q-1) ||Delta_k||^2 + L F_k^q, and the new model is
+    w - sum_k F_k^q Delta_k / sum_k h_k: the returned update is sum_k F_k^q L u_k / sum_k h_k. q = 0 is
+    FedAvg's unweighted mean of the updates, at step 1."""
+    check_qfedavg(q, lr)
+    losses = np.asarray(losses, np.float64)
+    if losses.shape != (len(updates),) or not np.isfinite(losses).all() or (losses < 0).any():
+        raise ValueError(f"q-FedAvg needs one finite training loss >= 0 per client, got {losses}")
+    check_finite(updates, reducer)
+    big_l = 1.0 / lr
+    squared = norms(updates, reducer) ** 2 * big_l ** 2          # ||Delta_k||^2, the same on every slice
+    f_q = np.float_power(losses + QFFL_EPS, q)
+    h = q * np.float_power(losses + QFFL_EPS, q - 1) * squared + big_l * f_q
+    return weighted_sum(updates, f_q * big_l) / math.fsum(h)

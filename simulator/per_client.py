@@ -74,8 +74,15 @@ class PerClientRound:
     """One rank's side of the per-client path (`run` is collective: every rank calls it every round)."""
 
     def __init__(self, comm: Comm, size: int, aggregator: Any, *, timeout: float, block: int = BLOCK,
-                 attack: Any = None) -> None:
+                 attack: Any = None, loss_ratio: tuple[str, str] | None = None) -> None:
         self.comm = comm
+        # an aggregator that weighs clients by their training loss (q-FedAvg) gets each client's
+        # loss_ratio[0] / loss_ratio[1] of its training sums
+        self.needs_loss = bool(getattr(aggregator, "needs_loss", False))
+        if self.needs_loss and loss_ratio is None:
+            raise ConfigError(f"{type(aggregator).__name__} weighs clients by their training loss: the trainer "
+                              f"reports none")
+        self.loss_ratio = loss_ratio
         self.attack = attack        # simulator/attacks.py's ClientAttack: what the malicious clients send instead
         self.size = size
         self.aggregator = aggregator
@@ -96,15 +103,25 @@ class PerClientRound:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rank {self.comm.rank}: step {step}: {what} took over {self.timeout:.0f} s")
 
-    def run(self, mine: Sequence[tuple[str, float, np.ndarray]], step: int,
+    def client_loss(self, uid: str, sums: dict[str, float]) -> float:
+        """The training loss of client `uid` from its sums (0.0 when the aggregator needs none)."""
+        if not self.needs_loss:
+            return 0.0
+        num, den = self.loss_ratio
+        if sums.get(den, 0) <= 0 or num not in sums:
+            raise ValueError(f"user {uid!r}: the aggregator weighs clients by their training loss, but the user's "
+                             f"training reported no {num!r} over {den!r} (its sums: {sorted(sums)})")
+        return float(sums[num]) / float(sums[den])
+
+    def run(self, mine: Sequence[tuple[str, float, np.ndarray, float]], step: int,
             round_index: int = 0) -> tuple[np.ndarray | None, int, str]:
-        """This rank's clients' (uid, weight, float32 update) -> (rank 0: the aggregate as float64 (P,), or None
-        when the round's clients are too few for the rule; others: None), the round's client count, and why
-        nothing was aggregated ("" when it was)."""
+        """This rank's clients' (uid, weight, float32 update, training loss) -> (rank 0: the aggregate as
+        float64 (P,), or None when the round's clients are too few for the rule; others: None), the round's
+        client count, and why nothing was aggregated ("" when it was)."""
         comm = self.comm
         self._wait(comm.Ibarrier(), "waiting for the ranks to finish training", step)
-        listed = comm.allgather([(uid, weight) for uid, weight, _ in mine])
-        order = sorted((uid, r, weight) for r, entries in enumerate(listed) for uid, weight in entries)
+        listed = comm.allgather([(uid, weight, loss) for uid, weight, _, loss in mine])
+        order = sorted((uid, r, weight, loss) for r, entries in enumerate(listed) for uid, weight, loss in entries)
         k = len(order)
         try:
             self.aggregator.check(k)
@@ -115,7 +132,7 @@ class PerClientRound:
         send = np.empty(len(mine_sorted) * self.size, np.float32)
         at, send_counts = 0, []
         for a, b in self.bounds:             # for each rank: its slice of every one of my clients, in uid order
-            for _, _, delta in mine_sorted:
+            for _, _, delta, _ in mine_sorted:
                 send[at:at + b - a] = delta[a:b]
                 at += b - a
             send_counts.append((b - a) * len(mine_sorted))
@@ -126,15 +143,17 @@ class PerClientRound:
         del send
         # rows as received (rank by rank, each in uid order) -> rows in the round's global uid order
         received = [(uid, row) for r, entries in enumerate(listed)
-                    for row, (uid, _) in enumerate(sorted(entries), start=sum(counts[:r]))]
+                    for row, (uid, _, _) in enumerate(sorted(entries), start=sum(counts[:r]))]
         position = {uid: row for uid, row in received}
         rows = recv.reshape(k, hi - lo)
-        updates = rows[[position[uid] for uid, _, _ in order]]
-        weights = np.array([weight for _, _, weight in order], np.float64)
+        updates = rows[[position[uid] for uid, _, _, _ in order]]
+        weights = np.array([weight for _, _, weight, _ in order], np.float64)
         if self.attack is not None:
-            updates = self.attack.updates(updates, [uid for uid, _, _ in order], round_index, start=lo, block=self.block)
-        part = np.ascontiguousarray(self.aggregator.aggregate(updates, weights, reducer=MPIReducer(comm, self.block)),
-                                    dtype=np.float64)
+            updates = self.attack.updates(updates, [uid for uid, _, _, _ in order], round_index, start=lo,
+                                          block=self.block)
+        extra = {"losses": np.array([loss for _, _, _, loss in order], np.float64)} if self.needs_loss else {}
+        part = np.ascontiguousarray(self.aggregator.aggregate(updates, weights, reducer=MPIReducer(comm, self.block),
+                                                              **extra), dtype=np.float64)
         if part.shape != (hi - lo,):
             raise ValueError(f"the aggregator returned {part.shape} values for a slice of {hi - lo}")
         full = np.empty(self.size, np.float64) if comm.rank == 0 else None

@@ -161,16 +161,20 @@ class Simulator:
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
             global_flat = torch.from_numpy(self._global)
         updates: dict[str, ClientUpdate] = {}
+        losses: dict[str, float] = {}
 
         def train(shard: Shard, uid: str) -> dict[str, float]:
             updates[uid] = ClientUpdate(global_flat)
-            return shard.train_user(uid, self._training_samples(plan, uid), user_seed(self.seed, plan.round, uid),
+            sums = shard.train_user(uid, self._training_samples(plan, uid), user_seed(self.seed, plan.round, uid),
                                     plan.round + 1, clip=plan.clip, into=updates[uid])
+            if updates[uid].delta is not None:
+                losses[uid] = self.per_client.client_loss(uid, sums)
+            return sums
 
         sums = self._train_sums(self._per_shard(plan, train))
         if plan.checkpoint:   # before the push: the scheduler checkpoints once every rank has pushed
             self.store.commit(plan.round + 1)
-        mine = [(uid, u.weight, u.delta) for uid, u in updates.items() if u.delta is not None]
+        mine = [(uid, u.weight, u.delta, losses[uid]) for uid, u in updates.items() if u.delta is not None]
         sums["train_seconds"] = time.perf_counter() - started
         mean, clients, skipped = self.per_client.run(mine, plan.step, plan.round)
         if skipped and self.rank == 0:

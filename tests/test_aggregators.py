@@ -128,6 +128,50 @@ def test_norm_bounding_is_flowers_clipping_then_mean():
     assert (norms > 7.0).sum() >= 3 and (norms < 7.0).sum() >= 3   # both sides of the bound are exercised
 
 
+@pytest.mark.parametrize("q", [0.0, 0.2, 1.0, 2.5])
+def test_qfedavg_is_flowers_qfedavg(q):
+    # Flower's QFedAvg.aggregate_train on replies holding each client's model (global + update) and its
+    # train_loss; Flower works in the arrays' float32, flock in float64 from the float32 updates
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import QFedAvg
+
+    from trainer.flower_server import FlockGrid, flower_calls
+
+    x, n = clients(8, outliers=1, seed=41)
+    x *= 0.01
+    losses = np.random.default_rng(41).uniform(0.2, 3.0, len(x))
+    global_ = np.random.default_rng(42).normal(0.0, 1.0, P).astype(np.float32)
+    strategy = QFedAvg(client_learning_rate=0.05, q=q)
+    cuts = np.cumsum([math.prod(s) for s in SHAPES])[:-1]
+
+    def record(vector):
+        return ArrayRecord({f"t{i}": Array(part.reshape(s).copy())
+                            for i, (part, s) in enumerate(zip(np.split(vector, cuts), SHAPES))})
+
+    with flower_calls():
+        sent = next(iter(strategy.configure_train(1, record(global_), ConfigRecord(), FlockGrid(10))))
+        replies = [Message(RecordDict({"arrays": record((global_ + row).astype(np.float32)),
+                                       "metrics": MetricRecord({"num-examples": int(w), "train_loss": float(f)})}),
+                           reply_to=sent) for row, w, f in zip(x, n, losses)]
+        theirs = flat([a.numpy() for a in strategy.aggregate_train(1, replies)[0].values()])
+    # Flower's model from float32 local models (global + update rounded): compare with the same rounding
+    rounded = (global_[None, :] + x).astype(np.float32).astype(np.float64) - global_
+    ours = global_ + robust.qfedavg(rounded.astype(np.float32), losses, q=q, lr=0.05, reducer=WholeVector(SMALL))
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-6 * max(1.0, float(np.abs(theirs).max())))
+    assert not np.allclose(theirs, global_)
+
+
+def test_qfedavg_weighs_clients_by_their_loss_to_the_q():
+    x = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    fair = robust.qfedavg(x, np.array([1.0, 4.0]), q=1.0, lr=1.0, reducer=WholeVector(SMALL))
+    # by hand: L = 1, ||Delta_k||^2 = 1, h_k = q F_k^(q-1) * 1 + F_k^q = 1 + F_k (q = 1): h = 2 + 5 = 7
+    np.testing.assert_allclose(fair, [(1 + 1e-10) / 7, (4 + 1e-10) / 7], rtol=1e-9)
+    plain = robust.qfedavg(x, np.array([1.0, 4.0]), q=0.0, lr=1.0, reducer=WholeVector(SMALL))
+    np.testing.assert_allclose(plain, [0.5, 0.5], rtol=1e-12)          # q = 0: the unweighted mean
+    with pytest.raises(ValueError, match="one finite training loss"):
+        robust.qfedavg(x, np.array([1.0, np.nan]), q=1.0, lr=1.0, reducer=WholeVector(SMALL))
+
+
 # ----------------------------------------------------------------------------------- slicing invariance
 
 
@@ -201,6 +245,7 @@ RULES: dict[str, Callable[[np.ndarray, np.ndarray, robust.Reducer], np.ndarray]]
     "bulyan": lambda x, n, r: robust.bulyan(x, f=2, reducer=r),
     "geomed": lambda x, n, r: robust.geometric_median(x, n, tol=1e-10, reducer=r).median,
     "norm-bound": lambda x, n, r: robust.norm_bounded_mean(x, n, max_norm=5.0, reducer=r),
+    "qfedavg": lambda x, n, r: robust.qfedavg(x, np.log1p(n), q=0.7, lr=0.3, reducer=r),
 }
 
 

@@ -2,6 +2,7 @@
 and Message-API ClientApps with their ServerApp's strategy as the server step. Needs the optional `flwr` extra."""
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -133,7 +134,15 @@ STRATEGIES = {"fedavg": lambda: FedAvg(fraction_train=0.5), "fedadam": lambda: F
               "fedprox": lambda: FedProx(proximal_mu=0.25), "fedmedian": lambda: FedMedian(),
               "trimmed": lambda: FedTrimmedAvg(beta=0.34), "krum": lambda: Krum(num_malicious_nodes=0),
               "multikrum": lambda: MultiKrum(num_malicious_nodes=0, num_nodes_to_select=2),
-              "bulyan": lambda: Bulyan(num_malicious_nodes=0), "qfedavg": lambda: QFedAvg(client_learning_rate=0.1)}
+              "bulyan": lambda: Bulyan(num_malicious_nodes=0), "qfedavg": lambda: QFedAvg(client_learning_rate=0.1, q=0.5),
+              "own": lambda: OwnAggregation()}
+
+
+class OwnAggregation(FedAvg):
+    """A strategy with an aggregate_train of its own: flock cannot know what it computes."""
+
+    def aggregate_train(self, server_round, replies):
+        return super().aggregate_train(server_round, list(replies)[:1])
 
 
 def make_server(strategy: str, **start):
@@ -149,8 +158,8 @@ def make_server(strategy: str, **start):
 
 server_app, fedadam_server, fedprox_server, median_server = (make_server(k) for k in ("fedavg", "fedadam", "fedprox",
                                                                                       "fedmedian"))
-trimmed_server, krum_server, multikrum_server, bulyan_server, qfedavg_server = (
-    make_server(k) for k in ("trimmed", "krum", "multikrum", "bulyan", "qfedavg"))
+trimmed_server, krum_server, multikrum_server, bulyan_server, qfedavg_server, own_server = (
+    make_server(k) for k in ("trimmed", "krum", "multikrum", "bulyan", "qfedavg", "own"))
 no_start_server, key_error_server, grid_server = ServerApp(), ServerApp(), ServerApp()
 no_start_server.main()(lambda grid, context: None)
 key_error_server.main()(lambda grid, context: context.run_config["fraction-train"])
@@ -262,7 +271,7 @@ def test_a_strategys_own_config_keys_reach_the_client(tiny):
     (message_api("wrong_key_app"), "train of user 'bob': its arrays are not the global model's; missing: 'w'; not in "
                                    "the global model: 'v'"),
     (message_api("app"), "a ClientApp built with client_fn: run that with --flower-client"),
-    (message_api(server="qfedavg_server"), "strategy QFedAvg is not one flock runs"),
+    (message_api(server="own_server"), "strategy OwnAggregation is not one flock runs"),
     (message_api(server="no_start_server"), r"returned without calling strategy.start\(...\)"),
     (message_api(server="key_error_server"), "its main raised KeyError: 'fraction-train' \\(give the app's run config "
                                              "with --run-config"),
@@ -319,7 +328,8 @@ def flower_round(strategy, server_round, params: ArrayRecord, clients):
     """Flower's own step: configure_train, then aggregate_train on each client's reply."""
     with flower_calls():
         sent = next(iter(strategy.configure_train(server_round, params, ConfigRecord(), FlockGrid(10))))
-        replies = [reply(sent, arrays, **{"num-examples": n}) for n, arrays in clients]
+        replies = [reply(sent, arrays, **{"num-examples": n, **extra}) for n, arrays, *more in clients
+                   for extra in [{"train_loss": more[0]} if more else {}]]
         return strategy.aggregate_train(server_round, replies)[0]
 
 
@@ -386,22 +396,29 @@ def test_the_serverapps_strategy_is_the_runs_server_step(tiny, tmp_path):
     np.testing.assert_allclose(history.params["arrays.0"], params["w"].numpy(), rtol=1e-6)
 
 @pytest.mark.parametrize("server", ["median_server", "trimmed_server", "krum_server", "multikrum_server",
-                                    "bulyan_server"])
+                                    "bulyan_server", "qfedavg_server"])
 def test_a_serverapps_robust_strategy_runs_on_the_per_client_path_as_flower_aggregates(tiny, tmp_path, server):
-    """FedMedian, FedTrimmedAvg, Krum, MultiKrum and Bulyan from a ServerApp: each round's model is what the
-    strategy's own aggregate_train makes of the clients' replies."""
+    """FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan and QFedAvg (which also reads each reply's
+    train_loss) from a ServerApp: each round's model is what the strategy's own aggregate_train makes of the
+    clients' replies."""
     config = Config(data_dir=str(tiny.data_dir), run_dir=str(tmp_path / "run"), reader="arrays", rounds=2,
                     clients_per_round=3, eval_every=1, lr=0.1, batch_size=8, local_epochs=2, **message_api(server=server))
     history = simulate(config)
     assert [r["kind"] for r in history.records] == ["train", "eval"] * 2
     flower = STRATEGIES[server.removesuffix("_server").replace("median", "fedmedian")]()
-    params = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32)), "count": Array(np.array([7], np.int64))})
+    # Flower's own QFedAvg cannot take an integer array (it scales the replies in place); flock's rule reads
+    # the counter as its float32 parameter, so the reference gets it as a float
+    count = np.array([7], np.float64 if server == "qfedavg_server" else np.int64)
+    params = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32)), "count": Array(count)})
     for server_round in (1, 2):        # every user trains: each adds its own number to w (echo_app); the replies
         # in user-id order, flock's (Krum's scores tie here, and both take the first of equal scores)
-        clients = [(n, {"w": params["w"].numpy() + add, "count": params["count"].numpy() + 1})
-                   for n, add in ((4, 1.0), (4, 0.0), (4, 2.0))]       # ann, bob, cy
+        clients = [(n, {"w": params["w"].numpy() + add, "count": params["count"].numpy() + 1}, add)
+                   for n, add in ((4, 1.0), (4, 0.0), (4, 2.0))]       # ann, bob, cy; train_loss = add
         params = flower_round(flower, server_round, params, clients)
-    np.testing.assert_allclose(history.params["arrays.0"], params["w"].numpy(), rtol=1e-6)
+    # q-FedAvg's step is a ratio of float32-rounded sums: equal to float32 rounding
+    rtol = 1e-5 if server == "qfedavg_server" else 1e-6
+    np.testing.assert_allclose(history.params["arrays.0"], params["w"].numpy(), rtol=rtol)
+    assert not np.allclose(params["w"].numpy(), 0.0)
 
 
 def test_flocks_fedavgm_options_are_flowers_fedavgm():
@@ -505,3 +522,15 @@ def test_a_flower_client_composes_with_dp_clipping_and_compression(tiny):
     shard.train_user("cy", tiny.load("20200101", "train", "cy"), seed=3, round_index=1)
     np.testing.assert_allclose(shard.sum.total[:6].numpy(), np.full(6, 4 * 2.0))     # n_k weights without clipping
     assert shard.sum.weight == 4.0
+
+
+def test_a_serverapps_mean_strategy_runs_with_flocks_dp(tiny, tmp_path):
+    """flock's DP options with a ServerApp's FedAvg: the clients clip (weight 1 each), the server noises the
+    mean before the strategy's step, and the records carry epsilon."""
+    config = Config(data_dir=str(tiny.data_dir), run_dir=str(tmp_path / "run"), reader="arrays", rounds=2,
+                    clients_per_round=3, eval_every=1, lr=0.1, batch_size=8, local_epochs=2, dp_clip=0.5,
+                    dp_noise_multiplier=0.5, dp_population=100, **message_api(server="server_app"))
+    history = simulate(config)
+    train = [r for r in history.records if r["kind"] == "train"]
+    assert len(train) == 2 and 0 < train[0]["epsilon"] < train[1]["epsilon"] < math.inf
+    assert np.isfinite(history.params["arrays.0"]).all() and not np.allclose(history.params["arrays.0"], 0.0)

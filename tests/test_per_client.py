@@ -81,7 +81,8 @@ def test_the_median_is_applied_with_the_server_step(mnist, tmp_path):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("aggregator, extra", [("geomed", ()), ("bulyan", ("--krum-f", "1"))])
+@pytest.mark.parametrize("aggregator, extra", [("geomed", ()), ("bulyan", ("--krum-f", "1")),
+                                               ("qfedavg", ("--qfedavg-q", "2"))])
 def test_per_client_rules_give_the_same_model_at_any_np(mnist, tmp_path, aggregator, extra):
     """The MLP's 199,210 parameters are 4 blocks: at -np 2 and 3 the ranks hold different slices."""
     args = ["--reader", "arrays", "--model", "mlp", "--trainer", "classifier", "--lr", "0.05", "--batch-size", "50",

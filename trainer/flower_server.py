@@ -11,8 +11,9 @@ Strategies whose step depends on the clients only through their weighted mean (F
 FedAdam, FedYogi, FedAdagrad, and subclasses that keep their `aggregate_train`) run on flock's linear path:
 `StrategyStep` hands such a strategy the round's weighted mean as a single reply weighted 1, after
 `configure_train` (which sets FedOpt's reference arrays), so the strategy's own code (FedAdam's bias
-correction included) makes the step. The robust strategies that need every reply (FedMedian,
-FedTrimmedAvg, Krum, MultiKrum, Bulyan) run on the per-client path with the rule of
+correction included) makes the step. The strategies that need every reply (FedMedian,
+FedTrimmedAvg, Krum, MultiKrum, Bulyan, and QFedAvg, which also reads each reply's training loss) run on the
+per-client path with the rule of
 `scheduler/aggregators.py` that computes what their `aggregate_train` computes, with the strategy's own
 settings (`per_client_rule` names it; flock/run.py builds it); the step is then the aggregated model.
 
@@ -163,7 +164,7 @@ def check_mean_strategy(strategy: Any, ref: str) -> None:
                           f"({', '.join(PER_CLIENT_STRATEGIES)})")
 
 
-PER_CLIENT_STRATEGIES = ("FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan")
+PER_CLIENT_STRATEGIES = ("FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan", "QFedAvg")
 
 
 def per_client_rule(strategy: Any) -> tuple[str, dict[str, Any]] | None:
@@ -181,6 +182,9 @@ def per_client_rule(strategy: Any) -> tuple[str, dict[str, Any]] | None:
         return "krum", {"f": int(strategy.num_malicious_nodes), "m": int(strategy.num_nodes_to_select)}
     if method is strategies.Bulyan.aggregate_train and strategy.selection_rule is select_multikrum:
         return "bulyan", {"f": int(strategy.num_malicious_nodes), "selection": "multi-krum"}
+    if method is strategies.QFedAvg.aggregate_train:
+        return "qfedavg", {"q": float(strategy.q), "lr": float(strategy.client_learning_rate),
+                           "loss_metric": str(strategy.train_loss_key)}
     return None
 
 

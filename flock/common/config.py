@@ -164,7 +164,7 @@ class Config:
     # robust aggregation (scheduler/aggregators.py): rules that see every client's update
     aggregator: str = opt("fedavg", "server aggregation: fedavg (the weighted mean, from the ranks' sums), or a rule "
                           "that sees each client's update: median, trimmed-mean, krum, multi-krum, bulyan, geomed "
-                          "(RFA), norm-bound, or module:Class")
+                          "(RFA), norm-bound, qfedavg (q-FFL), or module:Class")
     trim_fraction: float = opt(0.1, "trimmed-mean: the fraction of clients cut at each end, per coordinate", lo=0,
                                hi=0.5, hi_open=True)
     krum_f: int = opt(1, "krum, multi-krum, bulyan: the clients assumed Byzantine (Krum needs K > 2f + 2, Bulyan "
@@ -175,6 +175,8 @@ class Config:
     geomed_tol: float = opt(1e-6, "geomed: stop when the objective changes by at most this fraction", lo=0, hi=1)
     norm_bound: float = opt(1.0, "norm-bound: each client's update is clipped to this L2 norm before the mean",
                             lo=0, lo_open=True, hi=1e9)
+    qfedavg_q: float = opt(0.1, "qfedavg: the fairness power q (clients weigh by their training loss to the q; 0: "
+                           "FedAvg's unweighted mean); L = 1 / --lr", lo=0, hi=100)
     # attacks (simulator/attacks.py): a fixed, seeded set of malicious users
     attack: str = opt("", "malicious clients' behaviour: label-flip, backdoor (they poison their data), sign-flip, "
                       "scale, gaussian, alie (they change their update; FedAvg then runs on the per-client path); "
@@ -306,7 +308,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # each rule's own options (a rule's option given with another rule is refused: it would have no effect)
 AGGREGATOR_OPTIONS = {"trim_fraction": ("trimmed-mean",), "krum_f": ("krum", "multi-krum", "bulyan"),
                       "krum_m": ("multi-krum",), "geomed_nu": ("geomed",), "geomed_max_iter": ("geomed",),
-                      "geomed_tol": ("geomed",), "norm_bound": ("norm-bound",)}
+                      "geomed_tol": ("geomed",), "norm_bound": ("norm-bound",), "qfedavg_q": ("qfedavg",)}
 
 
 ATTACK_OPTIONS = {"attack_fraction": None, "attack_boost": ("scale",), "attack_std": ("gaussian",),
