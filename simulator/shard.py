@@ -115,7 +115,7 @@ class Shard:
         received = self._received_model() if self.channel is not None else None     # channel hook
         rng = torch.Generator(device="cpu")
         rng.manual_seed(seed)
-        with simulating(uid, round_index):
+        with simulating(uid, round_index, clip or 0.0):
             sums = self.trainer.train(self.model, samples, rng)
         n = float(sums["samples"])
         state: dict[str, np.ndarray] = {}

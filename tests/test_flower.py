@@ -145,12 +145,12 @@ class OwnAggregation(FedAvg):
         return super().aggregate_train(server_round, list(replies)[:1])
 
 
-def make_server(strategy: str, **start):
+def make_server(strategy: str, count_dtype=np.int64, **start):
     server = ServerApp()
 
     @server.main()
     def main(grid, context):
-        initial = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32)), "count": Array(np.array([7], np.int64))})
+        initial = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32)), "count": Array(np.array([7], count_dtype))})
         STRATEGIES[strategy]().start(grid=grid, initial_arrays=initial, num_rounds=context.run_config["num-server-rounds"],
                                      train_config=ConfigRecord({"lr": context.run_config["lr"], "tag": "x"}), **start)
     return server
@@ -534,3 +534,78 @@ def test_a_serverapps_mean_strategy_runs_with_flocks_dp(tiny, tmp_path):
     train = [r for r in history.records if r["kind"] == "train"]
     assert len(train) == 2 and 0 < train[0]["epsilon"] < train[1]["epsilon"] < math.inf
     assert np.isfinite(history.params["arrays.0"]).all() and not np.allclose(history.params["arrays.0"], 0.0)
+
+
+# Flower's DP wrappers run as flock's own DP (the clients clip, the server noises the mean, flock accounts)
+DP_WRAPPED = {
+    "dp_fixed": lambda: flwr.serverapp.strategy.DifferentialPrivacyServerSideFixedClipping(
+        FedAvg(), noise_multiplier=0.5, clipping_norm=0.5, num_sampled_clients=3),
+    "dp_client_fixed": lambda: flwr.serverapp.strategy.DifferentialPrivacyClientSideFixedClipping(
+        FedAvg(), noise_multiplier=0.5, clipping_norm=0.5, num_sampled_clients=3),
+    "dp_adaptive": lambda: flwr.serverapp.strategy.DifferentialPrivacyServerSideAdaptiveClipping(
+        FedAvg(), noise_multiplier=0.5, num_sampled_clients=3, initial_clipping_norm=0.5,
+        target_clipped_quantile=0.4, clip_norm_lr=0.3, clipped_count_stddev=1.0),
+    "dp_client_adaptive": lambda: flwr.serverapp.strategy.DifferentialPrivacyClientSideAdaptiveClipping(
+        FedAvg(), noise_multiplier=0.5, num_sampled_clients=3, initial_clipping_norm=0.5,
+        target_clipped_quantile=0.4, clip_norm_lr=0.3, clipped_count_stddev=1.0),
+    "dp_fedadam": lambda: flwr.serverapp.strategy.DifferentialPrivacyServerSideFixedClipping(
+        FedAdam(eta=0.05), noise_multiplier=0.5, clipping_norm=0.5, num_sampled_clients=3),
+}
+STRATEGIES.update(DP_WRAPPED)
+dp_fixed_server, dp_adaptive_server, dp_fedadam_server = (make_server(k) for k in ("dp_fixed", "dp_adaptive",
+                                                                                     "dp_fedadam"))
+# Flower's clipping mod scales the update in place: it cannot take the integer counter
+dp_client_fixed_server = make_server("dp_client_fixed", count_dtype=np.float32)
+dp_client_adaptive_server = make_server("dp_client_adaptive", count_dtype=np.float32)
+float_server = make_server("fedavg", count_dtype=np.float32)
+clipping_app = ClientApp()
+clipping_app.train(mods=[flwr.clientapp.mod.fixedclipping_mod])(echo_train)    # as Flower's DP docs show
+clipping_app.evaluate()(echo_evaluate)
+FIXED_DP = {"dp_clip": 0.5, "dp_noise_multiplier": 0.5, "dp_population": 100}
+ADAPTIVE_DP = {"dp_clip": 0.5, "dp_noise_multiplier": 0.5, "dp_adaptive_quantile": 0.4,
+               "dp_clip_lr": 0.3, "dp_clip_count_noise": 1.0, "dp_population": 100}
+
+
+def dp_run(tiny, tmp_path, name, dp, **api):
+    config = Config(data_dir=str(tiny.data_dir), run_dir=str(tmp_path / name), reader="arrays", rounds=2,
+                    clients_per_round=3, eval_every=1, lr=0.1, batch_size=8, local_epochs=2, **dp, **api)
+    history = simulate(config)
+    return history.params["arrays.0"], [{k: v for k, v in r.items() if k not in ("seconds", "time", "clients_per_s",
+                                                                               "rank_work_s")} for r in history.records]
+
+
+@pytest.mark.parametrize("server, app, dp", [("dp_fixed_server", "echo_app", FIXED_DP),
+                                             ("dp_client_fixed_server", "clipping_app", FIXED_DP),
+                                             ("dp_adaptive_server", "echo_app", ADAPTIVE_DP)])
+def test_flowers_dp_wrappers_run_as_flocks_dp(tiny, tmp_path, server, app, dp):
+    """A DP wrapper around FedAvg gives the run that flock's own DP options give with the plain FedAvg
+    ServerApp (the same noise, from flock's seeded streams; the client-side variant's clients clip in
+    Flower's mod too, to the same norm)."""
+    wrapped, wrapped_records = dp_run(tiny, tmp_path, "wrapped", dp, **message_api(app, server))
+    plain, plain_records = dp_run(tiny, tmp_path, "plain", dp,     # clipped by flock only
+                                  **message_api("echo_app", "server_app" if app == "echo_app" else "float_server"))
+    assert wrapped_records[-1]["epsilon"] > 0 and [r["kind"] for r in wrapped_records] == ["train", "eval"] * 2
+    if app == "echo_app":
+        assert np.array_equal(wrapped, plain) and wrapped_records == plain_records
+    else:           # clipped twice to the same norm: equal to float32 rounding
+        np.testing.assert_allclose(wrapped, plain, rtol=1e-6)
+    if "Adaptive" in server or "adaptive" in server:
+        clips = [r["dp_clip"] for r in wrapped_records if r["kind"] == "train"]
+        assert clips[0] == 0.5 and clips[1] != 0.5          # the norm moved after round 1
+
+
+@pytest.mark.parametrize("server, dp, message", [
+    ("dp_fixed_server", {}, r"give its settings as flock's options: --clients-per-round 3 --dp-clip 0.5 "
+                            r"--dp-noise-multiplier 0.5 \(now --dp-clip 0, --dp-noise-multiplier 0\)"),
+    ("dp_fixed_server", {**FIXED_DP, "dp_clip": 0.7}, r"\(now --dp-clip 0.7\)"),
+    ("dp_adaptive_server", FIXED_DP, "--dp-adaptive-quantile 0.4 --dp-clip-lr 0.3 --dp-clip-count-noise 1"),
+    ("dp_fedadam_server", FIXED_DP, "wraps FedAdam: flock adds the DP noise to the round's mean before the "
+                                    "strategy's step"),
+    ("dp_client_adaptive_server", ADAPTIVE_DP, "its clients clip in Flower's adaptiveclipping_mod before flock's "
+                                               "channel sees their update"),
+])
+def test_a_dp_wrapper_that_flocks_options_do_not_match_is_named(tiny, server, dp, message):
+    config = Config(data_dir=str(tiny.data_dir), rounds=3, run_config="num-server-rounds=3", clients_per_round=3,
+                    **dp, **message_api(server=server))
+    with pytest.raises(ConfigError, match=message):
+        flower_plugins(config, tiny, TrainConfig(lr=0.1, batch_size=8, local_epochs=2))

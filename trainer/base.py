@@ -77,6 +77,7 @@ class UserCall:
 
     user: str
     round: int      # the round being trained (1-based), or the number of rounds done before an evaluation
+    clip: float = 0.0   # the round's DP clipping norm (0: none), from the scheduler's plan
 
 
 _CURRENT: ContextVar[UserCall | None] = ContextVar("flock_user_call", default=None)
@@ -89,8 +90,8 @@ def current_call() -> UserCall | None:
 
 
 @contextmanager
-def simulating(user: str, round_index: int) -> Iterator[None]:
-    token = _CURRENT.set(UserCall(user, round_index))
+def simulating(user: str, round_index: int, clip: float = 0.0) -> Iterator[None]:
+    token = _CURRENT.set(UserCall(user, round_index, clip))
     try:
         yield
     finally:

@@ -43,6 +43,7 @@ import copy
 import importlib
 import inspect
 import logging
+import math
 import random
 import zlib
 from dataclasses import dataclass
@@ -276,12 +277,16 @@ class ClientAppCalls:
 
         from trainer.flower_server import flower_calls, instruction
 
-        strategy = self.plan.strategy
+        strategy = self.plan.inner
         named = dict(zip(self.keys, arrays))
         with flower_calls():
             if self._sent.get(kind, (None,))[0] != round_index:     # the strategy's config: once per round
                 config = self.plan.train_config if kind == "train" else self.plan.evaluate_config
-                self._sent[kind] = round_index, instruction(strategy, kind, round_index, named, config,
+                call = current_call()
+                if self.plan.dp is not None and call is not None and call.clip > 0:
+                    # a DP wrapper's clients clip to the round's norm (adaptive clipping's C_t is flock's)
+                    self.plan.strategy.clipping_norm = call.clip
+                self._sent[kind] = round_index, instruction(self.plan.strategy, kind, round_index, named, config,
                                                             self.num_nodes)
             sent = self._sent[kind][1]
             content = RecordDict({strategy.arrayrecord_key: ArrayRecord({k: Array(a) for k, a in named.items()}),
@@ -296,7 +301,7 @@ class ClientAppCalls:
         ArrayRecord; a ConfigError says what is missing."""
         from flwr.app import Message
 
-        strategy = self.plan.strategy
+        strategy = self.plan.inner
         if not isinstance(reply, Message):
             raise ConfigError(f"{what} returned {type(reply).__name__}, not a Message")
         if reply.has_error():
@@ -446,7 +451,7 @@ class FlowerTrainer:
         None: its step needs only the weighted mean (FedAvg, FedAdam, ...)."""
         from trainer.flower_server import per_client_rule
 
-        return per_client_rule(cls.bridge.calls.plan.strategy)
+        return per_client_rule(cls.bridge.calls.plan.inner)
 
     @classmethod
     def server_step(cls, layout):
@@ -454,7 +459,7 @@ class FlowerTrainer:
         from trainer.flower_server import StrategyStep
 
         calls = cls.bridge.calls
-        return StrategyStep(copy.deepcopy(calls.plan.strategy), keys=calls.keys,
+        return StrategyStep(copy.deepcopy(calls.plan.inner), keys=calls.keys,
                             dtypes=[np.asarray(a).dtype for a in cls.bridge.initial], layout=layout,
                             num_nodes=calls.num_nodes)
 
@@ -463,7 +468,13 @@ def server_notes(plan: Any, num_nodes: int, clients_per_round: int) -> list[str]
     """What of a captured ServerApp flock does not do as Flower would."""
     from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-    strategy, notes = plan.strategy, []
+    strategy, notes = plan.inner, []
+    if plan.dp is not None:
+        notes.append(f"its {type(plan.strategy).__name__} runs as flock's DP: the clients clip (each weighs 1, "
+                     f"where Flower's {type(strategy).__name__} weighs them by examples), the server adds seeded "
+                     f"noise to the round's mean before the strategy's step, and flock's accountant reports "
+                     f"epsilon" + (" (adaptive clipping: the noise is at the round's own norm C_t, Flower's at "
+                                   "the next one)" if "Adaptive" in type(plan.strategy).__name__ else ""))
     sampled = max(int(num_nodes * strategy.fraction_train), strategy.min_train_nodes)
     if sampled != clients_per_round:
         notes.append(f"its strategy would sample {sampled} of {num_nodes} nodes a round; flock samples "
@@ -475,6 +486,20 @@ def server_notes(plan: Any, num_nodes: int, clients_per_round: int) -> list[str]
                                                          strategy.evaluate_metrics_aggr_fn)):
         notes.append("its metrics aggregation functions do not run; flock reports each metric's weighted mean")
     return notes
+
+
+def check_dp_agrees(plan: Any, config: Any) -> None:
+    """A ServerApp's DP wrapper runs as flock's own DP, so flock's options must say what the wrapper says:
+    a ConfigError lists the options to give otherwise."""
+    if plan.dp is None:
+        return
+    differ = [(name, value) for name, value in plan.dp.items()
+              if not math.isclose(float(getattr(config, name)), float(value), rel_tol=1e-9, abs_tol=0.0)]
+    if differ:
+        wanted = " ".join(f"--{n.replace('_', '-')} {v:.12g}" for n, v in plan.dp.items())
+        got = ", ".join(f"--{n.replace('_', '-')} {getattr(config, n):g}" for n, _ in differ)
+        raise ConfigError(f"--flower-server {config.flower_server}: its {type(plan.strategy).__name__} runs as "
+                          f"flock's DP, so give its settings as flock's options: {wanted} (now {got})")
 
 
 def _metric_names(sums: Mapping[str, float]) -> list[str]:
@@ -503,6 +528,7 @@ def flower_plugins(config: Any, reader: Reader, train_config: TrainConfig, *, ra
             raise ConfigError(f"--flower-server {config.flower_server}: its strategy.start runs {plan.num_rounds} "
                               f"rounds, --rounds is {config.rounds}: make them agree (flock fills the run config's "
                               f"num-server-rounds from --rounds)")
+        check_dp_agrees(plan, config)
         calls: NumPyClientCalls | ClientAppCalls = ClientAppCalls(app, config.flower_app, plan, len(users))
         if rank == 0:
             for note in server_notes(plan, len(users), config.clients_per_round):

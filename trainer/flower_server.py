@@ -100,7 +100,9 @@ class _Started(Exception):
 
 @dataclass
 class ServerPlan:
-    """What a ServerApp handed `strategy.start`."""
+    """What a ServerApp handed `strategy.start`. `strategy` is the ServerApp's (it configures the clients'
+    calls); `inner` the one whose aggregation flock runs (a DP wrapper's wrapped strategy, else `strategy`),
+    and `dp` the flock options that do what a DP wrapper does (None without one)."""
 
     strategy: Any                            # a flwr.serverapp.strategy.Strategy
     initial: dict[str, np.ndarray]           # the initial arrays by key, in the ArrayRecord's order
@@ -108,6 +110,12 @@ class ServerPlan:
     train_config: dict[str, Any]
     evaluate_config: dict[str, Any]
     evaluate_fn: Callable | None
+    inner: Any = None
+    dp: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.inner is None:
+            self.inner = self.strategy
 
 
 def capture_server_app(app: Any, ref: str, run_config: Mapping[str, Any], num_nodes: int) -> ServerPlan:
@@ -145,13 +153,56 @@ def capture_server_app(app: Any, ref: str, run_config: Mapping[str, Any], num_no
         raise ConfigError(f"--flower-server {ref}: its main returned without calling strategy.start(...); flock "
                           f"runs ServerApps that hand their rounds to a strategy")
     strategy, initial = started["self"], started["initial_arrays"]
-    check_mean_strategy(strategy, ref)
+    dp = dp_options(strategy, ref)
+    inner = strategy.strategy if dp is not None else strategy
+    check_mean_strategy(inner, ref)
+    if dp is not None and getattr(type(inner), "aggregate_train", None) is not strategies.FedAvg.aggregate_train:
+        raise ConfigError(f"--flower-server {ref}: {type(strategy).__name__} wraps {type(inner).__name__}: flock "
+                          f"adds the DP noise to the round's mean before the strategy's step, which is where "
+                          f"Flower adds it only for a strategy that aggregates as FedAvg does (FedAvg, FedProx)")
     if not isinstance(initial, ArrayRecord) or not len(initial):
         raise ConfigError(f"--flower-server {ref}: strategy.start got no initial_arrays (an ArrayRecord of the "
                           f"model, e.g. ArrayRecord(Net().state_dict()))")
     return ServerPlan(strategy=strategy, initial={k: a.numpy() for k, a in initial.items()},
                       num_rounds=int(started["num_rounds"]), train_config=dict(started["train_config"] or {}),
-                      evaluate_config=dict(started["evaluate_config"] or {}), evaluate_fn=started["evaluate_fn"])
+                      evaluate_config=dict(started["evaluate_config"] or {}), evaluate_fn=started["evaluate_fn"],
+                      inner=inner, dp=dp)
+
+
+FIXED_DP = ("DifferentialPrivacyServerSideFixedClipping", "DifferentialPrivacyClientSideFixedClipping")
+ADAPTIVE_DP = ("DifferentialPrivacyServerSideAdaptiveClipping", "DifferentialPrivacyClientSideAdaptiveClipping")
+
+
+def dp_options(strategy: Any, ref: str) -> dict[str, Any] | None:
+    """The flock options that do what Flower's DP wrapper `strategy` does (flock's channel: clients clip, the
+    server noises the round's mean, the accountant counts), or None when `strategy` is not one. Adaptive
+    clipping: Flower keeps the update's multiplier z_delta; flock's option is the z it comes from
+    (z^-2 = z_delta^-2 + (2 sigma_b)^-2)."""
+    kind = type(strategy).__name__
+    if not any(isinstance(strategy, getattr(strategies, name)) for name in (*FIXED_DP, *ADAPTIVE_DP)):
+        return None
+    options: dict[str, Any] = {"clients_per_round": int(strategy.num_sampled_clients)}
+    if any(isinstance(strategy, getattr(strategies, name)) for name in FIXED_DP):
+        if getattr(strategy, "accountant", None) is not None:
+            log.info("--flower-server %s: %s's accountant does not run; flock's reports epsilon", ref, kind)
+        return {**options, "dp_clip": float(strategy.clipping_norm),
+                "dp_noise_multiplier": float(strategy.noise_multiplier)}
+    if isinstance(strategy, strategies.DifferentialPrivacyClientSideAdaptiveClipping):
+        raise ConfigError(f"--flower-server {ref}: {kind}: its clients clip in Flower's adaptiveclipping_mod before "
+                          f"flock's channel sees their update, so flock could not count the clients whose update was "
+                          f"within the norm; DifferentialPrivacyServerSideAdaptiveClipping is the same mechanism "
+                          f"and runs as flock's adaptive clipping")
+    z_delta, sigma_b = float(strategy.noise_multiplier), float(strategy.clipped_count_stddev)
+    if not (z_delta > 0 and sigma_b > 0):
+        raise ConfigError(f"--flower-server {ref}: {kind} with noise multiplier {z_delta:g} and count noise "
+                          f"{sigma_b:g}: flock's adaptive clipping noises the update and the count together")
+    z = (z_delta ** -2 + (2 * sigma_b) ** -2) ** -0.5
+    if not 0 < strategy.target_clipped_quantile < 1:
+        raise ConfigError(f"--flower-server {ref}: {kind}'s target_clipped_quantile "
+                          f"{strategy.target_clipped_quantile:g}: flock's --dp-adaptive-quantile is in (0, 1)")
+    return {**options, "dp_clip": float(strategy.clipping_norm), "dp_noise_multiplier": z,
+            "dp_adaptive_quantile": float(strategy.target_clipped_quantile), "dp_clip_lr": float(strategy.clip_norm_lr),
+            "dp_clip_count_noise": sigma_b}
 
 
 def check_mean_strategy(strategy: Any, ref: str) -> None:
