@@ -50,9 +50,11 @@ class Comm(Protocol):
     # non-blocking collectives (a waiting rank polls with sleeps: it can time out and leaves its core free)
     def Ibarrier(self) -> Request: ...
 
-    def Ialltoallv(self, send: np.ndarray, send_counts: list[int], recv: np.ndarray, recv_counts: list[int]) -> Request:
-        """Rank r's `send` holds, one after another, `send_counts[s]` elements for each rank s; its `recv`
-        gets `recv_counts[s]` elements from each rank s, one after another (float32 buffers)."""
+    def Ialltoallv(self, send: np.ndarray, send_counts: list[int], recv: np.ndarray, recv_counts: list[int],
+                   send_displs: list[int] | None = None) -> Request:
+        """Rank r's `send` holds `send_counts[s]` elements for each rank s, at `send_displs[s]` (default: one
+        after another); its `recv` gets `recv_counts[s]` elements from each rank s, one after another (float32
+        buffers)."""
 
     def Igatherv(self, send: np.ndarray, recv: np.ndarray | None, counts: list[int], root: int = 0) -> Request:
         """Every rank's `send` (counts[r] float64 elements) into `recv` on `root`, in rank order."""
@@ -97,8 +99,10 @@ class SingleComm:
     def Ibarrier(self) -> Request:
         return _Done()
 
-    def Ialltoallv(self, send: np.ndarray, send_counts: list[int], recv: np.ndarray, recv_counts: list[int]) -> Request:
-        recv[:recv_counts[0]] = send[:send_counts[0]]
+    def Ialltoallv(self, send: np.ndarray, send_counts: list[int], recv: np.ndarray, recv_counts: list[int],
+                   send_displs: list[int] | None = None) -> Request:
+        at = send_displs[0] if send_displs else 0
+        recv[:recv_counts[0]] = send[at:at + send_counts[0]]
         return _Done()
 
     def Igatherv(self, send: np.ndarray, recv: np.ndarray | None, counts: list[int], root: int = 0) -> Request:
@@ -177,9 +181,11 @@ class MPIComm:
     def Ibarrier(self) -> Request:
         return _MPIRequest(self._comm.Ibarrier())
 
-    def Ialltoallv(self, send: np.ndarray, send_counts: list[int], recv: np.ndarray, recv_counts: list[int]) -> Request:
+    def Ialltoallv(self, send: np.ndarray, send_counts: list[int], recv: np.ndarray, recv_counts: list[int],
+                   send_displs: list[int] | None = None) -> Request:
         MPI = self._mpi
-        return _MPIRequest(self._comm.Ialltoallv([send, (send_counts, _displacements(send_counts)), MPI.FLOAT],
+        displs = _displacements(send_counts) if send_displs is None else send_displs
+        return _MPIRequest(self._comm.Ialltoallv([send, (send_counts, displs), MPI.FLOAT],
                                                  [recv, (recv_counts, _displacements(recv_counts)), MPI.FLOAT]))
 
     def Igatherv(self, send: np.ndarray, recv: np.ndarray | None, counts: list[int], root: int = 0) -> Request:

@@ -5,8 +5,9 @@ slices of the aggregate meet at rank 0, which pushes it to the scheduler as the 
 Slices are whole blocks of `BLOCK` coordinates (rank r holds blocks [r B / W, (r + 1) B / W) of the B blocks),
 the K clients' rows are in the order of their user ids, and the rules' whole-vector sums add per-block
 partials in block order (`MPIReducer`): the aggregate is the same bits at any number of ranks. Memory per rank
-is about K x P x 4 / W bytes for the slices, beside its own clients' updates (P x 4 bytes each) until the
-exchange. Waits poll the non-blocking collectives with sleeps (the ranks still training keep the cores) and
+is about K x P x 4 / W bytes for the slices received, and its own clients' updates (P x 4 bytes each), which
+they write straight into the exchange's send buffer, laid out by destination (no packing copy); the received
+rows are put in the round's order in place. Waits poll the non-blocking collectives with sleeps (the ranks still training keep the cores) and
 time out with the round.
 """
 from __future__ import annotations
@@ -27,29 +28,90 @@ from simulator.data_plane import wait_until
 log = logging.getLogger(__name__)
 
 
-class ClientUpdate:
-    """Where a shard puts one client's update (in place of its running sum): delta = theta_k - theta_global
-    as float32, computed in float64, and the client's weight. The interface of `shard.Accumulator`."""
+class SendBuffer:
+    """This rank's clients' updates laid out for the exchange: for each rank r in turn, slice r of every slot
+    (slot j: the j-th of the rank's clients in uid order). Clients write their update straight into it."""
 
-    def __init__(self, global_flat: torch.Tensor) -> None:
+    def __init__(self, bounds: Sequence[tuple[int, int]], slots: int, storage: np.ndarray | None = None) -> None:
+        self.bounds, self.slots = list(bounds), slots
+        size = bounds[-1][1] if bounds else 0
+        self.data = storage[:slots * size] if storage is not None else np.empty(slots * size, np.float32)
+        self._tensor = torch.from_numpy(self.data)
+
+    def write(self, slot: int, at: int, values: torch.Tensor) -> None:
+        """Coordinates [at, at + len(values)) of slot `slot`'s update (cast to float32 as they are stored)."""
+        end = at + values.numel()
+        for a, b in self.bounds:
+            lo, hi = max(a, at), min(b, end)
+            if lo < hi:
+                start = self.slots * a + slot * (b - a) + (lo - a)
+                self._tensor[start:start + hi - lo] = values[lo - at:hi - at]
+
+    def compact(self, filled: Sequence[int]) -> None:
+        """Moves the rows of the `filled` slots (ascending; the others' clients sent nothing) to the front of
+        each rank's segment, in order, so that the segments hold len(filled) rows each."""
+        if list(filled) == list(range(len(filled))):
+            return
+        for a, b in self.bounds:
+            width, base = b - a, self.slots * a
+            for row, slot in enumerate(filled):
+                if row != slot:
+                    self.data[base + row * width:base + (row + 1) * width] = \
+                        self.data[base + slot * width:base + (slot + 1) * width]
+
+    def segments(self, rows: int) -> tuple[np.ndarray, list[int], list[int]]:
+        """(the buffer, counts, displacements) of `rows` rows per destination, for Alltoallv."""
+        counts = [rows * (b - a) for a, b in self.bounds]
+        return self.data, counts, [self.slots * a for a, _ in self.bounds]
+
+
+class ClientUpdate:
+    """Where a shard puts one client's update (in place of its running sum): delta = theta_k - theta_global,
+    computed in float64 a tensor at a time and stored as float32 in its slot of the send buffer, and the
+    client's weight. The interface of `shard.Accumulator`."""
+
+    def __init__(self, global_flat: torch.Tensor, sink: SendBuffer, slot: int) -> None:
         self.global_flat = global_flat
-        self.delta: np.ndarray | None = None
+        self.sink, self.slot = sink, slot
+        self.written = False
         self.weight = 0.0
 
     def add(self, params: list[torch.Tensor], alpha: float, samples: float) -> None:
-        delta = torch.empty(self.global_flat.numel(), dtype=torch.float32)
         at = 0
         for p in params:        # a tensor at a time: no float64 copy of the whole vector per client
             n = p.numel()
-            delta[at:at + n] = p.detach().reshape(-1).double().sub_(self.global_flat[at:at + n].double()).cpu()
+            self.sink.write(self.slot, at, p.detach().reshape(-1).double().sub_(self.global_flat[at:at + n].double()).cpu())
             at += n
-        self.delta = delta.numpy()
-        self.weight = samples
+        self.written, self.weight = True, samples
 
     def add_update(self, base: list[torch.Tensor], deltas: list[torch.Tensor], alpha: float, samples: float) -> None:
         """A transformed update (the channel's: clipped, compressed) on the exact global parameters."""
-        self.delta = torch.cat([d.detach().reshape(-1) for d in deltas]).float().cpu().numpy()
-        self.weight = samples
+        at = 0
+        for d in deltas:
+            flat = d.detach().reshape(-1).float().cpu()
+            self.sink.write(self.slot, at, flat)
+            at += flat.numel()
+        self.written, self.weight = True, samples
+
+
+def permute_rows(rows: np.ndarray, order: Sequence[int]) -> None:
+    """In place: row i becomes the former row order[i] (`order` a permutation), with one row of scratch."""
+    done = np.zeros(len(order), bool)
+    scratch = np.empty(rows.shape[1], rows.dtype)
+    for start in range(len(order)):
+        if done[start] or order[start] == start:
+            done[start] = True
+            continue
+        scratch[:] = rows[start]
+        i = start
+        while True:
+            done[i] = True
+            j = order[i]
+            if j == start:
+                rows[i] = scratch
+                break
+            rows[i] = rows[j]
+            i = j
 
 
 def slice_of(rank: int, world: int, size: int, block: int = BLOCK) -> tuple[int, int]:
@@ -89,6 +151,14 @@ class PerClientRound:
         self.timeout = timeout
         self.block = block
         self.bounds = [slice_of(r, comm.size, size, block) for r in range(comm.size)]
+        self._storage: np.ndarray | None = None      # the send buffer's memory, kept from round to round
+
+    def send_buffer(self, slots: int) -> SendBuffer:
+        """Where this round's `slots` clients (this rank's, in uid order) write their updates."""
+        if self._storage is None or self._storage.size < slots * self.size:
+            self._storage = None        # the old one goes before the new one is made
+            self._storage = np.empty(slots * self.size, np.float32)
+        return SendBuffer(self.bounds, slots, self._storage)
 
     def _wait(self, request: Request, what: str, step: int) -> None:
         """Waits for the ranks with sleeps (those still training keep the cores), up to the round timeout."""
@@ -113,14 +183,15 @@ class PerClientRound:
                              f"training reported no {num!r} over {den!r} (its sums: {sorted(sums)})")
         return float(sums[num]) / float(sums[den])
 
-    def run(self, mine: Sequence[tuple[str, float, np.ndarray, float]], step: int,
+    def run(self, sink: SendBuffer, mine: Sequence[tuple[str, float, float]], step: int,
             round_index: int = 0) -> tuple[np.ndarray | None, int, str]:
-        """This rank's clients' (uid, weight, float32 update, training loss) -> (rank 0: the aggregate as
-        float64 (P,), or None when the round's clients are too few for the rule; others: None), the round's
-        client count, and why nothing was aggregated ("" when it was)."""
+        """This rank's clients' (uid, weight, training loss), in uid order, whose updates are the first
+        len(mine) rows of `sink` -> (rank 0: the aggregate as float64 (P,), or None when the round's clients
+        are too few for the rule; others: None), the round's client count, and why nothing was aggregated
+        ("" when it was)."""
         comm = self.comm
         self._wait(comm.Ibarrier(), "waiting for the ranks to finish training", step)
-        listed = comm.allgather([(uid, weight, loss) for uid, weight, _, loss in mine])
+        listed = comm.allgather(list(mine))
         order = sorted((uid, r, weight, loss) for r, entries in enumerate(listed) for uid, weight, loss in entries)
         k = len(order)
         try:
@@ -128,25 +199,16 @@ class PerClientRound:
         except ConfigError as e:      # every rank sees the same K: all skip alike, and the round applies nothing
             return None, k, str(e)
         lo, hi = self.bounds[comm.rank]
-        mine_sorted = sorted(mine, key=lambda entry: entry[0])
-        send = np.empty(len(mine_sorted) * self.size, np.float32)
-        at, send_counts = 0, []
-        for a, b in self.bounds:             # for each rank: its slice of every one of my clients, in uid order
-            for _, _, delta, _ in mine_sorted:
-                send[at:at + b - a] = delta[a:b]
-                at += b - a
-            send_counts.append((b - a) * len(mine_sorted))
         counts = [len(entries) for entries in listed]
         recv = np.empty(k * (hi - lo), np.float32)
-        self._finish(comm.Ialltoallv(send, send_counts, recv, [c * (hi - lo) for c in counts]),
-                   "exchanging the clients' slices", step)
-        del send
-        # rows as received (rank by rank, each in uid order) -> rows in the round's global uid order
-        received = [(uid, row) for r, entries in enumerate(listed)
-                    for row, (uid, _, _) in enumerate(sorted(entries), start=sum(counts[:r]))]
-        position = {uid: row for uid, row in received}
-        rows = recv.reshape(k, hi - lo)
-        updates = rows[[position[uid] for uid, _, _, _ in order]]
+        send, send_counts, send_displs = sink.segments(len(mine))
+        self._finish(comm.Ialltoallv(send, send_counts, recv, [c * (hi - lo) for c in counts], send_displs),
+                     "exchanging the clients' slices", step)
+        # rows as received (rank by rank, each in uid order) -> rows in the round's global uid order, in place
+        received = [uid for entries in listed for uid, _, _ in entries]
+        position = {uid: row for row, uid in enumerate(received)}
+        updates = recv.reshape(k, hi - lo)
+        permute_rows(updates, [position[uid] for uid, _, _, _ in order])
         weights = np.array([weight for _, _, weight, _ in order], np.float64)
         if self.attack is not None:
             updates = self.attack.updates(updates, [uid for uid, _, _, _ in order], round_index, start=lo,

@@ -160,23 +160,26 @@ class Simulator:
         with warnings.catch_warnings():    # a read-only array: only read here
             warnings.filterwarnings("ignore", "The given NumPy array is not writable")
             global_flat = torch.from_numpy(self._global)
-        updates: dict[str, ClientUpdate] = {}
+        slots = {uid: slot for slot, uid in enumerate(sorted(plan.users))}     # this rank's clients, in uid order
+        sink = self.per_client.send_buffer(len(slots))
+        updates = {uid: ClientUpdate(global_flat, sink, slot) for uid, slot in slots.items()}
         losses: dict[str, float] = {}
 
         def train(shard: Shard, uid: str) -> dict[str, float]:
-            updates[uid] = ClientUpdate(global_flat)
             sums = shard.train_user(uid, self._training_samples(plan, uid), user_seed(self.seed, plan.round, uid),
                                     plan.round + 1, clip=plan.clip, into=updates[uid])
-            if updates[uid].delta is not None:
+            if updates[uid].written:
                 losses[uid] = self.per_client.client_loss(uid, sums)
             return sums
 
         sums = self._train_sums(self._per_shard(plan, train))
         if plan.checkpoint:   # before the push: the scheduler checkpoints once every rank has pushed
             self.store.commit(plan.round + 1)
-        mine = [(uid, u.weight, u.delta, losses[uid]) for uid, u in updates.items() if u.delta is not None]
+        filled = [uid for uid in sorted(slots) if updates[uid].written]      # a diverged client sends nothing
+        sink.compact([slots[uid] for uid in filled])
+        mine = [(uid, updates[uid].weight, losses[uid]) for uid in filled]
         sums["train_seconds"] = time.perf_counter() - started
-        mean, clients, skipped = self.per_client.run(mine, plan.step, plan.round)
+        mean, clients, skipped = self.per_client.run(sink, mine, plan.step, plan.round)
         if skipped and self.rank == 0:
             log.warning("round %d: %d client update(s): %s; nothing applied", plan.round + 1, clients, skipped)
         if mean is None:

@@ -3,13 +3,14 @@ whole blocks (under mpirun), the aggregate applies like FedAvg's mean, the same 
 combinations that cannot work are one error line."""
 import numpy as np
 import pytest
+import torch
 
 from flock import simulate
 from flock.common.config import Config, parse_config
 from flock.common.errors import ConfigError, FlockError
 from reader.mnist import build
 from scheduler import robust
-from simulator.per_client import slice_of
+from simulator.per_client import SendBuffer, permute_rows, slice_of
 from tests.helpers import read_metrics, run_app
 
 MLP = dict(reader="arrays", model="mlp", trainer="classifier", lr=0.05, batch_size=50, server_lr=1.0, max_grad_norm=0.0,
@@ -46,6 +47,31 @@ def test_slices_are_whole_blocks_that_cover_the_vector():
         assert bounds[0][0] == 0 and bounds[-1][1] == 200_001
         assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
         assert all(lo % 65536 == 0 for lo, _ in bounds)
+
+
+def test_the_send_buffer_holds_each_ranks_slice_of_every_client_and_drops_the_empty_slots():
+    bounds = [slice_of(r, 3, 20, block=4) for r in range(3)]          # 5 blocks over 3 ranks: 4, 8, 8 values
+    sink = SendBuffer(bounds, slots=3)
+    rows = np.arange(60, dtype=np.float32).reshape(3, 20)
+    for slot in (2, 0):                       # slot 1's client diverged: it writes nothing
+        for at in range(0, 20, 7):            # written a tensor at a time, across the slices' edges
+            sink.write(slot, at, torch.from_numpy(rows[slot, at:at + 7].astype(np.float64)))
+    sink.compact([0, 2])
+    data, counts, displs = sink.segments(2)
+    assert counts == [2 * (b - a) for a, b in bounds] and displs == [3 * a for a, _ in bounds]
+    for (a, b), c, d in zip(bounds, counts, displs):
+        assert np.array_equal(data[d:d + c].reshape(2, b - a), rows[[0, 2], a:b])
+
+
+def test_rows_are_permuted_in_place_as_fancy_indexing_would():
+    rng = np.random.default_rng(3)
+    for k in (1, 2, 5, 17):
+        rows = rng.normal(size=(k, 6)).astype(np.float32)
+        for _ in range(5):
+            order = rng.permutation(k).tolist()
+            expected = rows[order]
+            permute_rows(rows, order)
+            assert np.array_equal(rows, expected)
 
 
 def test_a_user_aggregator_gets_every_clients_update_and_its_result_is_the_rounds_mean(mnist, tmp_path):
