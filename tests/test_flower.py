@@ -562,7 +562,8 @@ clipping_app = ClientApp()
 clipping_app.train(mods=[flwr.clientapp.mod.fixedclipping_mod])(echo_train)    # as Flower's DP docs show
 clipping_app.evaluate()(echo_evaluate)
 FIXED_DP = {"dp_clip": 0.5, "dp_noise_multiplier": 0.5, "dp_population": 100}
-ADAPTIVE_DP = {"dp_clip": 0.5, "dp_noise_multiplier": 0.5, "dp_adaptive_quantile": 0.4,
+# Flower's target_clipped_quantile 0.4 (the share meant to be clipped) is the paper's gamma 0.6 (within the norm)
+ADAPTIVE_DP = {"dp_clip": 0.5, "dp_noise_multiplier": 0.5, "dp_adaptive_quantile": 0.6,
                "dp_clip_lr": 0.3, "dp_clip_count_noise": 1.0, "dp_population": 100}
 
 
@@ -598,7 +599,7 @@ def test_flowers_dp_wrappers_run_as_flocks_dp(tiny, tmp_path, server, app, dp):
     ("dp_fixed_server", {}, r"give its settings as flock's options: --clients-per-round 3 --dp-clip 0.5 "
                             r"--dp-noise-multiplier 0.5 \(now --dp-clip 0, --dp-noise-multiplier 0\)"),
     ("dp_fixed_server", {**FIXED_DP, "dp_clip": 0.7}, r"\(now --dp-clip 0.7\)"),
-    ("dp_adaptive_server", FIXED_DP, "--dp-adaptive-quantile 0.4 --dp-clip-lr 0.3 --dp-clip-count-noise 1"),
+    ("dp_adaptive_server", FIXED_DP, "--dp-adaptive-quantile 0.6 --dp-clip-lr 0.3 --dp-clip-count-noise 1"),
     ("dp_fedadam_server", FIXED_DP, "wraps FedAdam: flock adds the DP noise to the round's mean before the "
                                     "strategy's step"),
     ("dp_client_adaptive_server", ADAPTIVE_DP, "its clients clip in Flower's adaptiveclipping_mod before flock's "

@@ -177,7 +177,10 @@ def dp_options(strategy: Any, ref: str) -> dict[str, Any] | None:
     """The flock options that do what Flower's DP wrapper `strategy` does (flock's channel: clients clip, the
     server noises the round's mean, the accountant counts), or None when `strategy` is not one. Adaptive
     clipping: Flower keeps the update's multiplier z_delta; flock's option is the z it comes from
-    (z^-2 = z_delta^-2 + (2 sigma_b)^-2)."""
+    (z^-2 = z_delta^-2 + (2 sigma_b)^-2). Flower's `target_clipped_quantile` is the fraction of updates
+    meant to be clipped, so the paper's gamma (the fraction within the norm, --dp-adaptive-quantile) is one
+    minus it; flock runs the paper's update (Andrew et al. 2021), where flwr 1.41's code counts the clipped
+    clients in the formula for the unclipped ones (its norm shrinks when every update is clipped)."""
     kind = type(strategy).__name__
     if not any(isinstance(strategy, getattr(strategies, name)) for name in (*FIXED_DP, *ADAPTIVE_DP)):
         return None
@@ -201,7 +204,8 @@ def dp_options(strategy: Any, ref: str) -> dict[str, Any] | None:
         raise ConfigError(f"--flower-server {ref}: {kind}'s target_clipped_quantile "
                           f"{strategy.target_clipped_quantile:g}: flock's --dp-adaptive-quantile is in (0, 1)")
     return {**options, "dp_clip": float(strategy.clipping_norm), "dp_noise_multiplier": z,
-            "dp_adaptive_quantile": float(strategy.target_clipped_quantile), "dp_clip_lr": float(strategy.clip_norm_lr),
+            "dp_adaptive_quantile": 1.0 - float(strategy.target_clipped_quantile),
+            "dp_clip_lr": float(strategy.clip_norm_lr),
             "dp_clip_count_noise": sigma_b}
 
 
