@@ -179,8 +179,9 @@ class Row:
 
     @property
     def std(self) -> float:
-        """The sample standard deviation over seeds (0 for one seed)."""
-        return statistics.stdev(self.finals) if len(self.finals) > 1 else 0.0
+        """The sample standard deviation over seeds (NaN, an empty cell, with fewer than two: one seed has
+        no spread to show, not a spread of 0)."""
+        return statistics.stdev(self.finals) if len(self.finals) > 1 else math.nan
 
 
 def summarise(runs: Sequence[Run], metric: str) -> list[Row]:

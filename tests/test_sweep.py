@@ -140,3 +140,13 @@ def test_a_sweep_folder_made_with_other_settings_is_refused_and_more_rounds_cont
     longer.write_text(base.read_text().replace("rounds = 2", "rounds = 3"))
     assert main([str(longer), "--grid", "lr=0.1", "--seeds", "0", "--out", str(out)]) == 0
     assert [r["round"] for r in read_metrics(out / "lr=0.1-seed0") if r["kind"] == "train"] == [1, 2, 3]
+
+
+def test_one_seed_shows_no_spread_rather_than_a_spread_of_zero():
+    from flock.sweep import Row, table
+
+    one = Row((("lr", "0.1"),), [0.25], [3], [], [], [], [])
+    two = Row((("lr", "0.2"),), [0.25, 0.5], [3, 3], [], [], [], [])
+    cells = table([one, two], "top1", "")
+    assert cells[0]["top1_std"] == "" and cells[0]["n"] == "1"
+    assert float(cells[1]["top1_std"]) == pytest.approx(statistics.stdev([0.25, 0.5]), rel=1e-5)   # 6 digits

@@ -67,7 +67,7 @@ class ClassifierTrainer:
         cfg = self.config
         params = [p for p in model.parameters() if p.requires_grad]
         device = params[0].device
-        x, y = self.inputs(samples["x"], device), torch.from_numpy(np.asarray(samples["y"], dtype=np.int64)).to(device)
+        x, y = self.inputs(samples["x"], device), torch.from_numpy(np.array(samples["y"], dtype=np.int64)).to(device)
         model.train()
         if hasattr(model, "rng"):
             model.rng = rng
@@ -87,7 +87,7 @@ class ClassifierTrainer:
     def evaluate(self, model: torch.nn.Module, samples: Mapping[str, np.ndarray]) -> dict[str, float]:
         device = next(model.parameters()).device
         model.eval()
-        x, y = self.inputs(samples["x"], device), torch.from_numpy(np.asarray(samples["y"], dtype=np.int64)).to(device)
+        x, y = self.inputs(samples["x"], device), torch.from_numpy(np.array(samples["y"], dtype=np.int64)).to(device)
         correct, loss_sum = 0, 0.0
         for i in range(0, len(x), 500):
             logits = model(x[i:i + 500])

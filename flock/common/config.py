@@ -418,9 +418,17 @@ def _number(kind: type, flag: str):
     return parse
 
 
+def launch_name() -> str:
+    """How the usage line names the program: as it was started (the `flock` command, or application.py)."""
+    import sys
+
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return "mpirun -np N flock" if name == "flock" else "mpirun -np N python application.py"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="mpirun -np N python application.py",
+        prog=launch_name(),
         description="flock: federated learning device simulator. Rank 0 hosts the scheduler; every rank "
                     f"simulates phones. DATA_DIR {BUILTIN_DATA!r} is built from the popquotes corpus if missing.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
