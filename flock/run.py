@@ -466,6 +466,9 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
     if target is not None and target[0] not in built.eval_ratios:
         raise ConfigError(f"--target {config.target}: the trainer reports no {target[0]!r} (its evaluation "
                           f"metrics: {', '.join(built.eval_ratios)})")
+    if target is not None and built.eval_ratios[target[0]][0].endswith("correct") and not 0 <= target[1] <= 1:
+        raise ConfigError(f"--target {config.target}: {target[0]} is a fraction of correct predictions, in [0, 1] "
+                          f"(shown as a percentage): e.g. --target {target[0]}=0.1 for 10%")
     channel = server_channel(config, layout.sizes, training_population(reader))     # privacy and bytes
     phones = phone_rounds(config)
     if phones is not None:      # compressed transfers take their own time on the virtual clock

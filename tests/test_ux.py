@@ -67,3 +67,17 @@ def test_tensorboard_scalars_when_installed(tmp_path):
     tags = events.Tags()["scalars"]
     assert {"train/loss", "eval/top1", "eval/top1_user_mean"} <= set(tags)
     assert [e.step for e in events.Scalars("eval/top1")] == [1, 2]
+
+
+@pytest.mark.parametrize("target, ok", [("top1=10", False), ("top1=-0.1", False), ("top1=0.1", True)])
+def test_a_target_for_a_fraction_must_be_a_fraction(tmp_path, capsys, target, ok):
+    from application import main
+
+    data = make_lm_data(tmp_path / "data")
+    code = main([str(data), "--rounds", "1", "--eval-every", "1", "--target", target, "--run-dir", str(tmp_path / "run"),
+                 "--quiet"])
+    if ok:
+        assert code == 0
+    else:
+        assert code == 2 and not any((tmp_path / "run").rglob("*.json*"))     # nothing of a run written
+        assert "is a fraction of correct predictions, in [0, 1]" in capsys.readouterr().err
