@@ -449,6 +449,7 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
     from flock.common.recorder import Recorder, truncate_metrics
     from scheduler.optim import make_server_optimizer
     from scheduler.privacy import server_channel, training_population
+    from scheduler.selection import make_selection
     from scheduler.state import Scheduler, SchedulerConfig
 
     run_dir = Path(config.run_dir)
@@ -462,6 +463,10 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
         raise ConfigError(f"--target {config.target}: the trainer reports no {target[0]!r} (its evaluation "
                           f"metrics: {', '.join(built.eval_ratios)})")
     channel = server_channel(config, layout.sizes, training_population(reader))     # privacy and bytes
+    selection = make_selection(config)
+    if selection is not None and "loss" not in trainer_cls.train_ratios:
+        raise ConfigError(f"--selection {config.selection} ranks clients by their training loss: the trainer "
+                          f"reports no 'loss' ratio (its training metrics: {', '.join(trainer_cls.train_ratios) or 'none'})")
     phones = phone_rounds(config)
     if phones is not None:      # compressed transfers take their own time on the virtual clock
         phones = replace(phones, client_bytes=(channel.bytes_down, channel.bytes_up),
@@ -477,7 +482,7 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
         train_ratios=trainer_cls.train_ratios, eval_ratios=built.eval_ratios,
         main_metric=getattr(trainer_cls, "main_metric", ""), phones=phones,
         asynchronous=async_config(config), channel=channel,
-        checkpoint_path=checkpoint if config.checkpoint_every else None)
+        checkpoint_path=checkpoint if config.checkpoint_every else None, selection=selection)
     resume_round = 0
     if config.resume:
         resume_round = scheduler.restore(checkpoint, layout) if checkpoint.exists() else 0
@@ -529,16 +534,19 @@ def _simulator(config: Config, built: _Built, comm: Comm, reader, client, data_p
     shards = [Shard(m, built.trainer_cls(train_config, built.spec), built.layout, built.private, store, private_init,
                     finetuner=built.trainer_cls(finetune, built.spec) if finetune else None,
                     channel=channel) for m in models]
+    # client selection's feedback: each client's training loss (the trainer's "loss" ratio), uniform needs none
+    report_loss = built.trainer_cls.train_ratios.get("loss") if config.selection != "uniform" else None
     if config.async_buffer:
         simulator = AsyncSimulator(rank=rank, client=client, reader=reader, shards=shards, store=store,
                                    eval_ratios=built.eval_ratios, seed=config.seed, round_timeout=config.round_timeout,
-                                   data_plane=data_plane)
+                                   data_plane=data_plane, report_loss=report_loss)
     else:
         per_client = (PerClientRound(comm, built.layout.size, built.aggregator, timeout=config.round_timeout,
                                      attack=built.attack) if built.aggregator is not None else None)
         simulator = Simulator(rank=rank, client=client, reader=reader, shards=shards, store=store,
                               eval_ratios=built.eval_ratios, seed=config.seed, round_timeout=config.round_timeout,
-                              data_plane=data_plane, per_client=per_client, attack=built.attack)
+                              data_plane=data_plane, per_client=per_client, attack=built.attack,
+                              report_loss=report_loss)
     stack.callback(simulator.close)
     return simulator
 

@@ -41,6 +41,7 @@ from scheduler.phones.files import check_covers
 from scheduler.phones.rounds import PhoneRounds, PlannedRound
 from scheduler.privacy import ServerChannel
 from scheduler.sampling import evaluation_users, sample_clients
+from scheduler.selection import Selection
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,8 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig, *, reader: Reader, optimizer: ServerOptimizer,
                  train_ratios: Ratios, eval_ratios: Ratios, main_metric: str = "", phones: PhoneRounds | None = None,
-                 asynchronous: AsyncConfig | None = None, channel: ServerChannel | None = None, on_record: Callable[[dict], None] | None = None, checkpoint_path: Path | None = None) -> None:
+                 asynchronous: AsyncConfig | None = None, channel: ServerChannel | None = None, on_record: Callable[[dict], None] | None = None, checkpoint_path: Path | None = None,
+                 selection: Selection | None = None) -> None:
         self.config = config
         self.reader = reader
         self.optimizer = optimizer
@@ -141,6 +143,7 @@ class Scheduler:
         self._planned: PlannedRound | None = None    # the current training round's clock decisions
         self.async_config = asynchronous  # None: synchronous rounds; else FedBuff (needs phones)
         self.channel = channel            # privacy and compression (scheduler/privacy.py); None: byte counts only
+        self.selection = selection        # client selection (scheduler/selection/); None: uniform
         self._async: AsyncRounds | None = None
         self._old_versions: dict[int, np.ndarray] = {}   # asynchronous: versions tasks still start from
         self._rank_load: dict[int, list[int]] = {}        # asynchronous: target -> samples handed to each rank
@@ -155,6 +158,8 @@ class Scheduler:
             if phones is not None:      # a per-user file that lacks a user fails now, not in the round that samples it
                 check_covers(phones.profiles, users, what=f"training day {day}")
                 check_covers(phones.availability, users, what=f"training day {day}")
+        if selection is not None and phones is None:
+            raise ConfigError("client selection chooses among on-line phones: it needs device profiles")
         if asynchronous is not None:
             if phones is None:
                 raise ConfigError("asynchronous aggregation times its tasks on phones: it needs device profiles")
@@ -212,7 +217,8 @@ class Scheduler:
                 chosen = sample_clients(self.config.seed, done, users, self.config.clients_per_round)
             else:        # decided in virtual time before anyone trains: late or off-line phones are not trained
                 self._planned = self.phones.plan_round(done, users, counts, self.config.clients_per_round,
-                                                       start_time=self.sim_time, shared_params=self.layout.size)
+                                                       start_time=self.sim_time, shared_params=self.layout.size,
+                                                       selection=self.selection)
                 chosen = self._planned.trained
         else:
             day, split = self.calendar.test_day, "test"
@@ -264,7 +270,7 @@ class Scheduler:
         self._async = AsyncRounds(phones=self.phones, config=self.async_config, population=users, counts=counts,
                                   rounds=self.config.rounds, bytes_down=size, bytes_up=size,
                                   checkpoint_due=lambda v: self.checkpoint_path is not None
-                                  and self.config.checkpoint_due(v))
+                                  and self.config.checkpoint_due(v), selection=self.selection)
 
     # -- parameters -------------------------------------------------------------------------------------
 
@@ -296,6 +302,7 @@ class Scheduler:
                 "rounds": self.config.rounds, "world_size": self.config.world_size, "data": self.data_fingerprint,
                 "sim_time": self.sim_time, "failed_rounds": self.failed_rounds,
                 "privacy": self.channel.state_dict() if self.channel else {},
+                "selection": self.selection.state_dict() if self.selection else {},
                 "layout": [[n, list(s)] for n, s in zip(self.layout.names, self.layout.shapes)]}
         # asynchronous: the versions that tasks pending at this checkpoint start from (they train again)
         old = {v: self._old_versions[v] for v in self._async.needed_versions(self.version)} if self._async else {}
@@ -337,6 +344,8 @@ class Scheduler:
             self.failed_rounds = int(meta.get("failed_rounds", 0))
             if self.channel is not None:
                 self.channel.load_state_dict(meta.get("privacy"))    # the accountant's rounds, the clipping norm
+            if self.selection is not None:
+                self.selection.load_state_dict(meta.get("selection"))    # asynchronous: replayed by _async.restore
             self.optimizer.load_state_dict(opt_state)
             self._start_async(layout)
             if self._async is not None:
@@ -495,6 +504,11 @@ class Scheduler:
                  else self._planned.record if self.phones is not None else {})
         record = {**train_record(done + 1, sums, self.train_ratios, self._step_seconds()), "rank_work_s": work,
                   **link, **clock}
+        if self.selection is not None:     # the clients' reports (a few numbers each) feed the next selections
+            fields, failure = self.selection.finish(done + 1, [c for u in pushed for c in u.clients])
+            if failure is not None:
+                return failure
+            record.update(fields)
         bad = nonfinite_keys(record)
         if bad:
             return f"{where}: {', '.join(bad)} not finite; the run stops, the last checkpoint is kept"
