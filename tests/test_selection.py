@@ -25,7 +25,7 @@ from scheduler.selection.oort import (
     weighted_sample,
 )
 from scheduler.selection.power_of_choice import PowerOfChoice
-from tests.helpers import make_lm_data, read_metrics, run_app
+from tests.helpers import kill_after_train_rows, make_lm_data, read_metrics, run_app
 
 VOLATILE = ("seconds", "time", "clients_per_s", "rank_work_s")
 SMALL = dict(rounds=6, clients_per_round=3, eval_every=3, seed=5, checkpoint_every=2, device_profiles="builtin")
@@ -263,3 +263,19 @@ def test_oort_selects_the_same_clients_at_any_number_of_ranks(data, tmp_path, ex
         for key, value in a.items():      # sums over ranks add in another order: the last digits may move
             assert b[key] == (pytest.approx(value, rel=1e-9) if isinstance(value, float) else value), key
     assert any(r.get("oort_exploited") for r in runs[1]), "Oort never exploited what it learned"
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("extra", [("--over-select=1.5", "--deadline=40"),
+                                   ("--async-buffer=2", "--async-concurrency=4")], ids=["sync", "fedbuff"])
+def test_oort_sigkill_then_resume_selects_what_an_uninterrupted_run_does(data, tmp_path, extra):
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()] + [
+        "--selection=oort", "--trainer=tests.faulty:SlowTrainer", *extra]
+    whole = run_app(2, data, tmp_path / "whole", *args, timeout=180)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    cut = tmp_path / "cut"
+    done = kill_after_train_rows(2, data, cut, *args)
+    assert 3 <= done < 6, "the kill came too late"
+    resumed = run_app(2, data, cut, "--resume", str(cut), timeout=180)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert stable(read_metrics(cut)) == stable(read_metrics(tmp_path / "whole"))
