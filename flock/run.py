@@ -454,6 +454,7 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
     from flock.common.recorder import Recorder, truncate_metrics
     from scheduler.optim import make_server_optimizer
     from scheduler.rounds import round_policy
+    from scheduler.selection import make_selection
     from scheduler.state import Scheduler, SchedulerConfig
 
     run_dir = Path(config.run_dir)
@@ -470,6 +471,10 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
         raise ConfigError(f"--target {config.target}: {target[0]} is a fraction of correct predictions, in [0, 1] "
                           f"(shown as a percentage): e.g. --target {target[0]}=0.1 for 10%")
     channel = server_channel(config, layout.sizes, training_population(reader))     # privacy and bytes
+    selection = make_selection(config)
+    if selection is not None and "loss" not in trainer_cls.train_ratios:
+        raise ConfigError(f"--selection {config.selection} ranks clients by their training loss: the trainer "
+                          f"reports no 'loss' ratio (its training metrics: {', '.join(trainer_cls.train_ratios) or 'none'})")
     phones = phone_rounds(config)
     if phones is not None:      # compressed transfers take their own time on the virtual clock
         accounting = channel.stage(Accountant).accounting
@@ -484,8 +489,8 @@ def _start_scheduler(config: Config, built: _Built, reader, world: int, run_id: 
             config.server_opt, server_lr=config.server_lr, momentum=config.server_momentum,
             beta1=config.server_beta1, beta2=config.server_beta2, tau=config.server_tau),
         train_ratios=trainer_cls.train_ratios, eval_ratios=built.eval_ratios,
-        main_metric=getattr(trainer_cls, "main_metric", ""), rounds=round_policy(phones, async_config(config)),
-        channel=channel,
+        main_metric=getattr(trainer_cls, "main_metric", ""),
+        rounds=round_policy(phones, async_config(config), selection), channel=channel,
         checkpoint_path=checkpoint if config.checkpoint_every else None)
     resume_round = 0
     if config.resume:
@@ -537,17 +542,20 @@ def _simulator(config: Config, built: _Built, comm: Comm, reader, client, data_p
     shards = [Shard(m, built.trainer_cls(train_config, built.spec), built.layout, built.private, store, private_init,
                     finetuner=built.trainer_cls(finetune, built.spec) if finetune else None,
                     channel=channel) for m in models]
+    # client selection's feedback: each client's training loss (the trainer's "loss" ratio), uniform needs none
+    report_loss = built.trainer_cls.train_ratios.get("loss") if config.selection != "uniform" else None
     if config.async_buffer:
         simulator = AsyncSimulator(rank=rank, client=client, reader=reader, shards=shards, store=store,
                                    eval_ratios=built.eval_ratios, seed=config.seed, round_timeout=config.round_timeout,
-                                   data_plane=data_plane)
+                                   data_plane=data_plane, report_loss=report_loss)
     else:
         loss = built.trainer_cls.train_ratios.get(getattr(built.aggregator, "loss_metric", "loss"))
         per_client = (PerClientRound(comm, built.layout.size, built.aggregator, timeout=config.round_timeout,
                                      attack=built.attack, loss_ratio=loss) if built.aggregator is not None else None)
         simulator = Simulator(rank=rank, client=client, reader=reader, shards=shards, store=store,
                               eval_ratios=built.eval_ratios, seed=config.seed, round_timeout=config.round_timeout,
-                              data_plane=data_plane, per_client=per_client, attack=built.attack)
+                              data_plane=data_plane, per_client=per_client, attack=built.attack,
+                              report_loss=report_loss)
     stack.callback(simulator.close)
     return simulator
 

@@ -5,7 +5,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from flock.common.domain import ParamLayout, Plan, RankMetrics, RankUpdate, TaskSpec
+from flock.common.domain import ClientReport, ParamLayout, Plan, RankMetrics, RankUpdate, TaskSpec
 from flock.common.errors import RefusedError
 from protos import scheduler_pb2 as pb
 
@@ -128,7 +128,9 @@ def update_chunks(update: RankUpdate, chunk_bytes: int = CHUNK_BYTES) -> Iterato
     if update.more:
         raise ValueError(f"rank {update.rank}: an update with in-process parts (`more`) cannot be sent")
     header = pb.UpdateHeader(step=update.step, rank=update.rank, weight=update.weight,
-                             total=update.delta_sum.size, sums=dict(update.sums), reduced=update.reduced)
+                             total=update.delta_sum.size, sums=dict(update.sums), reduced=update.reduced,
+                             clients=[pb.ClientReport(uid=c.uid, samples=c.samples, loss=c.loss, loss_sq=c.loss_sq,
+                                                      task_id=c.task_id) for c in update.clients])
     yield pb.UpdateChunk(header=header).SerializeToString()
     for offset, payload in _byte_slices(update.delta_sum, "<f8", chunk_bytes):
         yield with_bytes_field(pb.UpdateChunk(offset=offset), 3, payload)
@@ -210,7 +212,18 @@ def update_from_chunks(chunks: Iterable[pb.UpdateChunk | bytes], expected_size: 
     if filled != h.total:
         raise RefusedError(f"rank {h.rank}: update stream ended after {filled} of {h.total} values")
     return RankUpdate(step=h.step, rank=h.rank, weight=h.weight, delta_sum=delta, sums=dict(h.sums),
-                      reduced=h.reduced)
+                      reduced=h.reduced, clients=reports_from_proto(h))
+
+
+def reports_from_proto(h: pb.UpdateHeader) -> tuple[ClientReport, ...]:
+    """An update header's client reports; a report with a non-finite or negative number is refused."""
+    reports = tuple(ClientReport(uid=c.uid, samples=c.samples, loss=c.loss, loss_sq=c.loss_sq, task_id=c.task_id)
+                    for c in h.clients)
+    for c in reports:
+        if not (np.isfinite([c.samples, c.loss, c.loss_sq]).all() and min(c.samples, c.loss_sq) >= 0):
+            raise RefusedError(f"rank {h.rank}: the report of client {c.uid!r} for step {h.step} holds a "
+                               f"non-finite or negative number")
+    return reports
 
 
 def metrics_to_proto(m: RankMetrics) -> pb.MetricsPush:

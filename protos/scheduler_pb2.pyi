@@ -111,7 +111,7 @@ class ParamsRequest(_message.Message):
     def __init__(self, version: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("step", "rank", "weight", "total", "sums", "reduced")
+    __slots__ = ("step", "rank", "weight", "total", "sums", "reduced", "clients")
     class SumsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -125,13 +125,29 @@ class UpdateHeader(_message.Message):
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     SUMS_FIELD_NUMBER: _ClassVar[int]
     REDUCED_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
     step: int
     rank: int
     weight: float
     total: int
     sums: _containers.ScalarMap[str, float]
     reduced: bool
-    def __init__(self, step: _Optional[int] = ..., rank: _Optional[int] = ..., weight: _Optional[float] = ..., total: _Optional[int] = ..., sums: _Optional[_Mapping[str, float]] = ..., reduced: _Optional[bool] = ...) -> None: ...
+    clients: _containers.RepeatedCompositeFieldContainer[ClientReport]
+    def __init__(self, step: _Optional[int] = ..., rank: _Optional[int] = ..., weight: _Optional[float] = ..., total: _Optional[int] = ..., sums: _Optional[_Mapping[str, float]] = ..., reduced: _Optional[bool] = ..., clients: _Optional[_Iterable[_Union[ClientReport, _Mapping]]] = ...) -> None: ...
+
+class ClientReport(_message.Message):
+    __slots__ = ("uid", "samples", "loss", "loss_sq", "task_id")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SQ_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    samples: float
+    loss: float
+    loss_sq: float
+    task_id: int
+    def __init__(self, uid: _Optional[str] = ..., samples: _Optional[float] = ..., loss: _Optional[float] = ..., loss_sq: _Optional[float] = ..., task_id: _Optional[int] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "offset", "data")

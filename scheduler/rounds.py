@@ -32,6 +32,7 @@ from scheduler.phones.fedbuff import AsyncConfig
 from scheduler.phones.files import check_covers
 from scheduler.phones.rounds import PhoneRounds, PlannedRound
 from scheduler.sampling import sample_clients
+from scheduler.selection import Selection
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,11 @@ def spread(view: RoundView, *, step: int, kind: str, done: int, day: str, split:
 
 
 class RoundPolicy:
-    """The base: no virtual clock. Subclasses choose a round's clients (`plans`)."""
+    """The base: no virtual clock. Subclasses choose a round's clients (`plans`); with `selection` (phones
+    only) a selector other than uniform picks among the on-line candidates, from the clients' reports."""
 
     phones: PhoneRounds | None = None
+    selection: Selection | None = None
 
     def __init__(self) -> None:
         self.sim_time = 0.0      # virtual seconds since the run began (with phones)
@@ -72,6 +75,8 @@ class RoundPolicy:
     def bind(self, view: RoundView) -> None:
         """Checks the run's data against the policy, once, before anything is written."""
         self.view = view
+        if self.selection is not None and self.phones is None:
+            raise ConfigError("client selection chooses among on-line phones: it needs device profiles")
         if self.phones is None:
             return
         for day in sorted(set(view.calendar.train_days)):   # a per-user file that lacks a user fails now
@@ -109,16 +114,23 @@ class RoundPolicy:
     def check_resume(self, saved_rounds: int, path: Path) -> None:
         """A checkpoint of a `saved_rounds`-round run is about to continue as this one."""
 
-    def restore(self, version: int, sim_time: float, path: Path) -> None:
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """The policy's part of a checkpoint's metadata (the selector's state; nothing for uniform)."""
+        return {"selection": self.selection.state_dict()} if self.selection is not None else {}
+
+    def restore(self, version: int, sim_time: float, path: Path, meta: Mapping[str, Any]) -> None:
+        """Continues after the checkpoint at `path` (its metadata `meta`), the model known (`start`)."""
         self.sim_time = sim_time
+        if self.selection is not None:      # asynchronous: replayed with the schedule
+            self.selection.load_state_dict(meta.get("selection"))
 
 
 class Synchronous(RoundPolicy):
     """Rounds of K clients on the current version, spread over the training days in order."""
 
-    def __init__(self, phones: PhoneRounds | None = None) -> None:
+    def __init__(self, phones: PhoneRounds | None = None, selection: Selection | None = None) -> None:
         super().__init__()
-        self.phones = phones
+        self.phones, self.selection = phones, selection
         self._planned: PlannedRound | None = None     # the current round's clock decisions (phones)
 
     def plans(self, step: int, done: int, version: int, clip: float) -> list[Plan]:
@@ -129,7 +141,8 @@ class Synchronous(RoundPolicy):
             chosen = sample_clients(view.seed, done, users, view.clients_per_round)
         else:        # decided in virtual time before anyone trains: late or off-line phones are not trained
             self._planned = self.phones.plan_round(done, users, counts, view.clients_per_round,
-                                                   start_time=self.sim_time, shared_params=self.layout.size)
+                                                   start_time=self.sim_time, shared_params=self.layout.size,
+                                                   selection=self.selection)
             chosen = self._planned.trained
         return spread(view, step=step, kind=TRAIN, done=done, day=day, split="train", chosen=chosen, counts=counts,
                       version=version, checkpoint=view.checkpoint_due(done + 1), clip=clip)
@@ -153,11 +166,11 @@ class Synchronous(RoundPolicy):
 class Asynchronous(RoundPolicy):
     """FedBuff on phones: `config`'s concurrency and buffer, over the one training day's users."""
 
-    def __init__(self, phones: PhoneRounds | None, config: AsyncConfig) -> None:
+    def __init__(self, phones: PhoneRounds | None, config: AsyncConfig, selection: Selection | None = None) -> None:
         super().__init__()
         if phones is None:
             raise ConfigError("asynchronous aggregation times its tasks on phones: it needs device profiles")
-        self.phones, self.config = phones, config
+        self.phones, self.config, self.selection = phones, config, selection
         self._async: AsyncRounds | None = None
         self._old_versions: dict[int, np.ndarray] = {}   # versions tasks still start from
         self._rank_load: dict[int, list[int]] = {}        # target -> samples handed to each rank
@@ -176,7 +189,7 @@ class Asynchronous(RoundPolicy):
         size = model_bytes(layout.size)
         self._async = AsyncRounds(phones=self.phones, config=self.config, population=users, counts=counts,
                                   rounds=view.rounds, bytes_down=size, bytes_up=size,
-                                  checkpoint_due=view.checkpoint_due)
+                                  checkpoint_due=view.checkpoint_due, selection=self.selection)
 
     def plans(self, step: int, done: int, version: int, clip: float) -> list[Plan]:
         """The tasks handed out while version `done` is current, spread over the ranks (each rank's in task
@@ -227,12 +240,15 @@ class Asynchronous(RoundPolicy):
                               f"had ({saved_rounds}): its checkpoint keeps only the model versions that the tasks "
                               f"of {saved_rounds} server updates start from")
 
-    def restore(self, version: int, sim_time: float, path: Path) -> None:
-        super().restore(version, sim_time, path)
+    def restore(self, version: int, sim_time: float, path: Path, meta: Mapping[str, Any]) -> None:
+        super().restore(version, sim_time, path, meta)
         self._async.restore(version, sim_time)
         self._old_versions = load_versions(path)
 
 
-def round_policy(phones: PhoneRounds | None = None, asynchronous: AsyncConfig | None = None) -> RoundPolicy:
+def round_policy(phones: PhoneRounds | None = None, asynchronous: AsyncConfig | None = None,
+                 selection: Selection | None = None) -> RoundPolicy:
     """The run's policy: FedBuff with an asynchronous configuration, else synchronous rounds."""
-    return Asynchronous(phones, asynchronous) if asynchronous is not None else Synchronous(phones)
+    if asynchronous is not None:
+        return Asynchronous(phones, asynchronous, selection)
+    return Synchronous(phones, selection)

@@ -255,6 +255,7 @@ class Scheduler:
                 "rounds": self.config.rounds, "world_size": self.config.world_size, "data": self.data_fingerprint,
                 "sim_time": self.rounds.sim_time, "failed_rounds": self.failed_rounds,
                 "privacy": self.channel.state_dict() if self.channel else {},
+                **self.rounds.checkpoint_meta(),
                 "layout": [[n, list(s)] for n, s in zip(self.layout.names, self.layout.shapes)]}
         save_checkpoint(self.checkpoint_path, params=self.params, meta=meta,
                         optimizer_state=self.optimizer.state_dict(),
@@ -293,7 +294,7 @@ class Scheduler:
                 self.channel.load_state_dict(meta.get("privacy"))    # the accountant's rounds, the clipping norm
             self.optimizer.load_state_dict(opt_state)
             self.rounds.start(layout)
-            self.rounds.restore(self.version, float(meta.get("sim_time", 0.0)), path)
+            self.rounds.restore(self.version, float(meta.get("sim_time", 0.0)), path, meta)
             self._open(self.step)
             self._step_started = time.perf_counter()
         return int(meta["round"])
@@ -445,6 +446,11 @@ class Scheduler:
         clock = self.rounds.record(done)
         record = {**train_record(done + 1, sums, self.train_ratios, self._step_seconds()), "rank_work_s": work,
                   **link, **clock}
+        if self.rounds.selection is not None:     # the clients' reports (a few numbers each) feed the next selections
+            fields, failure = self.rounds.selection.finish(done + 1, [c for u in pushed for c in u.clients])
+            if failure is not None:
+                return failure
+            record.update(fields)
         bad = nonfinite_keys(record)
         if bad:
             return f"{where}: {', '.join(bad)} not finite; the run stops, the last checkpoint is kept"

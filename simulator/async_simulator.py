@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from flock.common.domain import DONE, EVAL, Plan, RankUpdate, TaskSpec
+from flock.common.domain import DONE, EVAL, ClientReport, Plan, RankUpdate, TaskSpec
 from flock.common.metrics import add_sums
 from flock.common.streams import user_seed
 from scheduler.phones.asynchronous import HORIZON
@@ -69,12 +69,13 @@ def subtract_starts(out: np.ndarray, total: torch.Tensor, starts: list[tuple[flo
 @dataclass
 class _Part:
     """This rank's part of one server update: the sum of w n theta_i, the w n to take off per start
-    version, the metric sums and the seconds spent training its tasks."""
+    version, the metric sums, the seconds spent training its tasks and their reports (client selection)."""
 
     acc: Accumulator
     subtract: dict[int, float] = field(default_factory=dict)
     sums: dict[str, float] = field(default_factory=lambda: {"clients": 0.0})
     seconds: float = 0.0
+    reports: list[ClientReport] = field(default_factory=list)
 
 
 class AsyncSimulator(Simulator):
@@ -176,6 +177,10 @@ class AsyncSimulator(Simulator):
                             f"{task.start_version}) on day {self._day}: {type(e).__name__}: {e}") from e
         part.sums["clients"] += 1
         add_sums(part.sums, sums)
+        report = (ClientReport.from_sums(task.uid, sums, self.report_loss, task.task_id)
+                  if self.report_loss is not None else None)
+        if report is not None:
+            part.reports.append(report)
         if "diverged" not in sums:
             alpha = float(sums["samples"]) * task.weight
             part.subtract[task.start_version] = part.subtract.get(task.start_version, 0.0) + alpha
@@ -199,7 +204,8 @@ class AsyncSimulator(Simulator):
         if plan.checkpoint:   # before the push: the scheduler checkpoints once every rank has pushed
             self.store.commit(plan.round + 1)
         update = RankUpdate(step=plan.step, rank=self.rank, weight=part.acc.weight if part.acc else 0.0,
-                            delta_sum=EMPTY, sums={**part.sums, "train_seconds": part.seconds})
+                            delta_sum=EMPTY, sums={**part.sums, "train_seconds": part.seconds},
+                            clients=tuple(part.reports))
         self._finish_pushes()
         self._pushing = pusher.submit(self._push_and_recycle, update, part.acc, starts)
         self._forget_versions()

@@ -10,7 +10,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from flock.common.domain import DONE, TRAIN, Plan, RankMetrics, RankUpdate, assign_users
+from flock.common.domain import DONE, TRAIN, ClientReport, Plan, RankMetrics, RankUpdate, assign_users
 from flock.common.metrics import add_sums, add_user_eval
 from flock.common.streams import user_seed
 from reader.base import Reader
@@ -32,7 +32,8 @@ class Simulator:
     def __init__(self, *, rank: int, client: SchedulerClient | LocalSchedulerClient, reader: Reader, shards: Sequence[Shard],
                  store: PrivateStore, eval_ratios: Mapping[str, tuple[str, str]], seed: int = 0,
                  round_timeout: float = 600.0, data_plane: DataPlane | None = None,
-                 per_client: PerClientRound | None = None, attack: ClientAttack | None = None) -> None:
+                 per_client: PerClientRound | None = None, attack: ClientAttack | None = None,
+                 report_loss: tuple[str, str] | None = None) -> None:
         self.rank = rank
         self.seed = seed
         self.store = store
@@ -40,6 +41,9 @@ class Simulator:
         self.data_plane = data_plane or SchedulerDataPlane(client)
         self.per_client = per_client      # None: FedAvg's linear path (one weighted sum per rank)
         self.attack = attack              # None: every client is honest
+        # client selection's feedback: each trained client's report, its loss being this training ratio
+        # (numerator, denominator); None: no reports (uniform selection)
+        self.report_loss = report_loss
         self._global: np.ndarray | None = None      # the step's global parameters (read-only, maybe shared)
         self.reader = reader
         self.shards = list(shards)
@@ -115,6 +119,7 @@ class Simulator:
             uid, self._training_samples(plan, uid), user_seed(self.seed, plan.round, uid), plan.round + 1,
             clip=plan.clip))
         sums = self._train_sums(results)
+        clients = self._reports(results)
         parts = [shard.contribution() for shard in self.shards]
         weight = sum(w for w, _ in parts)
         if weight > 0:
@@ -132,7 +137,7 @@ class Simulator:
             self.store.commit(plan.round + 1)
         sums["train_seconds"] = time.perf_counter() - started
         log.debug("step %d: trained %d users in %.2f s", plan.step, len(plan.users), sums["train_seconds"])
-        return RankUpdate(step=plan.step, rank=self.rank, weight=weight, delta_sum=delta, sums=sums)
+        return RankUpdate(step=plan.step, rank=self.rank, weight=weight, delta_sum=delta, sums=sums, clients=clients)
 
     def _training_samples(self, plan: Plan, uid: str) -> Mapping[str, np.ndarray]:
         samples = self.reader.load(plan.day, plan.split, uid)
@@ -150,6 +155,14 @@ class Simulator:
                 if self.attack is not None and uid in self.attack.malicious:
                     sums["malicious"] += 1
         return sums
+
+    def _reports(self, results: list[list[tuple[str, dict]]]) -> tuple[ClientReport, ...]:
+        """The clients' reports for client selection (none when the run's selection needs none)."""
+        if self.report_loss is None:
+            return ()
+        found = (ClientReport.from_sums(uid, user_sums, self.report_loss) for group in results
+                 for uid, user_sums in group)
+        return tuple(report for report in found if report is not None)
 
     def _train_per_client(self, plan: Plan) -> RankUpdate:
         """The round on the per-client path: each client's update kept apart, the slices exchanged and
@@ -172,7 +185,8 @@ class Simulator:
                 losses[uid] = self.per_client.client_loss(uid, sums)
             return sums
 
-        sums = self._train_sums(self._per_shard(plan, train))
+        results = self._per_shard(plan, train)
+        sums, clients = self._train_sums(results), self._reports(results)
         if plan.checkpoint:   # before the push: the scheduler checkpoints once every rank has pushed
             self.store.commit(plan.round + 1)
         filled = [uid for uid in sorted(slots) if updates[uid].written]      # a diverged client sends nothing
@@ -183,10 +197,11 @@ class Simulator:
         if skipped and self.rank == 0:
             log.warning("round %d: %d client update(s): %s; nothing applied", plan.round + 1, clients, skipped)
         if mean is None:
-            return RankUpdate(step=plan.step, rank=self.rank, weight=0.0, delta_sum=np.zeros(0), sums=sums)
+            return RankUpdate(step=plan.step, rank=self.rank, weight=0.0, delta_sum=np.zeros(0), sums=sums,
+                              clients=clients)
         buffer = self.data_plane.update_buffer(mean.size)
         buffer[:] = mean
-        return RankUpdate(step=plan.step, rank=self.rank, weight=1.0, delta_sum=buffer, sums=sums)
+        return RankUpdate(step=plan.step, rank=self.rank, weight=1.0, delta_sum=buffer, sums=sums, clients=clients)
 
     def _evaluate_user(self, shard: Shard, plan: Plan, uid: str) -> dict[str, float]:
         test = self.reader.load(plan.day, plan.split, uid)

@@ -43,3 +43,10 @@ def test_config_names_every_server_optimizer():
     from scheduler.optim import SERVER_OPTIMIZERS
 
     assert set(SERVER_OPTIMIZER_NAMES) == set(SERVER_OPTIMIZERS) == set(FIELDS["server_opt"].metadata["choices"])
+
+
+def test_config_names_every_builtin_selection():
+    from flock.common.config import SELECTIONS
+    from scheduler.selection import NAMES
+
+    assert SELECTIONS == NAMES

@@ -3,10 +3,11 @@ import math
 
 import pytest
 
+from flock.common.domain import over_selected
 from scheduler.phones.clock import ClientTiming, client_timing, model_bytes
 from scheduler.phones.devices import DeviceProfile
 from scheduler.phones.report import sync_round_record
-from scheduler.phones.sync_round import RoundOutcome, over_selected, resolve_sync_round
+from scheduler.phones.sync_round import RoundOutcome, resolve_sync_round
 
 
 def test_client_timing_on_a_hand_computed_example():

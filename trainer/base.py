@@ -11,6 +11,11 @@ its ratio metrics as (numerator sum, denominator sum): the scheduler reports eac
         def __init__(self, config: TrainConfig, spec: Mapping[str, int]) -> None: ...
         def train(self, model, samples, rng=None) -> dict[str, float]: ...   # "samples" (n_k, the FedAvg weight)
         def evaluate(self, model, samples) -> dict[str, float]: ...
+
+Client selection (`--selection oort`, `power-of-choice`) reads each client's training loss, the ratio named
+"loss" in `train_ratios`; a trainer that also returns "loss_sq_sum", the sum of the squared per-term losses
+over the loss ratio's denominator (tokens, samples), gives Oort its statistical utility exactly (without
+it, the mean loss squared stands in).
 """
 from __future__ import annotations
 

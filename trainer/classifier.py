@@ -72,16 +72,20 @@ class ClassifierTrainer:
         if hasattr(model, "rng"):
             model.rng = rng
         sgd = LocalSGD(params, cfg)
-        loss_sum = 0.0
+        loss_sum = loss_sq_sum = 0.0
         for _ in range(cfg.local_epochs):
             order = (torch.randperm(len(x), generator=rng) if rng is not None else torch.arange(len(x))).to(device)
             for i in range(0, len(x), cfg.batch_size):
                 pick = order[i:i + cfg.batch_size]
-                loss = F.cross_entropy(model(x[pick]), y[pick])
+                logits = model(x[pick])
+                loss = F.cross_entropy(logits, y[pick])
                 loss.backward()
                 sgd.step()
                 loss_sum += float(loss.detach()) * len(pick)
-        return {"samples": float(len(x)), "loss_sum": loss_sum / cfg.local_epochs}
+                with torch.no_grad():     # each sample's loss, squared: client selection's utility (Oort)
+                    loss_sq_sum += float(F.cross_entropy(logits.detach(), y[pick], reduction="none").square().sum())
+        return {"samples": float(len(x)), "loss_sum": loss_sum / cfg.local_epochs,
+                "loss_sq_sum": loss_sq_sum / cfg.local_epochs}
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, samples: Mapping[str, np.ndarray]) -> dict[str, float]:

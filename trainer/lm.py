@@ -43,13 +43,15 @@ class LanguageModelTrainer:
     def train(self, model: torch.nn.Module, samples: Mapping[str, np.ndarray],
               rng: torch.Generator | None = None) -> dict[str, float]:
         """One user's local epochs. Objective as FL-mobile: masked cross-entropy averaged over all positions
-        (plus FedProx's term when configured). Reported loss: cross-entropy per counted token."""
+        (plus FedProx's term when configured). Reported loss: cross-entropy per counted token; "loss_sq_sum", the sum of its squares per token, is
+        what client selection (Oort) reads."""
         cfg = self.config
         params = [p for p in model.parameters() if p.requires_grad]
         device = params[0].device
         model.train()
         sgd = LocalSGD(params, cfg)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sq_sum = torch.zeros((), dtype=torch.float64, device=device)   # client selection's utility
         tokens = 0.0
         for _ in range(cfg.local_epochs):
             state = None
@@ -62,9 +64,11 @@ class LanguageModelTrainer:
                 sgd.step()
                 with torch.no_grad():
                     loss_sum += masked.sum().double()
+                    loss_sq_sum += masked.square().sum().double()
                 tokens += float(mask.sum())
                 state = tuple(s.detach() for s in state)
-        return {"samples": float(len(samples["x"])), "loss_sum": float(loss_sum), "tokens": tokens}
+        return {"samples": float(len(samples["x"])), "loss_sum": float(loss_sum), "loss_sq_sum": float(loss_sq_sum),
+                "tokens": tokens}
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, samples: Mapping[str, np.ndarray]) -> dict[str, float]:

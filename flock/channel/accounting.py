@@ -270,7 +270,7 @@ def accounting_of(config, noise_multiplier: float, population: int) -> DpAccount
         return None
     if config.dp_local:
         return local_accounting(noise_multiplier, config.dp_delta)
-    from scheduler.phones.sync_round import over_selected
+    from flock.common.domain import over_selected
 
     # every contributor is one of the candidates asked for: over-selection raises each user's chance
     base, population = config.dp_noise_cohort or config.clients_per_round, config.dp_population or population

@@ -22,6 +22,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 TRACKERS = ("csv", "mlflow", "wandb")
 # scheduler/optim's SERVER_OPTIMIZERS by name (common/ never imports the scheduler; a test keeps the two equal)
 SERVER_OPTIMIZER_NAMES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+# scheduler/selection's NAMES (its built-in selectors; module:Class names a user's own), by the same rule
+SELECTIONS = ("uniform", "oort", "power-of-choice")
 LIST_OPTIONS = ("private", "tracker")     # repeatable options: a tuple of strings
 BUILTIN_DATA = "lm_data"      # the documented DATA_DIR that is built from the built-in corpus when missing
 # upper bounds that no real study reaches and a machine can hold (nothing is built in proportion to them up
@@ -161,6 +163,34 @@ class Config:
                                    "many updates old (-1: no limit)", lo=-1, hi=MAX_ROUNDS)
     staleness_exponent: float = opt(0.5, "asynchronous mode: an update s versions stale weighs (1 + s)^-a "
                                     "(0.5: FedBuff's 1/sqrt(1 + s); 0: all alike)", lo=0, hi=16)
+    # client selection (scheduler/selection/): who trains among the on-line phones
+    selection: str = opt("uniform", "how clients are chosen among the on-line phones (needs --device-profiles or "
+                         "--async-buffer): uniform (at random), oort (Oort: high training loss and short durations), "
+                         "power-of-choice (the highest last reported losses of --selection-pool random ones), or "
+                         "module:Class")
+    selection_pool: int = opt(0, "oort, power-of-choice: how many on-line phones, drawn at random, a selection "
+                              "chooses from (power-of-choice's d; 0: oort every on-line phone, power-of-choice "
+                              "twice the phones asked for)", lo=0, hi=MAX_USERS)
+    oort_exploration_factor: float = opt(0.9, "oort: the starting share of a round's clients that explore (never "
+                                         "trained before)", lo=0, hi=1)
+    oort_exploration_decay: float = opt(0.98, "oort: the exploration share's factor each round", lo=0, hi=1)
+    oort_exploration_min: float = opt(0.3, "oort: the exploration share's floor", lo=0, hi=1)
+    oort_round_threshold: float = opt(30.0, "oort: the preferred round duration T as a percentile of the "
+                                      "candidates' durations (100: none); the pacer raises it when utility stalls",
+                                      lo=0, hi=100)
+    oort_round_penalty: float = opt(2.0, "oort: a client slower than T has its score times (T / duration)^this",
+                                    lo=0, hi=100)
+    oort_pacer_step: int = opt(20, "oort: rounds between the pacer's looks at the exploited utility", lo=1,
+                               hi=MAX_ROUNDS)
+    oort_pacer_delta: float = opt(5.0, "oort: percentile points the pacer moves T by", lo=0, hi=100)
+    oort_blacklist_rounds: int = opt(-1, "oort: leave out clients picked more than this many times (-1: never)",
+                                     lo=-1, hi=MAX_ROUNDS)
+    oort_blacklist_max_len: float = opt(0.3, "oort: the blacklist's largest share of the population", lo=0, hi=1)
+    oort_clip_bound: float = opt(0.9, "oort: utilities are clipped at this quantile before scoring", lo=0, hi=1)
+    oort_cut_off_util: float = opt(0.05, "oort: exploitation samples among the clients scoring above this share of "
+                                   "the score below the K-th (at least 10 K of them)", lo=0, hi=1)
+    oort_sample_window: float = opt(5.0, "oort: exploration samples among this many times the explorers wanted "
+                                    "(most samples and fastest first)", lo=1, hi=1000)
     # robust aggregation (scheduler/aggregators.py): rules that see every client's update
     aggregator: str = opt("fedavg", "server aggregation: fedavg (the weighted mean, from the ranks' sums), or a rule "
                           "that sees each client's update: median, trimmed-mean, krum, multi-krum, bulyan, geomed "
@@ -289,6 +319,7 @@ class Config:
         check_channel_options(self)
         check_aggregator_options(self)
         check_attack_options(self)
+        check_selection_options(self)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
         for name in ("tls_cert", "tls_key", "tls_ca"):
@@ -338,6 +369,46 @@ def check_attack_options(config: Config, given: set[str] | None = None) -> None:
     if central_dp_noise(config) and config.attack not in ("label-flip", "backdoor"):
         raise ConfigError(f"--attack {config.attack} changes single updates, which the per-client path aggregates: "
                           f"not with central DP noise (calibrated for a sum)")
+
+
+SELECTION_OPTIONS = {"selection_pool": ("oort", "power-of-choice"),
+                     **{n: ("oort",) for n in FIELDS if n.startswith("oort_")}}
+
+
+def check_selection_options(config: Config, given: set[str] | None = None) -> None:
+    """How --selection combines with the rest: a known name or module:Class; a selection's options only with
+    it (a module:Class may read any); phones to choose among; a pool that holds a round's clients; and no
+    DP or secure aggregation (the clients' reports are private data that nothing noises or accounts)."""
+    name = config.selection
+    custom = ":" in name
+    if name not in SELECTIONS and not custom:
+        raise ConfigError(f"--selection must be one of {', '.join(SELECTIONS)} or module:Class; got {name!r}")
+    for option, selections in SELECTION_OPTIONS.items():
+        if _set(config, option, given) and name not in selections and not custom:
+            raise ConfigError(f"{_flag(option)} is for --selection {' or '.join(selections)}, not {name}")
+    if name == "uniform":
+        return
+    if not config.device_profiles and not config.async_buffer:
+        raise ConfigError(f"--selection {name} chooses among on-line phones, with their durations on the virtual "
+                          f"clock: give --device-profiles builtin (or a file)")
+    private = [(config.dp_noise_multiplier > 0 or config.dp_target_epsilon > 0 or config.dp_local,
+                "DP noise (--dp-noise-multiplier, --dp-target-epsilon, --dp-local)"),
+               (config.secagg, "--secagg")]
+    for on, what in private:
+        if on:
+            raise ConfigError(f"--selection {name}: not with {what}: the selection reads each client's training "
+                              f"loss, private data that this run would neither noise nor account for (uniform "
+                              f"selection uses none)")
+    if config.centralized:
+        raise ConfigError(f"--selection {name}: not with --centralized (one model, no clients)")
+    if config.selection_pool and not config.async_buffer and not custom:
+        from flock.common.domain import over_selected
+
+        asked = over_selected(config.clients_per_round, config.over_select)
+        if config.selection_pool < asked:
+            raise ConfigError(f"--selection-pool {config.selection_pool} is fewer than the {asked} phones a round "
+                              f"asks for (--clients-per-round {config.clients_per_round} x --over-select "
+                              f"{config.over_select:g})")
 
 
 def check_aggregator_options(config: Config, given: set[str] | None = None) -> None:
@@ -564,6 +635,7 @@ def parse_options(argv: Sequence[str] | None = None) -> tuple[Config, dict[str, 
         chosen = set(on_command_line) | {n for n in from_file if not saved_run or from_file[n] != FIELDS[n].default}
         check_aggregator_options(config, chosen)
         check_attack_options(config, chosen)
+        check_selection_options(config, chosen)
         return config, given
     except ConfigError as e:
         at_fault = e.options or [n for n in FIELDS if re.search(rf"{_flag(n)}\b", str(e))]

@@ -94,6 +94,37 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class ClientReport:
+    """What one client tells the scheduler about its local training, for client selection (`--selection`):
+    a few numbers, never its update. `loss` is the trainer's training-loss ratio over the client's loss
+    terms (tokens, samples), `loss_sq` the mean of the squared per-term losses (Oort's statistical utility
+    is samples x sqrt(loss_sq)), `samples` its FedAvg weight n_k."""
+
+    uid: str
+    samples: float
+    loss: float
+    loss_sq: float
+    task_id: int = -1          # asynchronous: the task it trained; -1 in synchronous rounds
+
+    @classmethod
+    def from_sums(cls, uid: str, sums: Mapping[str, float], loss_ratio: tuple[str, str],
+                  task_id: int = -1) -> ClientReport | None:
+        """The report of a client whose training returned `sums`, its loss being `loss_ratio` (numerator,
+        denominator sums); "loss_sq_sum" (over the same terms) gives the squares, else loss^2 stands in.
+        None for a client that diverged or reported no finite loss."""
+        num, den = loss_ratio
+        terms = float(sums.get(den, 0.0))
+        if "diverged" in sums or num not in sums or not terms > 0:
+            return None
+        loss = float(sums[num]) / terms
+        loss_sq = float(sums["loss_sq_sum"]) / terms if "loss_sq_sum" in sums else loss * loss
+        values = (float(sums.get("samples", 0.0)), loss, loss_sq)
+        if not all(math.isfinite(v) for v in values) or values[0] < 0 or values[2] < 0:
+            return None
+        return cls(uid=uid, samples=values[0], loss=loss, loss_sq=loss_sq, task_id=task_id)
+
+
+@dataclass(frozen=True)
 class RankUpdate:
     """One rank's contribution to a training step: sum of n_k * delta_k over its users, and sum of n_k."""
 
@@ -108,6 +139,8 @@ class RankUpdate:
     # in-process only (never on the wire): further float64 sums, in rank order after delta_sum, that a data
     # plane left for the scheduler's one pass to add (simulator/data_plane.py: the last rank of a single node)
     more: tuple[np.ndarray, ...] = ()
+    # the rank's clients' reports for client selection (`--selection` other than uniform; else empty)
+    clients: tuple[ClientReport, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -145,3 +178,11 @@ def assign_users(users: Sequence[str], counts: Sequence[int], world_size: int, *
     for u in users:
         out[owner[u]].append(u)
     return out
+
+
+def over_selected(k: int, factor: float) -> int:
+    """How many candidates to select for K results: ceil(K x factor), factor >= 1."""
+    if k < 1 or not (math.isfinite(factor) and factor >= 1):
+        raise ValueError(f"over-selection needs K >= 1 and a finite factor >= 1, got K={k}, factor={factor}")
+    # a factor like 1.1 is not exact in binary: round off the noise before the ceiling
+    return max(k, math.ceil(round(k * factor, 9)))

@@ -1,4 +1,5 @@
-"""Resolving `--reader/--model/--trainer` values: a built-in short name or a dotted path `module:Class`."""
+"""Resolving `--reader/--model/--trainer` (and `--aggregator`, `--selection`) values: a built-in short name
+or a dotted path `module:Class`."""
 from __future__ import annotations
 
 import importlib
@@ -15,6 +16,7 @@ BUILTINS = {
     "trainer": {"lm": "trainer.lm:LanguageModelTrainer", "classifier": "trainer.classifier:ClassifierTrainer",
                 "fedem": "trainer.fedem:FedEMTrainer"},
     "aggregator": {},       # built-ins are scheduler/aggregators.py's; here only module:Class paths
+    "selection": {},        # built-ins are scheduler/selection/'s; here only module:Class paths
 }
 
 
@@ -24,10 +26,11 @@ REQUIRED = {
     "model": ("build",),
     "trainer": ("train", "evaluate", "train_ratios", "eval_ratios"),
     "aggregator": ("capability", "aggregate", "check"),
+    "selection": ("pool_size", "select", "observe", "state_dict", "load_state_dict"),
 }
 
 
-INTERFACES = {"aggregator": "scheduler/aggregators.py"}
+INTERFACES = {"aggregator": "scheduler/aggregators.py", "selection": "scheduler/selection/base.py"}
 
 
 def resolve(kind: str, name: str) -> type:

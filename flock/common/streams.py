@@ -15,6 +15,7 @@ this module are kept as they were, so results are unchanged.
 | `online_coin(seed, draw, uid)` | [seed, PHONES, crc32("online"), draw, crc32(uid)] | `--availability round:P` |
 | `hourly_coin(seed, hour, uid)` | [seed, PHONES, crc32("daily"), hour, crc32(uid)] | `--availability daily:...` |
 | `candidate_rng(seed, purpose, index)` | [seed, PHONES, crc32("candidates/" + purpose), index] | on-line candidates of a round or start |
+| `selection_rng(seed, purpose, index)` | [seed, PHONES, crc32("selection/" + purpose), index] | a selector's own draws (`--selection`) in a round ("sync") or at an asynchronous start ("async") |
 | `privacy_rng(seed, purpose, round)` | [seed, PRIVACY, crc32(purpose), round] | the server's DP noise ("dp-noise"), the model broadcast's quantization ("broadcast") |
 | `clip_count_rng(seed, round)` | [seed, PRIVACY, crc32("dp-clip-count"), round] | adaptive clipping's noise on the count of unclipped clients |
 | `secagg_rng(seed, round, a, b)` | [seed, PRIVACY, crc32("secagg"), round, crc32(a), crc32(b)] | simulated secure aggregation's masks |
@@ -92,6 +93,12 @@ def candidate_rng(seed: int, purpose: str, index: int) -> np.random.Generator:
     """The generator of one candidate order: `purpose` names the caller ("sync" per round, "async" per
     start), `index` the round or the start."""
     return np.random.default_rng(_phone_sequence(seed, f"candidates/{purpose}", index))
+
+
+def selection_rng(seed: int, purpose: str, index: int) -> np.random.Generator:
+    """The generator a selector (`scheduler/selection/`) draws from when it chooses among candidates: `purpose`
+    "sync" per round, "async" per asynchronous start, `index` the round or the start."""
+    return np.random.default_rng(_phone_sequence(seed, f"selection/{purpose}", index))
 
 
 PRIVACY = _word("flock.privacy")

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from flock.common.domain import TaskSpec
 from flock.common.errors import ConfigError
@@ -64,6 +64,8 @@ class AsyncRounds:
     bytes_down: int
     bytes_up: int
     checkpoint_due: Callable[[int], bool] = lambda version: False
+    # a client selection (`scheduler.selection.Selection`) chooses who starts; None: the uniform draw
+    selection: Any = None
     _schedule: AsyncSchedule = field(init=False)
     _buffers: dict[int, Buffer] = field(init=False, default_factory=dict)    # made, not yet recorded
     _waiting: list[TaskSpec] = field(init=False, default_factory=list)       # resolved, not yet handed out
@@ -76,7 +78,15 @@ class AsyncRounds:
                               f"{self.config.concurrency}: a buffer could never fill")
         self._schedule = AsyncSchedule(seed=self.phones.seed, population=self.population,
                                        duration_of=lambda uid: self.timing(uid).total_s, config=self.config,
-                                       availability=self.phones.availability)
+                                       availability=self.phones.availability,
+                                       choose=self._choose if self.selection is not None else None)
+
+    def _choose(self, *, serial: int, version: int, t: float, exclude) -> Any:
+        """A start chosen by the run's selection: the version being built is its round (the reports it sees
+        are those handed over so far: `scheduler/selection/driver.py` says which)."""
+        return self.selection.choose(purpose="async", index=serial, round=version + 1, users=self.population,
+                                     counts=self.counts, count=1, availability=self.phones.availability, t=t,
+                                     duration_of=lambda uid: self.timing(uid).total_s, exclude=exclude)
 
     def timing(self, uid: str) -> ClientTiming:
         """`uid`'s virtual download, compute and upload seconds for one task."""
@@ -127,6 +137,8 @@ class AsyncRounds:
         """The clock's record of server update `version` (made from its buffer); versions in order."""
         self._resolve(version - 1)
         buffer = self._buffers.pop(version)
+        if self.selection is not None:
+            self.selection.expect(version, [(a.task.task_id, a.task.uid) for a in buffer.arrivals])
         record = async_update_record(buffer, previous_time=self._last_time, bytes_down=self.bytes_down,
                                      bytes_up=self.bytes_up)
         self._last_time = buffer.time
@@ -135,10 +147,15 @@ class AsyncRounds:
     def restore(self, version: int, sim_time: float) -> None:
         """Continues after a checkpoint at `version`: replays the schedule (a pure function of the seed, the
         profiles and the population) and checks that it reaches the saved virtual time. Tasks pending at the
-        checkpoint are then handed out at it, as in the uninterrupted run."""
+        checkpoint are then handed out at it, as in the uninterrupted run. A client selection gets each
+        version's logged reports back just before that version's plans, where the run handed them over."""
         for v in range(1, version + 1):
+            if self.selection is not None:
+                self.selection.replay(v - 1)
             self.tasks_at(v - 1)
             self.record(v)
+        if self.selection is not None:
+            self.selection.replay(version)
         if abs(self._last_time - sim_time) > 1e-6 * max(1.0, sim_time):
             raise ConfigError(f"the asynchronous schedule replayed to version {version} is at virtual time "
                               f"{self._last_time:.3f} s, the checkpoint at {sim_time:.3f} s: the device profiles "

@@ -4,7 +4,8 @@ its buffer size K = 1; the two differ in that one number.
 The model:
 - Up to C clients (`concurrency`) train at once. Whenever fewer are in flight, new ones start at the
   current virtual time from the current version: on-line users not already training, each drawn by
-  `selection.select_online(purpose="async", index=<the start's serial number>)`.
+  `selection.select_online(purpose="async", index=<the start's serial number>)`, or chosen by a client
+  selection (`choose`, `scheduler/selection/`) from such a draw.
 - Events go in (virtual time, uid, task id) order. An arrival with staleness s = version - start version is
   discarded and counted when s > `max_staleness`; otherwise it joins the buffer with weight (1 + s)^-a
   (a = `staleness_exponent`, 0.5 by default: FedBuff's 1/sqrt(1 + s); 0 weighs all alike). When the buffer
@@ -30,11 +31,11 @@ import heapq
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Callable, Container, Generic, Protocol, Sequence, TypeVar
 
 from flock.common.errors import ConfigError, RefusedError
 from scheduler.phones.availability import AlwaysOn, Availability
-from scheduler.phones.selection import select_online
+from scheduler.phones.selection import Candidates, select_online
 
 STATE_FORMAT = 1
 DEFAULT_RETRY_S = 60.0
@@ -121,12 +122,20 @@ class AsyncConfig:
             raise ConfigError("retry and idle limits must be finite and > 0 seconds")
 
 
+class Chooser(Protocol):
+    def __call__(self, *, serial: int, version: int, t: float, exclude: Container[str]) -> Candidates:
+        """At most one on-line user not in `exclude` to start at virtual time `t` from `version` (start
+        number `serial`), with when it goes off-line."""
+
+
 class AsyncSchedule:
     """The FedBuff event schedule (see the module). `duration_of(uid)` is a user's virtual task duration
-    (`clock.client_timing(...).total_s`); it and `availability` must be pure functions of the user."""
+    (`clock.client_timing(...).total_s`); it and `availability` must be pure functions of the user.
+    `choose`: who starts next (None: the uniform draw)."""
 
     def __init__(self, *, seed: int, population: Sequence[str], duration_of: Callable[[str], float],
-                 config: AsyncConfig, availability: Availability | None = None) -> None:
+                 config: AsyncConfig, availability: Availability | None = None,
+                 choose: Chooser | None = None) -> None:
         if not population:
             raise ConfigError("asynchronous aggregation: the population has no users")
         self.seed = seed
@@ -134,6 +143,7 @@ class AsyncSchedule:
         self.duration_of = duration_of
         self.config = config
         self.availability = availability or AlwaysOn()
+        self.choose = choose
         self.now = 0.0
         self.version = 0
         self._next_task_id = 0
@@ -181,8 +191,11 @@ class AsyncSchedule:
         while len(self._in_flight) < self.config.concurrency and len(self._busy) < len(self.population):
             serial = self._start_serial
             self._start_serial += 1
-            found = select_online(self.population, 1, seed=self.seed, purpose="async", index=serial,
-                                  availability=self.availability, t=self.now, exclude=self._busy)
+            if self.choose is None:
+                found = select_online(self.population, 1, seed=self.seed, purpose="async", index=serial,
+                                      availability=self.availability, t=self.now, exclude=self._busy)
+            else:
+                found = self.choose(serial=serial, version=self.version, t=self.now, exclude=self._busy)
             if not found.uids:
                 # one failed search per retry: a night with everyone off-line costs little
                 if self._retry_at is None:

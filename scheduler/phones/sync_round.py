@@ -38,14 +38,6 @@ class RoundOutcome:
         return self.end_time - self.start_time
 
 
-def over_selected(k: int, factor: float) -> int:
-    """How many candidates to select for K results: ceil(K x factor), factor >= 1."""
-    if k < 1 or not (math.isfinite(factor) and factor >= 1):
-        raise ValueError(f"over-selection needs K >= 1 and a finite factor >= 1, got K={k}, factor={factor}")
-    # a factor like 1.1 is not exact in binary: round off the noise before the ceiling
-    return max(k, math.ceil(round(k * factor, 9)))
-
-
 def resolve_sync_round(candidates: Sequence[str], durations: Sequence[float], online_until: Sequence[float], *,
                        start_time: float, k: int, deadline_s: float = math.inf,
                        min_clients: int = 1) -> RoundOutcome:
