@@ -11,12 +11,10 @@ from flock.common.recorder import read_metrics  # the tests' one reader of a run
 from flock.run import find_mpirun
 from reader.leaf_format import write_day
 from reader.vocab import BOS, EOS, build_vocab, save_json_atomic
+from tests.launcher import launcher
 
 ROOT = Path(__file__).resolve().parent.parent
-# mpirun options that place the ranks on two "hosts" of this machine in turn (one hydra proxy each, started
-# through a stand-in for ssh): a multi-node job on one machine
-FAKE_HOSTS = ("-launcher", "ssh", "-launcher-exec", str(ROOT / "tests" / "fake_ssh.sh"),
-              "-hosts", "127.0.0.2,127.0.0.3")
+FAKE_HOSTS = ("127.0.0.2", "127.0.0.3")     # two "hosts" of this machine, reached through tests/fake_ssh.sh
 WORDS = [f"w{i}" for i in range(40)]
 
 
@@ -38,6 +36,12 @@ def make_lm_data(data_dir: Path, *, users: int = 12, seed: int = 0) -> Path:
 
 
 mpirun = find_mpirun      # the tests' name for it
+
+
+def fake_hosts_options() -> tuple[str, ...]:
+    """mpirun options that place the ranks on the two FAKE_HOSTS in turn (one hydra proxy or Open MPI daemon
+    each, started through a stand-in for ssh): a multi-node job on one machine."""
+    return launcher().hosts_options(FAKE_HOSTS, ROOT / "tests" / "fake_ssh.sh")
 
 
 def run_app(np_: int, data_dir: Path, run_dir: Path, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:

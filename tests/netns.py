@@ -3,9 +3,10 @@ pair between them (each end named `flock0`, 10.231.0.1/24 and 10.231.0.2/24), an
 out of either, so a test's traffic stays inside them. Every process the test started in them is ended and
 both namespaces (with the pair) are removed on the way out, on success and on failure.
 
-A host's commands run in it through `nsenter --net=/run/netns/NAME` (not `ip netns exec`, which remounts
-/sys and hides the cgroup mounts slurmd needs); mpirun's hydra reaches the second host through
-`tests/netns_ssh.sh`, a stand-in for ssh that does the same.
+A host's commands run in it through `tests/netns_enter.sh` (`nsenter --net=/run/netns/NAME` with a /sys of
+the host's own, where UCX finds the host's network devices; not `ip netns exec`, whose fresh /sys hides the
+cgroup mounts slurmd needs); mpirun reaches the second host through `tests/netns_ssh.sh`, a stand-in for
+ssh that does the same.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from typing import Iterator
 
 import pytest
 
+from tests.launcher import launcher
+
 ROOT = Path(__file__).resolve().parent.parent
 ADDRESSES = ("10.231.0.1", "10.231.0.2")
 IFACE = "flock0"
@@ -34,19 +37,18 @@ class TwoHosts:
 
     def enter(self, host: int) -> list[str]:
         """The command prefix that runs a command on host 0 or 1."""
-        return ["nsenter", f"--net=/run/netns/{self.namespaces[host]}"]
+        return [str(ROOT / "tests" / "netns_enter.sh"), self.namespaces[host]]
 
     def env(self) -> dict[str, str]:
-        """What the launch needs in its environment: where netns_ssh.sh finds each host, and MPICH's OFI
-        netmod between the hosts (UCX, the wheel's default, sees one machine and would use shared memory,
-        so the bytes between nodes would not cross the veth pair)."""
+        """What the launch needs in its environment: where netns_ssh.sh finds each host, and MPI's bytes
+        between the hosts over TCP on the pair (Launcher.network_env: UCX sees one machine and would use
+        shared memory, so the bytes between nodes would not cross the veth pair)."""
         return {"FLOCK_NETNS": " ".join(f"{a}={n}" for a, n in zip(self.addresses, self.namespaces)),
-                "MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp", "FI_TCP_IFACE": self.iface}
+                **launcher().network_env(self.iface)}
 
     def mpirun_options(self) -> tuple[str, ...]:
-        """hydra's options that place the ranks on the two hosts in turn, one proxy each."""
-        return ("-launcher", "ssh", "-launcher-exec", str(ROOT / "tests" / "netns_ssh.sh"),
-                "-hosts", ",".join(self.addresses), "-iface", self.iface)
+        """mpirun's options that place the ranks on the two hosts in turn, one proxy (or daemon) each."""
+        return launcher().hosts_options(self.addresses, ROOT / "tests" / "netns_ssh.sh", iface=self.iface)
 
     def received_bytes(self, host: int) -> int:
         """Bytes the host's end of the pair has received so far."""
@@ -88,8 +90,8 @@ def _wait_until_up(hosts: TwoHosts, timeout: float = 10.0) -> None:
 def two_hosts(tag: str) -> Iterator[TwoHosts]:
     """Two namespaced hosts joined by a veth pair; skips the test with the reason where the kernel (or
     the lack of root) refuses namespaces or iproute2 is missing."""
-    if shutil.which("ip") is None or shutil.which("nsenter") is None:
-        pytest.skip("two namespaced hosts need iproute2's `ip` and util-linux's `nsenter`")
+    if shutil.which("ip") is None or shutil.which("nsenter") is None or shutil.which("unshare") is None:
+        pytest.skip("two namespaced hosts need iproute2's `ip` and util-linux's `nsenter` and `unshare`")
     if os.geteuid() != 0:
         pytest.skip("two namespaced hosts need root (network namespaces and a veth pair)")
     hosts = TwoHosts(namespaces=(f"flock{os.getpid()}{tag}a", f"flock{os.getpid()}{tag}b"))

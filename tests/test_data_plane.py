@@ -20,7 +20,7 @@ from scheduler.state import Scheduler, SchedulerConfig
 from simulator.comm import SingleComm
 from simulator.data_plane import EMPTY, MPIDataPlane, SchedulerDataPlane, slice_bounds, tree_pairs
 from tests.data_plane_job import STEPS, brings_values, delta
-from tests.helpers import FAKE_HOSTS, ROOT, make_lm_data, mpirun
+from tests.helpers import ROOT, fake_hosts_options, make_lm_data, mpirun
 
 LAYOUT = ParamLayout(names=("w",), shapes=((1000,),))
 
@@ -138,7 +138,7 @@ def test_mpi_plane_in_one_process_matches_the_scheduler_plane(data):
 
 
 def job(out, np_: int, *extra: str, hosts: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [mpirun(), *(FAKE_HOSTS if hosts else ()), "-np", str(np_), sys.executable,
+    cmd = [mpirun(), *(fake_hosts_options() if hosts else ()), "-np", str(np_), sys.executable,
            str(ROOT / "tests" / "data_plane_job.py"), str(out), *extra]
     return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
                           text=True, timeout=timeout)

@@ -1,5 +1,6 @@
 """Real jobs: `mpirun -np N python application.py` on tiny generated data."""
 import json
+import re
 import sqlite3
 import time
 
@@ -8,6 +9,7 @@ import pytest
 
 from flock.common.domain import home_rank
 from tests.helpers import make_lm_data, read_metrics, run_app
+from tests.launcher import launcher
 
 pytestmark = pytest.mark.mpi   # every test here starts mpirun
 
@@ -97,7 +99,8 @@ def test_a_killed_rank_ends_the_job_and_its_pid_maps_to_the_rank(data, tmp_path)
     proc = run_app(2, data, tmp_path, *ARGS, "--trainer", "tests.faulty:DieOnRank1", timeout=60)
     assert proc.returncode != 0 and time.monotonic() - started < 30
     pid = proc.stdout.split("ranks: ")[1].split()[1].split("=")[1].split("@")[0]   # "0=pid@host 1=pid@host"
-    assert f"PID {pid} RUNNING" in proc.stdout + proc.stderr and "Killed (signal 9)" in proc.stdout + proc.stderr
+    for pattern in launcher().killed_rank_report(rank=1, pid=int(pid)):
+        assert re.search(pattern, proc.stdout + proc.stderr), (pattern, proc.stdout + proc.stderr)
 
 
 @pytest.mark.parametrize("plane, message", [("mpi", "rank 0: step 0 did not complete within 3 s"),

@@ -1,8 +1,10 @@
 """flock under Slurm on one machine: munged, slurmctld and two slurmd, each node a network namespace of the
 test's own joined by a veth pair (`tests/netns.py`), so the job's ranks meet across a real interface.
 `examples/slurm/nodes.sbatch`, as the README submits it, runs a tiny job with `sbatch --wait` on both nodes
-(one task each, `srun --mpi=pmi2`); its metrics equal a plain `mpirun -np 2` run's, bitwise. A plain
-`srun -n 2` without a PMI plugin (two singletons) stops with one error line and writes no run folder.
+(one task each, `srun --mpi=pmi2`; `SLURM_MPI_TYPE=pmix` for Open MPI); its metrics equal a plain
+`mpirun -np 2` run's, bitwise. A plain `srun -n 2` without a PMI plugin stops, writing no run folder: MPICH's
+two singletons with one error line of flock's, Open MPI's processes in MPI_Init. Each node has its own TmpFS
+(Slurm's PMIx plugin makes its per-step folder there, by a name both nodes of this machine would share).
 
 Debian's slurm-wlm and munge are installed with apt where missing; the tests skip, with the reason, only
 when apt cannot install them or the kernel refuses namespaces. Every daemon runs in the foreground as a
@@ -25,6 +27,7 @@ from typing import Iterator
 import pytest
 
 from tests.helpers import ROOT, make_lm_data, run_app, untimed_metrics
+from tests.launcher import OPEN_MPI, launcher
 from tests.netns import TwoHosts, two_hosts
 
 pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
@@ -60,6 +63,7 @@ CredType=cred/munge
 AuthInfo=socket={dir}/munge.socket
 StateSaveLocation={dir}/ctld
 SlurmdSpoolDir={dir}/spool-%n
+TmpFS={dir}/tmp-%n
 SlurmctldPidFile={dir}/ctld.pid
 SlurmdPidFile={dir}/slurmd-%n.pid
 SlurmctldLogFile={dir}/ctld.log
@@ -104,7 +108,8 @@ def slurm_cluster(hosts: TwoHosts) -> Iterator[dict[str, str]]:
     conf = work / "slurm.conf"
     conf.write_text(SLURM_CONF.format(ctld=os.uname().nodename, ctld_addr=hosts.addresses[0], dir=work, nodes=nodes,
                                       names=",".join(NODES)))
-    (work / "ctld").mkdir()
+    for name in ("ctld", *(f"tmp-{n}" for n in NODES)):
+        (work / name).mkdir()
     key = work / "munge.key"
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
@@ -177,7 +182,8 @@ def sbatch(hosts: TwoHosts, env: dict[str, str], script: str, run_dir: Path, *op
     returns the job's output and the bytes the first node received over the pair meanwhile."""
     data = run_dir.parent / "data"
     out = run_dir.parent / f"{run_dir.name}.out"
-    job_env = {**env, **hosts.env(), "FLOCK_PYTHON": sys.executable, "FLOCK_RUN_DIR": str(run_dir)}
+    job_env = {**env, **hosts.env(), **launcher().srun_env(), "FLOCK_PYTHON": sys.executable,
+               "FLOCK_RUN_DIR": str(run_dir)}
     received = hosts.received_bytes(0)
     job = subprocess.run([*hosts.enter(0), "sbatch", "--wait", *options, "--cpus-per-task", "1", "--time", "5",
                           f"--output={out}", str(ROOT / "examples" / "slurm" / script), str(data), *ARGS],
@@ -212,6 +218,8 @@ def test_sbatch_on_one_node_equals_mpirun_np_2(cluster, same_run_under_mpirun):
 
 
 def test_plain_srun_singletons_stop_with_one_error(cluster, tmp_path):
+    """srun without a PMI plugin: MPICH's processes start as singletons, which flock stops with one error line
+    naming the fix; Open MPI's stop in MPI_Init, before flock's own check, in its words naming srun's PMIx."""
     hosts, env = cluster
     data = make_lm_data(tmp_path / "data")
     proc = subprocess.run([*hosts.enter(0), "srun", "--mpi=none", "-N", "1", "-n", "2", "--time", "5",
@@ -219,6 +227,9 @@ def test_plain_srun_singletons_stop_with_one_error(cluster, tmp_path):
                            *ARGS], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                           timeout=WAIT_S)
     assert proc.returncode != 0
+    assert not (tmp_path / "run").exists()
+    if launcher().kind == OPEN_MPI:
+        assert 'direct launched using "srun"' in proc.stderr and "PMIx support" in proc.stderr, proc.stderr
+        return
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "srun --mpi=pmi2" in errors[0], proc.stdout + proc.stderr
-    assert not (tmp_path / "run").exists()
