@@ -109,3 +109,21 @@ TIMING = {"seconds", "clients_per_s", "rank_work_s", "time"}      # a record's f
 def untimed_metrics(run_dir: Path) -> list[dict]:
     """A run's metrics records without their timing fields: what two runs of one setting agree on bitwise."""
     return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(run_dir)]
+
+
+def fail_at_round_3_then_resume(data: Path, tmp_path: Path, monkeypatch, **options):
+    """A whole run and the same run failed at round 3 (tests.faulty's trainer) then resumed in place: returns
+    (the whole run's History, the cut run's folder, the resumed History)."""
+    import pytest
+
+    from flock import Config, simulate
+
+    trainer = dict(trainer="tests.faulty:FailFromRound3IfAsked")
+    whole = simulate(Config(data_dir=str(data), run_dir=str(tmp_path / "whole"), **options, **trainer))
+    cut = tmp_path / "cut"
+    monkeypatch.setenv("FLOCK_TEST_FAIL", "1")
+    with pytest.raises(Exception, match="injected failure from round 3"):
+        simulate(Config(data_dir=str(data), run_dir=str(cut), **options, **trainer))
+    monkeypatch.delenv("FLOCK_TEST_FAIL")
+    assert [r["round"] for r in read_metrics(cut)][:2] == [1, 2]
+    return whole, cut, simulate(Config(resume=str(cut)))

@@ -6,7 +6,7 @@ import pytest
 
 from flock import Config, simulate
 from flock.common.errors import RunFailed
-from tests.helpers import make_lm_data, read_metrics, run_app
+from tests.helpers import fail_at_round_3_then_resume, make_lm_data, read_metrics, run_app
 
 PHONES = dict(device_profiles="builtin", over_select=1.5, deadline=40.0, min_clients=2)
 SMALL = dict(rounds=6, clients_per_round=4, eval_every=3, seed=5, checkpoint_every=2)
@@ -53,15 +53,7 @@ def test_no_phone_meets_the_deadline_every_round_fails_and_the_run_stops(data, t
 
 
 def test_resume_continues_the_clock_exactly(data, tmp_path, monkeypatch):
-    trainer = dict(trainer="tests.faulty:FailFromRound3IfAsked")
-    whole = simulate(Config(data_dir=str(data), run_dir=str(tmp_path / "whole"), **SMALL, **PHONES, **trainer))
-    cut = tmp_path / "cut"
-    monkeypatch.setenv("FLOCK_TEST_FAIL", "1")
-    with pytest.raises(Exception, match="injected failure from round 3"):
-        simulate(Config(data_dir=str(data), run_dir=str(cut), **SMALL, **PHONES, **trainer))
-    monkeypatch.delenv("FLOCK_TEST_FAIL")
-    assert [r["round"] for r in read_metrics(cut)][:2] == [1, 2]
-    resumed = simulate(Config(resume=str(cut)))
+    whole, cut, resumed = fail_at_round_3_then_resume(data, tmp_path, monkeypatch, **SMALL, **PHONES)
     assert stable(read_metrics(cut)) == stable(whole.records)
     assert resumed.records[0]["round"] == 3 and resumed.records[0]["sim_time"] > whole.records[1]["sim_time"]
 

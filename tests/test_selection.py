@@ -25,7 +25,7 @@ from scheduler.selection.oort import (
     weighted_sample,
 )
 from scheduler.selection.power_of_choice import PowerOfChoice
-from tests.helpers import kill_after_train_rows, make_lm_data, read_metrics, run_app
+from tests.helpers import fail_at_round_3_then_resume, kill_after_train_rows, make_lm_data, read_metrics, run_app
 
 VOLATILE = ("seconds", "time", "clients_per_s", "rank_work_s")
 SMALL = dict(rounds=6, clients_per_round=3, eval_every=3, seed=5, checkpoint_every=2, device_profiles="builtin")
@@ -234,14 +234,7 @@ def test_oort_and_power_of_choice_runs_record_their_choices(data, tmp_path):
                                         async_concurrency=4)],
                          ids=["oort-sync", "oort-fedbuff", "plugin-fedbuff"])
 def test_a_failed_run_resumes_with_the_same_selection(data, tmp_path, monkeypatch, extra):
-    trainer = dict(trainer="tests.faulty:FailFromRound3IfAsked")
-    whole = simulate(Config(data_dir=str(data), run_dir=str(tmp_path / "whole"), **SMALL, **trainer, **extra))
-    cut = tmp_path / "cut"
-    monkeypatch.setenv("FLOCK_TEST_FAIL", "1")
-    with pytest.raises(Exception, match="injected failure from round 3"):
-        simulate(Config(data_dir=str(data), run_dir=str(cut), **SMALL, **trainer, **extra))
-    monkeypatch.delenv("FLOCK_TEST_FAIL")
-    simulate(Config(resume=str(cut)))
+    whole, cut, _ = fail_at_round_3_then_resume(data, tmp_path, monkeypatch, **SMALL, **extra)
     assert stable(read_metrics(cut)) == stable(whole.records)
     if "async_buffer" not in extra:
         assert {u for r in whole.train for u in r["selection_users"]}     # the choices are in the rows compared
