@@ -129,7 +129,7 @@ class Shard:
             else:       # channel hook: the user's transformed update on the exact global parameters
                 state, report = self._send(uid, received, seed, into or self.sum,
                                            (1.0 if self.channel.uniform_weights else n), scale, clip)
-                sums = {**sums, **report}
+                sums = {**report, **sums}     # a client that clipped itself reports its own bit (Flower's mod)
         if self.private or state:
             self.store.set_param_by_uid(uid, {**{k: p.detach().cpu().numpy() for k, p in self.private.items()},
                                               **state})

@@ -174,6 +174,7 @@ class Reply:
     num_examples: float
     metrics: dict[str, float]
     arrays: list[np.ndarray] | dict[str, np.ndarray] | None = None
+    raw: dict[str, float] | None = None     # sums taken as they are (not weighted): e.g. "unclipped"
 
     @classmethod
     def checked(cls, num_examples: Any, metrics: Mapping[str, Any], arrays: Any, what: str) -> "Reply":
@@ -191,7 +192,8 @@ class Reply:
 
     def sums(self) -> dict[str, float]:
         """flock's additive form: "samples" (n) and n * value as "<metric>_sum"."""
-        return {"samples": self.num_examples, **{f"{k}_sum": v * self.num_examples for k, v in self.metrics.items()}}
+        return {"samples": self.num_examples, **{f"{k}_sum": v * self.num_examples for k, v in self.metrics.items()},
+                **(self.raw or {})}
 
 
 def _user(context: Any) -> str:
@@ -322,7 +324,21 @@ class ClientAppCalls:
                                   if records else f"{what} replied without arrays: put the trained model in an "
                                   f"ArrayRecord, e.g. RecordDict({{'arrays': ArrayRecord(model.state_dict()), ...}})")
             trained = {k: a.numpy() for k, a in records[0].items()}
-        return Reply.checked(weight, {k: v for k, v in metrics[0].items() if k != key}, trained, what)
+        numbers = {k: v for k, v in metrics[0].items() if k != key}
+        raw = None
+        from flwr.serverapp.strategy import DifferentialPrivacyClientSideAdaptiveClipping as ClientSideAdaptive
+
+        if kind == "train" and isinstance(self.plan.strategy, ClientSideAdaptive):
+            # Flower's adaptiveclipping_mod clipped the update and says whether it had to (before flock's
+            # channel sees it): its bit is the client's own report of whether it was within the norm
+            from flwr.supercore.differential_privacy import KEY_NORM_BIT
+
+            if KEY_NORM_BIT not in numbers:
+                raise ConfigError(f"{what} replied without {KEY_NORM_BIT!r}: with {type(self.plan.strategy).__name__} "
+                                  f"the ClientApp's train must run Flower's adaptiveclipping_mod")
+            raw = {"unclipped": 0.0 if numbers.pop(KEY_NORM_BIT) else 1.0}
+        reply = Reply.checked(weight, numbers, trained, what)
+        return Reply(reply.num_examples, reply.metrics, reply.arrays, raw)
 
 
 class FlowerBridge:

@@ -190,11 +190,6 @@ def dp_options(strategy: Any, ref: str) -> dict[str, Any] | None:
             log.info("--flower-server %s: %s's accountant does not run; flock's reports epsilon", ref, kind)
         return {**options, "dp_clip": float(strategy.clipping_norm),
                 "dp_noise_multiplier": float(strategy.noise_multiplier)}
-    if isinstance(strategy, strategies.DifferentialPrivacyClientSideAdaptiveClipping):
-        raise ConfigError(f"--flower-server {ref}: {kind}: its clients clip in Flower's adaptiveclipping_mod before "
-                          f"flock's channel sees their update, so flock could not count the clients whose update was "
-                          f"within the norm; DifferentialPrivacyServerSideAdaptiveClipping is the same mechanism "
-                          f"and runs as flock's adaptive clipping")
     z_delta, sigma_b = float(strategy.noise_multiplier), float(strategy.clipped_count_stddev)
     if not (z_delta > 0 and sigma_b > 0):
         raise ConfigError(f"--flower-server {ref}: {kind} with noise multiplier {z_delta:g} and count noise "
