@@ -193,9 +193,9 @@ class Simulator:
         sink.compact([slots[uid] for uid in filled])
         mine = [(uid, updates[uid].weight, losses[uid]) for uid in filled]
         sums["train_seconds"] = time.perf_counter() - started
-        mean, clients, skipped = self.per_client.run(sink, mine, plan.step, plan.round)
+        mean, count, skipped = self.per_client.run(sink, mine, plan.step, plan.round)
         if skipped and self.rank == 0:
-            log.warning("round %d: %d client update(s): %s; nothing applied", plan.round + 1, clients, skipped)
+            log.warning("round %d: %d client update(s): %s; nothing applied", plan.round + 1, count, skipped)
         if mean is None:
             return RankUpdate(step=plan.step, rank=self.rank, weight=0.0, delta_sum=np.zeros(0), sums=sums,
                               clients=clients)

@@ -216,6 +216,15 @@ def test_a_bad_selection_plug_in_is_one_error_line_before_anything_is_written(da
 
 # -- real runs ----------------------------------------------------------------------------------------------
 
+
+@pytest.mark.parametrize("aggregator", ["median", "qfedavg"])
+def test_selection_feeds_on_the_per_client_paths_reports_too(data, tmp_path, aggregator):
+    """A per-client aggregator's round reports its clients to the selector as the linear path does."""
+    history = simulate(Config(data_dir=str(data), run_dir=str(tmp_path / aggregator), **SMALL,
+                              selection="power-of-choice", aggregator=aggregator))
+    assert len(history.train) == 6 and all(r["clients"] == 3 for r in history.train)
+    assert all(len(r["selection_users"]) == 3 for r in history.train)
+
 def test_oort_and_power_of_choice_runs_record_their_choices(data, tmp_path):
     for name in ("oort", "power-of-choice"):
         history = simulate(Config(data_dir=str(data), run_dir=str(tmp_path / name), **SMALL, selection=name,
