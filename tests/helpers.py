@@ -127,3 +127,29 @@ def fail_at_round_3_then_resume(data: Path, tmp_path: Path, monkeypatch, **optio
     monkeypatch.delenv("FLOCK_TEST_FAIL")
     assert [r["round"] for r in read_metrics(cut)][:2] == [1, 2]
     return whole, cut, simulate(Config(resume=str(cut)))
+
+
+VOLATILE = ("seconds", "time", "clients_per_s", "rank_work_s")     # a record's timings: never equal twice
+
+
+def stable(records):
+    """The records without their timings."""
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+
+
+def records_at_np_1_and_2(data: Path, tmp_path: Path, args) -> list[tuple[dict, dict]]:
+    """The application run with `args` at -np 1 and 2: their records (without timings), paired; every pair
+    is checked to hold the same keys and numbers, floats to 1e-9 (sums over ranks add in another order)."""
+    import pytest
+
+    runs = []
+    for np_ in (1, 2):
+        proc = run_app(np_, data, tmp_path / f"np{np_}", *args, timeout=180)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        runs.append(stable(read_metrics(tmp_path / f"np{np_}")))
+    pairs = list(zip(runs[0], runs[1], strict=True))
+    for a, b in pairs:
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            assert b[key] == (pytest.approx(value, rel=1e-9) if isinstance(value, float) else value), key
+    return pairs
