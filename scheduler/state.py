@@ -100,7 +100,10 @@ def schedule(rounds: int, eval_every: int) -> list[tuple[str, int]]:
     return list(Schedule(rounds, eval_every))
 
 
-HOOKS = ("on_record", "before_checkpoint", "on_version", "mirror", "on_plans")
+# the hooks `attach` sets, and what each is while unset
+HOOKS: dict[str, object] = {"on_record": lambda record: None, "before_checkpoint": lambda: None,
+                            "on_version": lambda version, params: None, "mirror": None,
+                            "on_plans": lambda step, plans, failure: None}
 
 
 class Scheduler:
@@ -130,11 +133,11 @@ class Scheduler:
         self.train_ratios = dict(train_ratios)
         self.eval_ratios = dict(eval_ratios)
         self.main_metric = main_metric or next(iter(self.eval_ratios), "")   # per-user values (eval_users.json)
-        self.on_record: Callable[[dict], None] = lambda record: None
-        self.before_checkpoint: Callable[[], None] = lambda: None
-        self.on_version: Callable[[int, np.ndarray], None] = lambda version, params: None
+        self.on_record: Callable[[dict], None] = HOOKS["on_record"]
+        self.before_checkpoint: Callable[[], None] = HOOKS["before_checkpoint"]
+        self.on_version: Callable[[int, np.ndarray], None] = HOOKS["on_version"]
         self.mirror: np.ndarray | None = None
-        self.on_plans: Callable[[int, list[Plan] | None, str | None], None] = lambda step, plans, failure: None
+        self.on_plans: Callable[[int, list[Plan] | None, str | None], None] = HOOKS["on_plans"]
         self.checkpoint_path = checkpoint_path
         self.rounds = rounds or Synchronous()
         self.failed_rounds = 0            # training rounds that applied nothing (too few phones, secure aggregation)
@@ -169,12 +172,9 @@ class Scheduler:
         unknown = set(hooks) - set(HOOKS)
         if unknown:
             raise TypeError(f"unknown scheduler hook(s): {', '.join(sorted(unknown))}; known: {', '.join(HOOKS)}")
-        defaults = {"on_record": lambda record: None, "before_checkpoint": lambda: None,
-                    "on_version": lambda version, params: None, "mirror": None,
-                    "on_plans": lambda step, plans, failure: None}
         with self._cond:
             for name, hook in hooks.items():
-                setattr(self, name, defaults[name] if hook is None else hook)
+                setattr(self, name, HOOKS[name] if hook is None else hook)
 
     @property
     def phones(self) -> PhoneRounds | None:
