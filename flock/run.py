@@ -170,12 +170,15 @@ def simulate(config: Config, *, comm: Comm | None = None, on_record: Callable[[d
     recorder and the trackers (--tracker) have it; `progress`: "bar", "lines" or "quiet". `given`: the
     options the user set and where ("command line", "config file"; the CLI knows them); None: those that
     differ from Config's defaults. The others take the trainer's (or model's) defaults, else Config's
-    (`flock.common.task_defaults`); config.json records each value's source. torch's thread count is restored and
+    (`flock.common.task_defaults`); config.json records each value's source. The process's C allocator keeps
+    freed memory for reuse from then on (`flock.common.memory`). torch's thread count is restored and
     every resource the run opened is closed when this returns or raises; logging is left as the caller
     configured it."""
+    from flock.common.memory import keep_freed_memory
     from flock.common.task_defaults import saved_sources, with_task_defaults
     from flock.common.trackers import check_trackers
 
+    keep_freed_memory()      # glibc keeps the memory a step frees for the next (flock/common/memory.py)
     comm = comm or SingleComm()
     if config.resume:       # the saved run's options (its task defaults resolved when it started)
         config = agreed(comm, lambda: resumed_config(config))
@@ -519,7 +522,7 @@ def _simulator(config: Config, built: _Built, comm: Comm, reader, client, data_p
     from simulator.async_simulator import AsyncSimulator
     from simulator.data_server import MemoryStore, SQLiteStore
     from simulator.per_client import PerClientRound
-    from simulator.shard import Shard
+    from simulator.shard import Shard, ring_slots
     from simulator.simulator import Simulator
 
     run_dir, rank = Path(config.run_dir), comm.rank
@@ -539,9 +542,12 @@ def _simulator(config: Config, built: _Built, comm: Comm, reader, client, data_p
         replica.load_state_dict(built.model.state_dict())
         models.append(replica)
     finetune = replace(train_config, local_epochs=config.finetune_epochs) if config.finetune_epochs else None
+    # plain synchronous FedAvg: each shard's sum takes several users a pass (simulator/shard.py: ParamRing)
+    linear = channel is None and not config.async_buffer and built.aggregator is None
+    slots = ring_slots(built.layout.size, len(models)) if linear else 1
     shards = [Shard(m, built.trainer_cls(train_config, built.spec), built.layout, built.private, store, private_init,
                     finetuner=built.trainer_cls(finetune, built.spec) if finetune else None,
-                    channel=channel) for m in models]
+                    channel=channel, slots=slots) for m in models]
     # client selection's feedback: each client's training loss (the trainer's "loss" ratio), uniform needs none
     report_loss = built.trainer_cls.train_ratios.get("loss") if config.selection != "uniform" else None
     if config.async_buffer:

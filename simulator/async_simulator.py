@@ -25,14 +25,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-import torch
 
 from flock.common.domain import DONE, EVAL, ClientReport, Plan, RankUpdate, TaskSpec
 from flock.common.metrics import add_sums
 from flock.common.streams import user_seed
 from scheduler.phones.asynchronous import HORIZON
-from simulator.data_plane import BLOCK, SchedulerDataPlane
-from simulator.shard import Accumulator
+from simulator.data_plane import SchedulerDataPlane
+from simulator.shard import Accumulator, drain
 from simulator.simulator import Simulator, UserError
 
 log = logging.getLogger(__name__)
@@ -41,29 +40,6 @@ POLL_S = 1e-6     # how long a look for the next plan waits while the rank has w
                   # gRPC, where 0 asks for the default wait)
 WAIT_S = 1.0      # with nothing to do: the longest wait for the plan before a look at the background push
 EMPTY = np.zeros(0, dtype=np.float64)
-
-
-def subtract_starts(out: np.ndarray, total: torch.Tensor, starts: list[tuple[float, np.ndarray]],
-                    block: int = BLOCK, *, zero: bool = False) -> None:
-    """out = total - alpha_1 theta_1 - alpha_2 theta_2 - ..., for the (alpha, float32 theta) of `starts` in
-    their order, a cache-sized block at a time: one pass over memory instead of one per start version and a
-    copy, and the bits of subtracting each term from the whole of `total` in turn (alpha theta is computed
-    in float64, where it is exact: each step rounds once either way). `zero`: `total` is zeroed behind the
-    pass, a block at a time while it is in cache (the accumulator's reset, without a pass of its own)."""
-    on_cpu = total.device.type == "cpu"
-    source = total.numpy() if on_cpu else total.cpu().numpy()      # an accelerator's sum comes over once
-    scaled = np.empty(min(block, out.size))
-    for a in range(0, out.size, block):
-        b = min(a + block, out.size)
-        into, term = out[a:b], scaled[:b - a]
-        np.copyto(into, source[a:b])
-        if zero and on_cpu:
-            source[a:b] = 0.0
-        for alpha, theta in starts:
-            np.multiply(theta[a:b], alpha, out=term, dtype=np.float64)
-            into -= term
-    if zero and not on_cpu:
-        total.zero_()
 
 
 @dataclass
@@ -213,12 +189,12 @@ class AsyncSimulator(Simulator):
     def _push_and_recycle(self, update: RankUpdate, acc: Accumulator | None,
                           starts: list[tuple[float, np.ndarray]]) -> None:
         if acc is not None:
-            pushed = acc.weight > 0
-            if pushed:      # into the plane's buffer, valid until the step is applied; zeroes the sum behind it
+            if acc.weight > 0:      # into the plane's buffer, valid until the step is applied; empties the sum
                 buffer = self.data_plane.update_buffer(acc.total.numel())
-                subtract_starts(buffer, acc.total, starts, zero=True)
+                drain(buffer, [acc], starts)
                 update = replace(update, delta_sum=buffer)
-            acc.reset(zeroed=pushed)
+            else:
+                acc.reset()
             self._spare.append(acc)
         self.data_plane.push_update(update, self.round_timeout)
 

@@ -12,40 +12,154 @@ import torch
 from flock.channel import UpdateChannel
 from flock.common.domain import ParamLayout
 from flock.common.streams import channel_seed
+from scheduler.aggregate import BLOCK
 from simulator.data_server import PrivateStore
 from trainer.base import Trainer, simulating
 
 log = logging.getLogger(__name__)
+FLUSH_BLOCK = 1 << 17     # values of a flush's block: 1 MiB of float64, in cache while the staged users are added
+RING_BYTES = 192 << 20    # memory a rank may spend on copies of its shared parameters (ParamRing)
+MAX_SLOTS = 8
+
+
+def blocks_of(tensors: list[torch.Tensor], block: int = BLOCK) -> list[torch.Tensor]:
+    """Each tensor's values as consecutive flat views of at most `block` values: a float32 -> float64 op
+    over a block runs from cache, where one over a whole 2.6M-value tensor casts it through memory first
+    (4-5x slower on this project's CPUs; bench/pfl_compare.py's profile). Elementwise ops give the same
+    values either way."""
+    return [flat[a:a + block] for t in tensors for flat in (t.view(-1),) for a in range(0, flat.numel(), block)]
 
 
 class Accumulator:
     """A float64 running sum of alpha_k * theta_k over the shared parameters, and the sum of the users'
-    sample counts n_k; threads may add into one accumulator (a lock serializes the adds)."""
+    sample counts n_k; threads may add into one accumulator (a lock serializes the adds). The adds go a
+    cache-sized block at a time (`blocks_of`); the values are those of one add per tensor."""
 
     def __init__(self, layout: ParamLayout, device: torch.device | str = "cpu") -> None:
         self.total = torch.zeros(layout.size, dtype=torch.float64, device=device)
         self.views = [v.view(shape) for v, shape in zip(self.total.split(layout.sizes), layout.shapes)]
+        self.blocks = blocks_of(self.views)
         self.weight = 0.0
+        self.dirty = False      # whether anything was added since `total` was last zeroed
+        self.staged: list[tuple[torch.Tensor, float]] = []     # (flat float32 theta_k, alpha): not in total yet
         self.lock = threading.Lock()
+        self._sources: tuple[list[int], list[torch.Tensor]] | None = None
+
+    def _blocks(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`params` in the accumulator's blocks (kept while the same memory comes: a shard adds its own
+        parameters every user; a trainer that replaces a parameter's data gets new blocks)."""
+        key = [p.data_ptr() for p in params]
+        if self._sources is None or self._sources[0] != key:
+            self._sources = (key, blocks_of([p.detach() for p in params]))
+        return self._sources[1]
 
     def add(self, params: list[torch.Tensor], alpha: float, samples: float) -> None:
         with self.lock:
-            for acc, p in zip(self.views, params):
-                acc.add_(p, alpha=alpha)
+            torch._foreach_add_(self.blocks, self._blocks(params), alpha=alpha)
+            self.weight, self.dirty = self.weight + samples, True
+
+    def stage(self, flat: torch.Tensor, alpha: float, samples: float) -> None:
+        """Adds alpha * `flat` (one user's shared parameters, float32, in the layout's order) later, in the
+        order staged, by `flush` or `drain`: `total` is then read and written once for several users, not once
+        each. The caller leaves `flat` unchanged until then."""
+        with self.lock:
+            self.staged.append((flat, alpha))
             self.weight += samples
+
+    def flush(self) -> None:
+        """Adds the staged terms into `total` (each value: the bits of one add after the other)."""
+        with self.lock:
+            if self.staged:
+                total = self.total
+                for a in range(0, total.numel(), FLUSH_BLOCK):
+                    block = total[a:a + FLUSH_BLOCK]
+                    for flat, alpha in self.staged:
+                        block.add_(flat[a:a + FLUSH_BLOCK], alpha=alpha)
+                self.staged.clear()
+                self.dirty = True
 
     def add_update(self, base: list[torch.Tensor], deltas: list[torch.Tensor], alpha: float, samples: float) -> None:
         """Adds alpha * (base + delta) (a transformed update on the exact global parameters)."""
         with self.lock:
             for acc, b, d in zip(self.views, base, deltas):
                 acc.add_(b, alpha=alpha).add_(d, alpha=alpha)
-            self.weight += samples
+            self.weight, self.dirty = self.weight + samples, True
 
     def reset(self, *, zeroed: bool = False) -> None:
-        """Back to an empty sum (`zeroed`: the caller has zeroed `total` already)."""
-        if not zeroed:
+        """Back to an empty sum (`zeroed`: the caller has zeroed `total` already). A sum nothing was added to
+        since it was last zeroed is not zeroed again (no 50 MB pass)."""
+        if not zeroed and self.dirty:
             self.total.zero_()
-        self.weight = 0.0
+        self.weight, self.dirty = 0.0, False
+        self.staged.clear()
+
+
+def drain(out: np.ndarray, sums: list[Accumulator], starts: list[tuple[float, np.ndarray]],
+          block: int = BLOCK) -> None:
+    """out = S_1 + S_2 + ... - alpha_1 theta_1 - alpha_2 theta_2 - ..., where S_i is accumulator i's sum
+    with its staged terms added in their order (a rank's shards', or one accumulator), and (alpha, float32
+    theta) are `starts` in their order; the accumulators are left empty. A cache-sized block at a time: one
+    pass over memory instead of one per term, a copy and a reset, with the bits of adding and subtracting
+    each term over the whole arrays in turn (alpha theta of a start is computed in float64, where it is exact
+    for the integer sample counts that alpha is: each step rounds once either way)."""
+    out_t = torch.from_numpy(out)
+    totals = [acc.total if acc.total.device.type == "cpu" else acc.total.cpu() for acc in sums]  # an accelerator's once
+    spare = torch.empty(min(block, out.size), dtype=torch.float64)
+    scaled = np.empty(min(block, out.size))
+    for a in range(0, out.size, block):
+        b = min(a + block, out.size)
+        into = out_t[a:b]
+        for i, (acc, total) in enumerate(zip(sums, totals)):
+            part = into if i == 0 else spare[:b - a]
+            part.copy_(total[a:b]) if acc.dirty else part.zero_()
+            for flat, alpha in acc.staged:
+                part.add_(flat[a:b], alpha=alpha)
+            if i:
+                into.add_(part)
+            if acc.dirty and total is acc.total:
+                total[a:b] = 0.0       # the reset, while the block is in cache
+        term = scaled[:b - a]
+        for alpha, theta in starts:
+            np.multiply(theta[a:b], alpha, out=term, dtype=np.float64)
+            out[a:b] -= term
+    for acc, total in zip(sums, totals):
+        acc.reset(zeroed=total is acc.total)
+
+
+class ParamRing:
+    """`slots` float32 copies of a model's shared parameters' memory, the parameters pointing into one of
+    them (`use`): a user trains in a slot that still holds no staged update, and the slots that do wait
+    there for the shard's sum to take several users' updates in one pass (`Accumulator.stage`)."""
+
+    def __init__(self, params: list[torch.Tensor], slots: int) -> None:
+        sizes = [p.numel() for p in params]
+        self.params = params
+        self.flats = [torch.empty(sum(sizes), dtype=torch.float32, device=params[0].device) for _ in range(slots)]
+        self.views = [[v.view_as(p) for v, p in zip(flat.split(sizes), params)] for flat in self.flats]
+        with torch.no_grad():
+            for v, p in zip(self.views[0], params):
+                v.copy_(p)
+        self.current = -1
+        self.use(0)
+
+    def use(self, slot: int) -> None:
+        if slot != self.current:
+            for p, v in zip(self.params, self.views[slot]):
+                p.data = v
+            self.current = slot
+
+    def free_slot(self, staged: list[tuple[torch.Tensor, float]]) -> int | None:
+        """The current slot if no staged update is in it, else another free one; None: all are taken."""
+        taken = {id(flat) for flat, _ in staged}
+        order = [self.current] + [j for j in range(len(self.flats)) if j != self.current]
+        return next((j for j in order if id(self.flats[j]) not in taken), None)
+
+
+def ring_slots(shared_params: int, shards: int, budget_bytes: int = RING_BYTES) -> int:
+    """How many slots a shard's ring gets: as many as `budget_bytes` of float32 copies allow over the
+    rank's shards, at most MAX_SLOTS, and 1 (no ring) when not even two fit."""
+    slots = budget_bytes // max(1, shared_params * 4 * max(1, shards))
+    return int(min(MAX_SLOTS, slots)) if slots >= 2 else 1
 
 
 class Shard:
@@ -56,7 +170,10 @@ class Shard:
 
     def __init__(self, model: torch.nn.Module, trainer: Trainer, layout: ParamLayout,
                  private: tuple[str, ...], store: PrivateStore, private_init: Mapping[str, np.ndarray],
-                 finetuner: Trainer | None = None, channel: UpdateChannel | None = None) -> None:
+                 finetuner: Trainer | None = None, channel: UpdateChannel | None = None, slots: int = 1) -> None:
+        """`slots` > 1: the shared parameters' memory rotates over that many copies (`ParamRing`), so that
+        the sum takes several users' updates a pass; only for plain FedAvg into the shard's own sum, with
+        float32 parameters, contiguous, on the CPU (with anything else the shard adds each user at once)."""
         self.model = model
         self.trainer = trainer
         self.finetuner = finetuner
@@ -70,6 +187,9 @@ class Shard:
                              for n, v in private_init.items()}
         self.layout = layout
         self.sum = Accumulator(layout, self.device)
+        ringable = (slots > 1 and channel is None and self.shared and self.device.type == "cpu"
+                    and all(p.dtype == torch.float32 and p.is_contiguous() for p in self.shared))
+        self.ring = ParamRing(self.shared, slots) if ringable else None
         self._global: torch.Tensor | None = None
         self._global_views: list[torch.Tensor] = []
         self._global_src: np.ndarray | None = None
@@ -91,13 +211,20 @@ class Shard:
 
     def contribution(self) -> tuple[float, torch.Tensor]:
         """This step's (sum of n_k, sum of n_k * theta_k over the shared parameters, float64) of the users
-        it trained; the rank turns the shards' parts into sum n_k * delta_k."""
+        it trained (the rank itself `drain`s the shards' sums into sum n_k * delta_k)."""
+        self.sum.flush()
         return self.sum.weight, self.sum.total
 
     def reset_sum(self) -> None:
         self.sum.reset()
 
     def _load_user(self, uid: str) -> None:
+        if self.ring is not None:           # never over an update still waiting in the ring
+            slot = self.ring.free_slot(self.sum.staged)
+            if slot is None:
+                self.sum.flush()
+                slot = self.ring.current
+            self.ring.use(slot)
         with torch.no_grad():
             torch._foreach_copy_(self.shared, self._global_views)  # copies: the global vector stays intact
             if self.private:
@@ -124,7 +251,9 @@ class Shard:
                 # one diverged phone must not poison the model: its update is dropped and counted
                 log.warning("user %r: non-finite update after local training; dropped from the round", uid)
                 return {"diverged": 1.0}
-            if self.channel is None:
+            if self.channel is None and into is None and self.ring is not None:
+                self.sum.stage(self.ring.flats[self.ring.current], n * scale, n)
+            elif self.channel is None:
                 (into or self.sum).add(self.shared, n * scale, n)
             else:       # channel hook: the user's transformed update on the exact global parameters
                 state, report = self._send(uid, received, seed, into or self.sum,

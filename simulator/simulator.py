@@ -19,7 +19,7 @@ from simulator.attacks import ClientAttack, trigger_test_samples
 from simulator.data_plane import DataPlane, SchedulerDataPlane
 from simulator.data_server import PrivateStore
 from simulator.per_client import ClientUpdate, PerClientRound
-from simulator.shard import Shard
+from simulator.shard import Shard, drain
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +120,10 @@ class Simulator:
             clip=plan.clip))
         sums = self._train_sums(results)
         clients = self._reports(results)
-        parts = [shard.contribution() for shard in self.shards]
-        weight = sum(w for w, _ in parts)
-        if weight > 0:
-            total = torch.from_numpy(self.data_plane.update_buffer(parts[0][1].numel()))
-            total.copy_(parts[0][1])
-            for _, part in parts[1:]:
-                total += part.cpu()
-            with warnings.catch_warnings():    # a read-only array: only read here
-                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-                total.sub_(torch.from_numpy(self._global), alpha=weight)     # sum n_k (theta_k - theta), in float64
-            delta = total.numpy()      # pushed before the next round reuses the buffer
+        weight = sum(shard.sum.weight for shard in self.shards)
+        if weight > 0:       # sum n_k (theta_k - theta) in float64; the shards' sums are left empty
+            delta = self.data_plane.update_buffer(self.shards[0].layout.size)    # pushed before the next round reuses it
+            drain(delta, [shard.sum for shard in self.shards], [(weight, self._global)])
         else:
             delta = np.zeros(0, dtype=np.float64)
         if plan.checkpoint:   # before the push: the scheduler checkpoints once every rank has pushed

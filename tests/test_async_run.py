@@ -304,21 +304,3 @@ def test_a_ranks_asynchronous_update_is_the_staleness_weighted_sum_of_its_tasks_
     np.testing.assert_allclose(d1, expected1, rtol=0, atol=1e-12)
 
 
-def test_subtracting_the_start_versions_a_block_at_a_time_gives_the_bits_of_whole_passes():
-    from simulator.async_simulator import subtract_starts
-
-    rng = np.random.default_rng(5)
-    size = 10_000
-    total = torch.from_numpy(rng.normal(size=size) * 10.0 ** rng.integers(-6, 6, size=size))
-    starts = [(exact_weight(staleness_weight(s)) * n, rng.normal(size=size).astype(np.float32))
-              for s, n in ((0, 17), (3, 1013), (7, 2))]
-    before, whole = total.clone(), total.clone()
-    for alpha, theta in starts:
-        whole.sub_(torch.from_numpy(theta), alpha=alpha)
-    out = np.empty(size)
-    subtract_starts(out, total, starts, block=768)
-    assert np.array_equal(out, whole.numpy())
-    assert torch.equal(total, before)     # the running sum itself is left as it was
-    again = np.empty(size)
-    subtract_starts(again, total, starts, block=768, zero=True)
-    assert np.array_equal(again, whole.numpy()) and not total.any()     # the accumulator zeroed behind the pass
