@@ -113,7 +113,10 @@ def main() -> None:
     if len(times["end"]) != args.rounds:
         raise SystemExit(f"Flower ran {len(times['end'])} of {args.rounds} rounds")
     seconds = sum(e - s for s, e in zip(times["start"], times["end"]))
+    round_s = [e - s for s, e in zip(times["start"], times["end"])]
+    later = sum(round_s[1:])
     result = {"clients_per_s": sum(times["clients"]) / seconds, "mean_round_s": seconds / args.rounds,
+              "round_s": round_s, "clients_per_s_after_first": sum(times["clients"][1:]) / later if later else None,
               "startup_s": times["start"][0] - launched, "rounds": args.rounds, "virtual_clients": len(users),
               "cpus": cores, "flwr": __import__("flwr").__version__}
     print(json.dumps(result))

@@ -262,6 +262,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--out", default=None)
     p.add_argument("--async-only", action="store_true", help="only the floors, Flower and the asynchronous rows")
+    p.add_argument("--tiny-only", action="store_true", help="only the users of one sequence each: flock at -np "
+                   "(cores), Flower, flock again (the first round of each is warm-up)")
     p.add_argument("--async-buffer", type=int, default=10)
     p.add_argument("--async-concurrency", type=int, default=20)
     args = p.parse_args()
@@ -270,6 +272,8 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     if args.async_only:
         return asynchronous(args, out, cores)
+    if args.tiny_only:
+        return tiny_clients(args, out, cores)
     tiny = tiny_users_data(ROOT / "runs" / "throughput-tiny", Path(args.data_dir))
     rows = {}
     rows["floor (1 process)"] = floors(args.data_dir, args.rounds, 1)
@@ -316,6 +320,35 @@ def main() -> None:
              f"{fetch_next:.0f} MB/s |",
              f"| start-up, -np 1 / -np {cores}{flower_head} | {p1['startup_s']:.2f} s / {pn['startup_s']:.2f} s"
              f"{flower_startup} |"]
+    write_table(out, lines)
+
+
+def tiny_clients(args, out: Path, cores: int) -> None:
+    """Users of one sequence each (the default-sized model): the per-client machinery is nearly all there is.
+    flock at -np `cores` just before and just after Flower's simulation engine (the same users, model and
+    trainer), so that the machine's drift shows and cancels; the first round of each is warm-up."""
+    tiny = str(tiny_users_data(ROOT / "runs" / "throughput-tiny", Path(args.data_dir)))
+    before = project(tiny, args.rounds, cores, out / "tiny-before", warmup=1)
+    fl = flower(tiny, args.rounds, out, "flower-tiny")
+    after = project(tiny, args.rounds, cores, out / "tiny-after", warmup=1)
+    flock_rate = (before["clients_per_s"] + after["clients_per_s"]) / 2
+    rows = {f"flock -np {cores}: before / after Flower": f"{before['clients_per_s']:.2f} / {after['clients_per_s']:.2f}",
+            f"flock -np {cores} (their mean)": f"{flock_rate:.2f}"}
+    if fl is not None:
+        rows[f"Flower {fl['flwr']} simulation (Ray, {fl['cpus']} CPUs, 1 per client)"] = \
+            f"{fl['clients_per_s_after_first']:.2f}"
+    lines = [f"# Throughput, users of one sequence each ({args.rounds} rounds of 10, the first one excluded)", "",
+             f"- date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {platform.machine()}, {cores} cores",
+             f"- command: `python bench/throughput.py {args.data_dir} --rounds {args.rounds} --tiny-only`",
+             "- data: 200 users of one comment (\"hello there\") each, the vocabulary of "
+             f"{args.data_dir} (the LM benchmark's 6,182,672-parameter model); its trainer and hyper-parameters", "",
+             "| variant | client updates/s |", "|---|---:|", *[f"| {k} | {v} |" for k, v in rows.items()], "",
+             "| ratio | value |", "|---|---:|",
+             f"| per-round overhead of flock (round - slowest rank's work), before / after | "
+             f"{before['overhead_median_s'] * 1000:.0f} / {after['overhead_median_s'] * 1000:.0f} ms of "
+             f"{before['round_s'] * 1000:.0f} / {after['round_s'] * 1000:.0f} ms |"]
+    if fl is not None:
+        lines.append(f"| **flock -np {cores} / Flower** | **{flock_rate / fl['clients_per_s_after_first']:.2f}** |")
     write_table(out, lines)
 
 

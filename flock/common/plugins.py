@@ -12,7 +12,7 @@ BUILTINS = {
               "mlp": "model.mnist:MnistMLP", "cnn": "model.mnist:MnistCNN",
               "cnn-personal": "model.mnist:PersonalMnistCNN",
               "mlp-personal": "model.mnist:PersonalMnistMLP", "fedem-mlp": "model.fedem:FedEMMLP",
-              "fedem-cnn": "model.fedem:FedEMCNN"},
+              "fedem-cnn": "model.fedem:FedEMCNN", "simple-cnn": "model.cifar:SimpleCNN"},
     "trainer": {"lm": "trainer.lm:LanguageModelTrainer", "classifier": "trainer.classifier:ClassifierTrainer",
                 "fedem": "trainer.fedem:FedEMTrainer"},
     "aggregator": {},       # built-ins are scheduler/aggregators.py's; here only module:Class paths
