@@ -113,7 +113,7 @@ class PlainLoop:
                 acc.add_(p, alpha=float(len(x)))
         t5 = time.perf_counter()
         for phase, a, b in (("global parameters in", started, t1), ("reading", t1, t2), ("optimizer", t2, t3),
-                            ("training", t2, t4), ("accumulate", t4, t5)):
+                            ("training", t3, t4), ("accumulate", t4, t5)):
             clock.add(phase, b - a)
         clock.clients += 1
         return float(len(x))
@@ -243,11 +243,13 @@ def profile_table(data_dir: Path, rounds: int, python: str | None, out: Path) ->
         clients = r["cohort"] * rounds
         columns["pfl 0.6.0"] = {**{k: v * 1000 / clients for k, v in r["phases_s"].items()},
                                 "total": sum(r["round_s"][1:]) * 1000 / clients}
+    for c in columns.values():        # the training row: the local steps with their optimizer and tensors
+        c["all training"] = c.get("training", 0.0) + c.get("optimizer", 0.0) + c.get("data", 0.0)
     phases = {"global parameters in": "loading the global parameters",
               "reading": "reading the user's samples (pfl: in the rest)",
-              "training": "local training, of which:", "optimizer": "- making the optimizer",
+              "all training": "local training, of which:", "optimizer": "- making the optimizer",
               "data": "- samples to tensors", "delta": "the delta (theta_k - theta)",
-              "accumulate": "weighting and accumulation"}
+              "accumulate": "weighting and accumulation (flock: the rank's sum and its end-of-round pass)"}
     lines = ["| phase (ms per client) | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for phase, label in phases.items():
         lines.append(f"| {label} | " + " | ".join(f"{c.get(phase, 0.0):.2f}" for c in columns.values()) + " |")

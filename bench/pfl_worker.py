@@ -27,12 +27,14 @@ from torch import nn
 
 
 class Phases:
-    """Wall seconds per named phase, by wrapping methods (`wrap`) or timing blocks (`time`); what one client's
-    life costs, phase by phase, in each contestant (bench/pfl_compare.py --profile)."""
+    """Wall seconds per named phase, by wrapping methods (`wrap`) or adding measured spans (`add`); what one
+    client's life costs, phase by phase, in each contestant (bench/pfl_compare.py --profile). A wrapped call
+    inside another counts for its own phase only (self time): the phases add up to the whole."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.clients = 0
+        self._inner: list[float] = []      # per open wrapped call: seconds of the wrapped calls inside it
 
     def add(self, phase: str, seconds: float) -> None:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
@@ -42,10 +44,14 @@ class Phases:
 
         def timed(*args, **kwargs):
             started = time.perf_counter()
+            self._inner.append(0.0)
             try:
                 return inner(*args, **kwargs)
             finally:
-                self.add(phase, time.perf_counter() - started)
+                elapsed = time.perf_counter() - started
+                self.add(phase, elapsed - self._inner.pop())
+                if self._inner:
+                    self._inner[-1] += elapsed
 
         setattr(owner, name, timed)
 

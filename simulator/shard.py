@@ -22,6 +22,27 @@ RING_BYTES = 192 << 20    # memory a rank may spend on copies of its shared para
 MAX_SLOTS = 8
 
 
+def exact_scale(alpha: float) -> bool:
+    """Whether alpha * x is exact in float64 for every float32 x (24-bit significands): an integer below
+    2^29, as a user's sample count is. Then a fused multiply-add and a multiply followed by an add round
+    alike, once."""
+    return float(alpha).is_integer() and abs(alpha) < 2 ** 29
+
+
+def add_scaled(dst: torch.Tensor, src: torch.Tensor, alpha: float, spare: torch.Tensor) -> None:
+    """dst += alpha * src for a float64 `dst` block and a float32 `src` block of the same size, with the
+    bits of `dst.add_(src, alpha=alpha)`. torch runs that mixed-dtype op element by element (it casts on
+    the fly), 3x slower than widening `src` into `spare` (a float64 block in cache) and a vectorized
+    float64 add, whose fused multiply-add rounds as the other when the product is exact (`exact_scale`);
+    other scales keep torch's own op."""
+    if exact_scale(alpha):
+        widened = spare[:src.numel()]
+        widened.copy_(src)
+        dst.add_(widened, alpha=alpha)
+    else:
+        dst.add_(src, alpha=alpha)
+
+
 def blocks_of(tensors: list[torch.Tensor], block: int = BLOCK) -> list[torch.Tensor]:
     """Each tensor's values as consecutive flat views of at most `block` values: a float32 -> float64 op
     over a block runs from cache, where one over a whole 2.6M-value tensor casts it through memory first
@@ -44,6 +65,7 @@ class Accumulator:
         self.staged: list[tuple[torch.Tensor, float]] = []     # (flat float32 theta_k, alpha): not in total yet
         self.lock = threading.Lock()
         self._sources: tuple[list[int], list[torch.Tensor]] | None = None
+        self._spare = torch.empty(max(BLOCK, FLUSH_BLOCK), dtype=torch.float64, device=device)   # add_scaled's
 
     def _blocks(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """`params` in the accumulator's blocks (kept while the same memory comes: a shard adds its own
@@ -55,7 +77,8 @@ class Accumulator:
 
     def add(self, params: list[torch.Tensor], alpha: float, samples: float) -> None:
         with self.lock:
-            torch._foreach_add_(self.blocks, self._blocks(params), alpha=alpha)
+            for block, src in zip(self.blocks, self._blocks(params)):
+                add_scaled(block, src, alpha, self._spare)
             self.weight, self.dirty = self.weight + samples, True
 
     def stage(self, flat: torch.Tensor, alpha: float, samples: float) -> None:
@@ -74,7 +97,7 @@ class Accumulator:
                 for a in range(0, total.numel(), FLUSH_BLOCK):
                     block = total[a:a + FLUSH_BLOCK]
                     for flat, alpha in self.staged:
-                        block.add_(flat[a:a + FLUSH_BLOCK], alpha=alpha)
+                        add_scaled(block, flat[a:a + FLUSH_BLOCK], alpha, self._spare)
                 self.staged.clear()
                 self.dirty = True
 
@@ -104,7 +127,11 @@ def drain(out: np.ndarray, sums: list[Accumulator], starts: list[tuple[float, np
     for the integer sample counts that alpha is: each step rounds once either way)."""
     out_t = torch.from_numpy(out)
     totals = [acc.total if acc.total.device.type == "cpu" else acc.total.cpu() for acc in sums]  # an accelerator's once
+    with warnings.catch_warnings():    # read-only arrays (the node's shared parameters): only read here
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        thetas = [torch.from_numpy(theta) for _, theta in starts]
     spare = torch.empty(min(block, out.size), dtype=torch.float64)
+    widened = torch.empty(min(block, out.size), dtype=torch.float64)
     scaled = np.empty(min(block, out.size))
     for a in range(0, out.size, block):
         b = min(a + block, out.size)
@@ -113,15 +140,18 @@ def drain(out: np.ndarray, sums: list[Accumulator], starts: list[tuple[float, np
             part = into if i == 0 else spare[:b - a]
             part.copy_(total[a:b]) if acc.dirty else part.zero_()
             for flat, alpha in acc.staged:
-                part.add_(flat[a:b], alpha=alpha)
+                add_scaled(part, flat[a:b], alpha, widened)
             if i:
                 into.add_(part)
             if acc.dirty and total is acc.total:
                 total[a:b] = 0.0       # the reset, while the block is in cache
         term = scaled[:b - a]
-        for alpha, theta in starts:
-            np.multiply(theta[a:b], alpha, out=term, dtype=np.float64)
-            out[a:b] -= term
+        for (alpha, theta), theta_t in zip(starts, thetas):
+            if exact_scale(alpha):
+                add_scaled(into, theta_t[a:b], -alpha, widened)
+            else:       # FedBuff's staleness-weighted counts: exact products, not integers
+                np.multiply(theta[a:b], alpha, out=term, dtype=np.float64)
+                out[a:b] -= term
     for acc, total in zip(sums, totals):
         acc.reset(zeroed=total is acc.total)
 
