@@ -157,20 +157,31 @@ def drain(out: np.ndarray, sums: list[Accumulator], starts: list[tuple[float, np
 
 
 class ParamRing:
-    """`slots` float32 copies of a model's shared parameters' memory, the parameters pointing into one of
-    them (`use`): a user trains in a slot that still holds no staged update, and the slots that do wait
-    there for the shard's sum to take several users' updates in one pass (`Accumulator.stage`)."""
+    """Up to `slots` float32 copies of a model's shared parameters' memory, the parameters pointing into one
+    of them (`use`): a user trains in a slot that holds no staged update, and the slots that do wait there
+    for the shard's sum to take several users' updates in one pass (`Accumulator.stage`). A slot is made
+    when one is first needed: a shard holds as many as the users it trains in a round, up to `slots`."""
 
     def __init__(self, params: list[torch.Tensor], slots: int) -> None:
-        sizes = [p.numel() for p in params]
         self.params = params
-        self.flats = [torch.empty(sum(sizes), dtype=torch.float32, device=params[0].device) for _ in range(slots)]
-        self.views = [[v.view_as(p) for v, p in zip(flat.split(sizes), params)] for flat in self.flats]
-        with torch.no_grad():
-            for v, p in zip(self.views[0], params):
-                v.copy_(p)
+        self.sizes = [p.numel() for p in params]
+        self.slots = slots
+        self.flats: list[torch.Tensor] = []
+        self.views: list[list[torch.Tensor]] = []
         self.current = -1
-        self.use(0)
+        self.use(self._new_slot())
+        with torch.no_grad():
+            for v, p in zip(self.views[0], self._initial):
+                v.copy_(p)
+        del self._initial
+
+    def _new_slot(self) -> int:
+        flat = torch.empty(sum(self.sizes), dtype=torch.float32, device=self.params[0].device)
+        if not self.flats:
+            self._initial = [p.detach() for p in self.params]     # the parameters' values before the ring
+        self.flats.append(flat)
+        self.views.append([v.view_as(p) for v, p in zip(flat.split(self.sizes), self.params)])
+        return len(self.flats) - 1
 
     def use(self, slot: int) -> None:
         if slot != self.current:
@@ -179,10 +190,14 @@ class ParamRing:
             self.current = slot
 
     def free_slot(self, staged: list[tuple[torch.Tensor, float]]) -> int | None:
-        """The current slot if no staged update is in it, else another free one; None: all are taken."""
+        """The current slot if no staged update is in it, else another free one, made if need be; None: all
+        `slots` are taken."""
         taken = {id(flat) for flat, _ in staged}
         order = [self.current] + [j for j in range(len(self.flats)) if j != self.current]
-        return next((j for j in order if id(self.flats[j]) not in taken), None)
+        free = next((j for j in order if id(self.flats[j]) not in taken), None)
+        if free is None and len(self.flats) < self.slots:
+            free = self._new_slot()
+        return free
 
 
 def ring_slots(shared_params: int, shards: int, budget_bytes: int = RING_BYTES) -> int:

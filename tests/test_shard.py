@@ -177,3 +177,15 @@ def test_ring_slots_fit_the_budget():
     assert ring_slots(6_182_672, 2, 192 << 20) == 4           # two shards share the budget
     assert ring_slots(1000, 1) == MAX_SLOTS
     assert ring_slots(100_000_000, 1) == 1                    # a 400 MB model: no ring
+
+
+def test_a_ring_makes_the_slots_it_needs_only():
+    shard, glob = _tiny_lm_shard(8)
+    shard.set_global(glob, 0)
+    for round_index in (1, 2):
+        for user in range(3):
+            shard.train_user(f"u{user}", _user(user), seed=user, round_index=round_index)
+        out = np.empty(glob.size)
+        from simulator.shard import drain
+        drain(out, [shard.sum], [(shard.sum.weight, glob)])
+    assert len(shard.ring.flats) == 3          # one a user of the round, of the 8 allowed
