@@ -31,6 +31,23 @@ def run(cmd: list[str], label: str, *, quiet: bool = False) -> float:
     return time.perf_counter() - started
 
 
+def side_by_side(target, arg_lists: list[tuple]) -> list:
+    """Runs `target(*args, queue)` for each of `arg_lists` in its own spawned process, all at once (as
+    many plain loops as cores: the ceiling a simulator's ranks are compared with); returns what each put
+    on the queue, in the order they finished."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, q)) for args in arg_lists]
+    for p in procs:
+        p.start()
+    results = [q.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return results
+
+
 def split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
     """The script's own options, and the application options after `--`."""
     cut = argv.index("--") if "--" in argv else len(argv)

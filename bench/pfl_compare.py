@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from launch import ROOT, write_table
+from launch import ROOT, side_by_side, write_table
 from pfl_worker import Phases, simple_cnn
 from throughput import project
 
@@ -139,15 +139,7 @@ def loop_worker(data_dir: str, rounds: int, out: "mp.Queue") -> None:
 
 def loops(data_dir: Path, rounds: int, n: int) -> float:
     """Summed client updates/s of n plain loops running at once (rounds after the first)."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=loop_worker, args=(str(data_dir), rounds, q)) for _ in range(n)]
-    for p in procs:
-        p.start()
-    results = [q.get() for _ in procs]
-    for p in procs:
-        p.join()
-    return sum(c / s for c, s in results)
+    return sum(c / s for c, s in side_by_side(loop_worker, [(str(data_dir), rounds)] * n))
 
 
 def pfl(python: str, data_dir: Path, rounds: int, workers: int, out: Path, profile: bool = False) -> dict:

@@ -45,13 +45,13 @@ import sys
 import time
 from pathlib import Path
 
-from launch import ROOT, app_command, run, write_table
+from launch import ROOT, app_command, run, side_by_side, write_table
 
 from flock.common.recorder import read_metrics
 
 
-def floor_worker(data_dir: str, rounds: int, seed: int, out: "mp.Queue", clients_per_round: int = 10,
-                 warmup: int = 0, given: list[list[str]] | None = None) -> None:
+def floor_worker(data_dir: str, rounds: int, seed: int, clients_per_round: int, warmup: int,
+                 given: list[list[str]] | None, out: "mp.Queue") -> None:
     from floor import PlainFedAvg
 
     from scheduler.sampling import sample_clients
@@ -72,15 +72,7 @@ def floors(data_dir: str, rounds: int, n: int, clients_per_round: int = 10, warm
            given: list[list[str]] | None = None) -> float:
     """Summed client updates/s of n floor processes running at once (all with seed 0: the same users, or the
     rounds of users `given`), over the rounds after the first `warmup`."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=floor_worker, args=(data_dir, rounds, 0, q, clients_per_round, warmup, given))
-             for _ in range(n)]
-    for p in procs:
-        p.start()
-    results = [q.get() for _ in procs]
-    for p in procs:
-        p.join()
+    results = side_by_side(floor_worker, [(data_dir, rounds, 0, clients_per_round, warmup, given)] * n)
     return sum(c / s for c, s in results)
 
 

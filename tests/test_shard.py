@@ -189,3 +189,22 @@ def test_a_ring_makes_the_slots_it_needs_only():
         from simulator.shard import drain
         drain(out, [shard.sum], [(shard.sum.weight, glob)])
     assert len(shard.ring.flats) == 3          # one a user of the round, of the 8 allowed
+
+
+@pytest.mark.parametrize("env, expected", [({}, "True True"), ({"MALLOC_TRIM_THRESHOLD_": "131072"}, "False False")])
+def test_the_allocator_keeps_freed_memory_unless_the_user_set_malloc(env, expected):
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's mallopt only")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    proc = subprocess.run([sys.executable, "-c", "from flock.common.memory import keep_freed_memory as k; "
+                           "print(k(), k())"], cwd=ROOT, env={**clean, **env}, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == expected.split()
