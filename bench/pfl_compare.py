@@ -255,10 +255,11 @@ def profile_table(data_dir: Path, rounds: int, python: str | None, out: Path) ->
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=10, help="rounds per contestant, the first one warm-up")
-    p.add_argument("--pfl-python", default=str(ROOT / ".venv-pfl" / "bin" / "python"))
-    p.add_argument("--profile-rounds", type=int, default=3)
-    p.add_argument("--no-profile", action="store_true")
-    p.add_argument("--out", default=None)
+    p.add_argument("--pfl-python", default=str(ROOT / ".venv-pfl" / "bin" / "python"),
+                   help="a Python with pfl 0.6.0 (see above; without one the pfl rows are left out)")
+    p.add_argument("--profile-rounds", type=int, default=3, help="rounds of each one-process profile")
+    p.add_argument("--no-profile", action="store_true", help="only the client updates/s and their ratios")
+    p.add_argument("--out", default=None, help="the run folder (default runs/pfl-compare-TIME)")
     args = p.parse_args()
     if args.rounds < 2 or args.profile_rounds < 1:
         sys.exit("error: --rounds must be at least 2 and --profile-rounds at least 1")

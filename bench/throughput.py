@@ -2,6 +2,8 @@
 model and hyper-parameters (one run, ratios printed at the end).
 
     python bench/throughput.py [DATA_DIR] [--rounds 10] [--out DIR]
+    python bench/throughput.py [DATA_DIR] --rounds 30 --tiny-only        users of one sequence each, against Flower
+    python bench/throughput.py [DATA_DIR] --async-only [--async-buffer 10] [--async-concurrency 20]
 
 - floor: one process, one torch thread, no FL machinery: for each sampled user load the global weights
   into one model, train locally (the same trainer code), add the weighted delta, apply the server step.
@@ -251,13 +253,13 @@ def fetch_mb_per_s(data_dir: str, versions: int = 8) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data_dir", nargs="?", default="lm_data")
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--out", default=None)
+    p.add_argument("--rounds", type=int, default=10, help="rounds (server updates) of every variant")
+    p.add_argument("--out", default=None, help="the run folder (default runs/throughput-TIME)")
     p.add_argument("--async-only", action="store_true", help="only the floors, Flower and the asynchronous rows")
     p.add_argument("--tiny-only", action="store_true", help="only the users of one sequence each: flock at -np "
                    "(cores), Flower, flock again (the first round of each is warm-up)")
-    p.add_argument("--async-buffer", type=int, default=10)
-    p.add_argument("--async-concurrency", type=int, default=20)
+    p.add_argument("--async-buffer", type=int, default=10, help="FedBuff's K (with --async-only)")
+    p.add_argument("--async-concurrency", type=int, default=20, help="FedBuff's C (with --async-only)")
     args = p.parse_args()
     out = Path(args.out or f"runs/throughput-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)

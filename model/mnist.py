@@ -23,7 +23,8 @@ def check_mnist_input(spec: Mapping[str, int], model: str) -> None:
     shape = tuple(int(spec[f"input_{i}"]) for i in range(8) if f"input_{i}" in spec)
     if shape and int(np.prod(shape)) != 784:
         raise ValueError(f"{model} takes 28 x 28 one-channel images (784 values); the data's samples are "
-                         f"{' x '.join(map(str, shape))}: use a model of your own (--model module:Class)")
+                         f"{' x '.join(map(str, shape))}: use --model simple-cnn for square (C, H, W) images, or a "
+                         "model of your own (--model module:Class)")
 
 
 class MnistMLP(nn.Module):
