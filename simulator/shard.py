@@ -17,7 +17,6 @@ from simulator.data_server import PrivateStore
 from trainer.base import Trainer, simulating
 
 log = logging.getLogger(__name__)
-FLUSH_BLOCK = 1 << 17     # values of a flush's block: 1 MiB of float64, in cache while the staged users are added
 RING_BYTES = 192 << 20    # memory a rank may spend on copies of its shared parameters (ParamRing)
 MAX_SLOTS = 8
 
@@ -46,8 +45,8 @@ def add_scaled(dst: torch.Tensor, src: torch.Tensor, alpha: float, spare: torch.
 def blocks_of(tensors: list[torch.Tensor], block: int = BLOCK) -> list[torch.Tensor]:
     """Each tensor's values as consecutive flat views of at most `block` values: a float32 -> float64 op
     over a block runs from cache, where one over a whole 2.6M-value tensor casts it through memory first
-    (4-5x slower on this project's CPUs; bench/pfl_compare.py's profile). Elementwise ops give the same
-    values either way."""
+    (4-5x slower, measured on this project's 2-core machine). Elementwise ops give the same values either
+    way."""
     return [flat[a:a + block] for t in tensors for flat in (t.view(-1),) for a in range(0, flat.numel(), block)]
 
 
@@ -65,7 +64,7 @@ class Accumulator:
         self.staged: list[tuple[torch.Tensor, float]] = []     # (flat float32 theta_k, alpha): not in total yet
         self.lock = threading.Lock()
         self._sources: tuple[list[int], list[torch.Tensor]] | None = None
-        self._spare = torch.empty(max(BLOCK, FLUSH_BLOCK), dtype=torch.float64, device=device)   # add_scaled's
+        self._spare = torch.empty(BLOCK, dtype=torch.float64, device=device)     # add_scaled's widened block
 
     def _blocks(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """`params` in the accumulator's blocks (kept while the same memory comes: a shard adds its own
@@ -94,10 +93,10 @@ class Accumulator:
         with self.lock:
             if self.staged:
                 total = self.total
-                for a in range(0, total.numel(), FLUSH_BLOCK):
-                    block = total[a:a + FLUSH_BLOCK]
+                for a in range(0, total.numel(), BLOCK):
+                    block = total[a:a + BLOCK]
                     for flat, alpha in self.staged:
-                        add_scaled(block, flat[a:a + FLUSH_BLOCK], alpha, self._spare)
+                        add_scaled(block, flat[a:a + BLOCK], alpha, self._spare)
                 self.staged.clear()
                 self.dirty = True
 
@@ -169,16 +168,14 @@ class ParamRing:
         self.flats: list[torch.Tensor] = []
         self.views: list[list[torch.Tensor]] = []
         self.current = -1
+        initial = [p.detach() for p in params]       # the parameters' values, in their own memory
         self.use(self._new_slot())
         with torch.no_grad():
-            for v, p in zip(self.views[0], self._initial):
+            for v, p in zip(self.views[0], initial):
                 v.copy_(p)
-        del self._initial
 
     def _new_slot(self) -> int:
         flat = torch.empty(sum(self.sizes), dtype=torch.float32, device=self.params[0].device)
-        if not self.flats:
-            self._initial = [p.detach() for p in self.params]     # the parameters' values before the ring
         self.flats.append(flat)
         self.views.append([v.view_as(p) for v, p in zip(flat.split(self.sizes), self.params)])
         return len(self.flats) - 1
@@ -296,7 +293,7 @@ class Shard:
                 # one diverged phone must not poison the model: its update is dropped and counted
                 log.warning("user %r: non-finite update after local training; dropped from the round", uid)
                 return {"diverged": 1.0}
-            if self.channel is None and into is None and self.ring is not None:
+            if self.ring is not None and into is None:     # a ring only for plain FedAvg: no channel
                 self.sum.stage(self.ring.flats[self.ring.current], n * scale, n)
             elif self.channel is None:
                 (into or self.sum).add(self.shared, n * scale, n)
