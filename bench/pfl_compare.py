@@ -262,7 +262,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="the run folder (default runs/pfl-compare-TIME)")
     args = p.parse_args()
     if args.rounds < 2 or args.profile_rounds < 1:
-        sys.exit("error: --rounds must be at least 2 and --profile-rounds at least 1")
+        p.error("--rounds must be at least 2 and --profile-rounds at least 1")
     out = Path(args.out or f"runs/pfl-compare-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     data = synthetic_cifar(ROOT / "runs" / "pfl-compare-data")

@@ -261,6 +261,8 @@ def main() -> None:
     p.add_argument("--async-buffer", type=int, default=10, help="FedBuff's K (with --async-only)")
     p.add_argument("--async-concurrency", type=int, default=20, help="FedBuff's C (with --async-only)")
     args = p.parse_args()
+    if args.rounds < (2 if args.tiny_only or args.async_only else 1):    # those leave their first round out
+        p.error("--rounds must be at least 1, and at least 2 with --tiny-only or --async-only")
     out = Path(args.out or f"runs/throughput-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     cores = len(os.sched_getaffinity(0))
