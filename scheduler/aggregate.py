@@ -12,6 +12,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from flock.common import kernels
+
 BLOCK = 1 << 16      # elements a block's passes work on at a time (512 KiB of float64: they stay in cache)
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -81,6 +83,21 @@ def _work_buffer(parts: Sequence[np.ndarray], out: np.ndarray | None) -> tuple[n
     return (out if out is not None and out.shape == parts[0].shape else np.empty(parts[0].shape, np.float64)), False
 
 
+_NO_MIRROR = np.empty(0, np.float32)
+
+
+def _mean_block(t: np.ndarray, parts: Sequence[np.ndarray], a: int, b: int, weight: float) -> bool:
+    """t = sum(parts) / weight over elements [a, b) (`_sum_block`'s order; in one pass for one or two
+    parts, `flock.common.kernels`); whether every value is finite."""
+    if len(parts) == 1:
+        return kernels.mean1(t, parts[0][a:b], weight)
+    if len(parts) == 2:
+        return kernels.mean2(t, parts[0][a:b], parts[1][a:b], weight)
+    _sum_block(t, parts, a, b)
+    t /= weight
+    return bool(np.isfinite(t).all())
+
+
 def _sum_block(t: np.ndarray, parts: Sequence[np.ndarray], a: int, b: int) -> None:
     """t = ((parts[0] + parts[1]) + parts[2]) + ... over elements [a, b)."""
     if len(parts) > 1:
@@ -133,19 +150,12 @@ def server_step(parts: Sequence[np.ndarray], total_weight: float, params: np.nda
 
     def block(a: int, b: int) -> None:
         t = _block_buffer(b - a)
-        if len(parts) == 1:
-            np.divide(parts[0][a:b], total_weight, out=t)
-        else:
-            _sum_block(t, parts, a, b)
-            t /= total_weight
-        if not np.isfinite(t).all():
+        if not _mean_block(t, parts, a, b, total_weight):
             bad_update.append(a)
             return
         optimizer.step_block(a, b, params[a:b], t, out[a:b])
-        if not np.isfinite(out[a:b]).all():
+        if not kernels.finite_copy(_NO_MIRROR if mirror is None else mirror[a:b], out[a:b]):
             bad_params.append(a)
-        elif mirror is not None:
-            mirror[a:b] = out[a:b]
 
     in_blocks(out.size, block)
     if bad_update:

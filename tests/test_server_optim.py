@@ -80,7 +80,7 @@ def whole_array_step(name, state, theta, mean, lr=0.3, momentum=0.9, b1=0.9, b2=
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"])
-@pytest.mark.parametrize("ranks", [1, 3])
+@pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_the_one_pass_step_has_the_bits_of_the_plain_passes(name, ranks):
     from scheduler.aggregate import BLOCK, server_step
 

@@ -81,7 +81,20 @@ def test_local_clipping_has_torchs_bits(scale):
         assert np.array_equal(p.grad.numpy(), q.grad.numpy(), equal_nan=True)
 
 
-def _tiny_lm_shard(slots: int, private: tuple[str, ...] = ()):
+class _CopiedLM:
+    """The LM trainer, unmarked (`local_sgd_only`): a shard copies the global parameters in for each user."""
+
+    def __new__(cls, config, spec):
+        from trainer.lm import LanguageModelTrainer
+
+        class Copied(LanguageModelTrainer):
+            def train(self, model, samples, rng=None):
+                return super().train(model, samples, rng)
+
+        return Copied(config, spec)
+
+
+def _tiny_lm_shard(slots: int, private: tuple[str, ...] = (), *, trainer=None, config=None):
     from model.lstm import RedditLSTM
     from simulator.data_server import MemoryStore
     from simulator.shard import Shard
@@ -95,7 +108,8 @@ def _tiny_lm_shard(slots: int, private: tuple[str, ...] = ()):
     layout = ParamLayout(names=tuple(shared), shapes=tuple(tuple(named[n].shape) for n in shared))
     init = {n: named[n].detach().numpy().copy() for n in private}
     spec = {"vocab_size": 50, "pad_id": 0, "unk_id": 1}
-    shard = Shard(model, LanguageModelTrainer(TrainConfig(), spec), layout, private, MemoryStore(), init, slots=slots)
+    trainer = (trainer or LanguageModelTrainer)(config or TrainConfig(), spec)
+    shard = Shard(model, trainer, layout, private, MemoryStore(), init, slots=slots)
     glob = layout.flatten({n: named[n].detach().numpy() for n in shared})
     return shard, glob
 
@@ -106,16 +120,24 @@ def _user(seed: int) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("private", [(), ("decoder.bias",)])
-def test_a_ring_of_parameter_slots_gives_the_bits_of_adding_each_user_at_once(private):
-    """Users whose updates wait in the ring (more users than slots: the sum is flushed in between), an
-    evaluation between them, two rounds: the rank's update equals the one-add-per-user shard's, bit for bit."""
+@pytest.mark.parametrize("copied", [False, True])
+@pytest.mark.parametrize("momentum, prox_mu", [(0.0, 0.0), (0.9, 0.1)])
+def test_a_ring_of_parameter_slots_gives_the_bits_of_adding_each_user_at_once(private, copied, momentum, prox_mu):
+    """Users whose updates wait (more users than slots: the sum is flushed in between), an evaluation between
+    them, two rounds: the rank's update equals the one-add-per-user shard's, bit for bit, whether the users
+    start on the global parameters themselves (the LM trainer: `local_sgd_only`) or on a copy of them in a
+    slot; and the lent global parameters are never written."""
     from simulator.shard import drain
+    from trainer.base import TrainConfig
 
-    plain, glob = _tiny_lm_shard(1, private)
-    ringed, _ = _tiny_lm_shard(3, private)
-    assert plain.ring is None and ringed.ring is not None
+    config = TrainConfig(momentum=momentum, prox_mu=prox_mu, batch_size=2)
+    plain, glob = _tiny_lm_shard(1, private, config=config)
+    ringed, _ = _tiny_lm_shard(3, private, trainer=_CopiedLM if copied else None, config=config)
+    assert plain.ring is None and ringed.ring is not None and ringed.lend_global is not copied
     for rnd in range(2):
         outs = []
+        glob.flags.writeable = False
+        before = glob.copy()
         for shard in (plain, ringed):
             shard.set_global(glob, rnd)
             for user in range(7):
@@ -126,12 +148,98 @@ def test_a_ring_of_parameter_slots_gives_the_bits_of_adding_each_user_at_once(pr
             drain(out, [shard.sum], [(shard.sum.weight, glob)])
             outs.append(out)
             assert not shard.sum.staged and not shard.sum.total.any() and shard.sum.weight == 0
+        assert np.array_equal(glob, before)
         assert np.array_equal(outs[0], outs[1])
         glob = (glob + outs[0] / 7).astype(np.float32)
         if private:
             for user in range(7):
                 a, b = plain.store.get_param_by_uid(f"u{user}"), ringed.store.get_param_by_uid(f"u{user}")
                 assert np.array_equal(a["decoder.bias"], b["decoder.bias"])
+
+
+def test_a_lent_user_that_takes_no_step_adds_the_global_parameters_themselves():
+    from simulator.shard import drain
+    from trainer.base import local_sgd_only
+    from trainer.lm import LanguageModelTrainer
+
+    class NoStep(LanguageModelTrainer):
+        @local_sgd_only
+        def train(self, model, samples, rng=None):
+            return {"samples": 3.0}
+
+    shard, glob = _tiny_lm_shard(3, trainer=NoStep)
+    shard.set_global(glob, 0)
+    shard.train_user("u0", _user(0))
+    assert shard.sum.staged[0][0][0].data_ptr() == shard._global.data_ptr()      # not a copy
+    out = np.empty(glob.size)
+    assert shard.sum.weight == 3.0
+    drain(out, [shard.sum], [(shard.sum.weight, glob)])
+    assert not out.any()
+
+
+def test_lent_parameters_are_written_out_of_place_from_any_thread():
+    """A marked trainer that steps in a thread of its own: the mark is on the parameters, so the global
+    parameters are never written, and the update equals a copying shard's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from simulator.shard import drain
+    from trainer.base import local_sgd_only
+    from trainer.lm import LanguageModelTrainer
+
+    class Threaded(LanguageModelTrainer):
+        @local_sgd_only
+        def train(self, model, samples, rng=None):
+            with ThreadPoolExecutor(1) as pool:
+                return pool.submit(LanguageModelTrainer.train, self, model, samples, rng).result()
+
+    outs = []
+    for trainer in (_CopiedLM, Threaded):
+        shard, glob = _tiny_lm_shard(3, trainer=trainer)
+        glob.flags.writeable = False
+        before = glob.copy()
+        shard.set_global(glob, 0)
+        for user in range(4):
+            shard.train_user(f"u{user}", _user(user), seed=user, round_index=1)
+        out = np.empty(glob.size)
+        drain(out, [shard.sum], [(shard.sum.weight, glob)])
+        assert np.array_equal(glob, before) and shard.lend_global is (trainer is Threaded)
+        outs.append(out)
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_a_diverged_user_is_left_out_whether_or_not_updates_wait():
+    """A user whose update is not finite and one whose values are huge (their squares overflow float32), on
+    a shard whose updates wait (more users than slots) and on one that adds each at once: both are dropped,
+    and the sums of the others are equal, bit for bit."""
+    from simulator.shard import drain
+    from trainer.base import current_call, local_sgd_only
+    from trainer.lm import LanguageModelTrainer
+
+    class Diverges(LanguageModelTrainer):
+        @local_sgd_only
+        def train(self, model, samples, rng=None):
+            from dataclasses import replace
+
+            keep, user = self.config, current_call().user
+            if user in ("u1", "u6"):
+                self.config = replace(keep, lr=float("inf") if user == "u1" else 1e30)
+            try:
+                return super().train(model, samples, rng)
+            finally:
+                self.config = keep
+
+    outs = []
+    for slots in (1, 3):
+        shard, glob = _tiny_lm_shard(slots, trainer=Diverges)
+        shard.set_global(glob, 0)
+        results = {f"u{user}": shard.train_user(f"u{user}", _user(user), seed=user, round_index=1)
+                   for user in range(7)}
+        assert sorted(u for u, r in results.items() if r == {"diverged": 1.0}) == ["u1", "u6"]
+        assert shard.sum.weight == sum(len(_user(u)["x"]) for u in (0, 2, 3, 4, 5))
+        out = np.empty(glob.size)
+        drain(out, [shard.sum], [(shard.sum.weight, glob)])
+        outs.append(out)
+    assert np.isfinite(outs[0]).all() and np.array_equal(outs[0], outs[1])
 
 
 def test_drain_has_the_bits_of_whole_passes():
@@ -154,7 +262,7 @@ def test_drain_has_the_bits_of_whole_passes():
             if j and j % 2:
                 acc.add([theta], alpha, alpha)
             else:
-                acc.stage(theta.clone(), alpha, alpha)
+                acc.stage([theta.clone()], alpha, alpha)
             whole.add_(theta, alpha=alpha)
         expected_parts.append(whole)
     starts = [(exact_weight(staleness_weight(s)) * n, rng.normal(size=size).astype(np.float32))
@@ -170,6 +278,28 @@ def test_drain_has_the_bits_of_whole_passes():
     assert all(not acc.total.any() and not acc.staged and acc.weight == 0 for acc in sums)
 
 
+def test_many_waiting_updates_and_the_start_have_the_bits_of_torchs_adds_in_turn():
+    """One sum with 7 waiting updates (the kernels' passes of three, then one) and the start joined to them,
+    over parameters of several sizes and blocks that end inside them: torch's whole-array adds, in turn."""
+    from simulator.shard import drain
+
+    rng = np.random.default_rng(9)
+    layout = ParamLayout(names=("a", "b", "c"), shapes=((1000,), (7,), (2500,)))
+    acc = Accumulator(layout)
+    expected = torch.zeros(layout.size, dtype=torch.float64)
+    for _ in range(7):
+        theta = [torch.from_numpy((rng.normal(size=n) * 10.0 ** rng.integers(-6, 6, size=n)).astype(np.float32))
+                 for n in layout.sizes]
+        alpha = float(rng.integers(1, 3000))
+        acc.stage(theta, alpha, alpha)
+        expected.add_(torch.cat(theta), alpha=alpha)
+    start = rng.normal(size=layout.size).astype(np.float32)
+    expected.sub_(torch.from_numpy(start), alpha=acc.weight)
+    out = np.empty(layout.size)
+    drain(out, [acc], [(acc.weight, start)], block=768)
+    assert np.array_equal(out, expected.numpy())
+
+
 def test_ring_slots_fit_the_budget():
     from simulator.shard import MAX_SLOTS, ring_slots
 
@@ -179,8 +309,11 @@ def test_ring_slots_fit_the_budget():
     assert ring_slots(100_000_000, 1) == 1                    # a 400 MB model: no ring
 
 
-def test_a_ring_makes_the_slots_it_needs_only():
-    shard, glob = _tiny_lm_shard(8)
+@pytest.mark.parametrize("copied, made", [(True, 3), (False, 1)])
+def test_a_ring_makes_the_slots_it_needs_only(copied, made):
+    """Copies: a slot a user of the round (3 of the 8 allowed); lent global parameters: none beyond the first
+    (each user's update waits in the memory its first step wrote)."""
+    shard, glob = _tiny_lm_shard(8, trainer=_CopiedLM if copied else None)
     shard.set_global(glob, 0)
     for round_index in (1, 2):
         for user in range(3):
@@ -188,7 +321,7 @@ def test_a_ring_makes_the_slots_it_needs_only():
         out = np.empty(glob.size)
         from simulator.shard import drain
         drain(out, [shard.sum], [(shard.sum.weight, glob)])
-    assert len(shard.ring.flats) == 3          # one a user of the round, of the 8 allowed
+    assert len(shard.ring.flats) == made
 
 
 @pytest.mark.parametrize("env, expected", [({}, "True True"), ({"MALLOC_TRIM_THRESHOLD_": "131072"}, "False False")])

@@ -53,11 +53,36 @@ def clip_grad_norm(params: list[torch.Tensor], grads: list[torch.Tensor], max_no
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
 
 
+@contextmanager
+def lent_params(params: list[torch.Tensor]) -> Iterator[None]:
+    """While training: parameters whose memory is not theirs to write (a shard's global parameters, which
+    the first forward pass reads in place). The first `LocalSGD.step` of each, in whatever thread, writes
+    it out of place into the memory of its own gradient (whose values that step has used up) and points it
+    there. The mark is on the parameter objects themselves, and taken off when the block ends."""
+    for p in params:
+        p.flock_lent = True
+    try:
+        yield
+    finally:
+        for p in params:
+            p.flock_lent = False
+
+
+def local_sgd_only(train):
+    """Marks a trainer's `train` as changing the model's parameters only through `LocalSGD.step` (no
+    in-place op, optimizer or `.data` write of its own): a shard may then start a user on the global
+    parameters themselves (`lent_params`) instead of a copy of them, which saves a copy of the model per
+    user. A subclass that overrides `train` is not marked unless it says so too."""
+    train.local_sgd_only = True
+    return train
+
+
 class LocalSGD:
     """Plain SGD for local training, shared by the built-in trainers: FedProx's proximal term
     mu/2 * ||w - w_start||^2 (w_start: the weights the user started from, i.e. the global model), then
     global-norm clipping, then the step (with momentum when configured). Create one per user (it remembers
-    w_start and the momentum buffers)."""
+    w_start and the momentum buffers). A parameter named by `lent_params` is stepped out of place, into
+    its gradient's memory: the same values as a copy stepped in place."""
 
     def __init__(self, params: list[torch.Tensor], config: TrainConfig) -> None:
         self.params = params
@@ -68,7 +93,7 @@ class LocalSGD:
     @torch.no_grad()
     def step(self) -> None:
         """Applies the gradients in `p.grad` (after loss.backward()) and clears them."""
-        grads = [p.grad for p in self.params]
+        grads = spent = [p.grad for p in self.params]
         if self.anchor is not None:
             torch._foreach_add_(grads, torch._foreach_sub(self.params, self.anchor), alpha=self.config.prox_mu)
         if self.config.max_grad_norm > 0:
@@ -80,7 +105,18 @@ class LocalSGD:
                 torch._foreach_mul_(self.buffers, self.config.momentum)
                 torch._foreach_add_(self.buffers, grads)
             grads = self.buffers
-        torch._foreach_add_(self.params, grads, alpha=-self.config.lr)
+        if any(getattr(p, "flock_lent", False) for p in self.params):
+            for p, g, own in zip(self.params, grads, spent):
+                if getattr(p, "flock_lent", False):
+                    if not own.is_contiguous() or own.shape != p.shape:
+                        own = torch.empty_like(p, memory_format=torch.contiguous_format)
+                    torch.add(p, g, alpha=-self.config.lr, out=own)
+                    p.data = own
+                    p.flock_lent = False
+                else:
+                    p.add_(g, alpha=-self.config.lr)
+        else:
+            torch._foreach_add_(self.params, grads, alpha=-self.config.lr)
         for p in self.params:
             p.grad = None
 
@@ -122,6 +158,7 @@ class Trainer(Protocol):
     # options (flock/common/task_defaults.py: TASK_OPTIONS); the user's values win, Config's apply to the rest.
     # Optional: `thread_safe = False` for trainers that use process-global state (torch's global RNG, a
     # framework's singletons); the application then runs one shard per rank (use more ranks instead).
+    # Optional: `train` decorated with `@local_sgd_only` (see there).
 
     def __init__(self, config: TrainConfig, spec: Mapping[str, int]) -> None: ...
 

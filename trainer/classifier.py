@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.base import LocalSGD, TrainConfig
+from trainer.base import LocalSGD, TrainConfig, local_sgd_only
 
 Scale = Union[float, list[float]]
 
@@ -62,6 +62,7 @@ class ClassifierTrainer:
         """A user's samples as the model's input (see the module docstring)."""
         return as_inputs(x, device, self.scale)
 
+    @local_sgd_only
     def train(self, model: torch.nn.Module, samples: Mapping[str, np.ndarray],
               rng: torch.Generator | None = None) -> dict[str, float]:
         cfg = self.config

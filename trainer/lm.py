@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.base import LocalSGD, TrainConfig
+from trainer.base import LocalSGD, TrainConfig, local_sgd_only
 
 
 def _batches(samples: Mapping[str, np.ndarray], batch_size: int, device: torch.device):
@@ -40,6 +40,7 @@ class LanguageModelTrainer:
         self.pad_id = int(spec["pad_id"])
         self.unk_id = int(spec["unk_id"])
 
+    @local_sgd_only
     def train(self, model: torch.nn.Module, samples: Mapping[str, np.ndarray],
               rng: torch.Generator | None = None) -> dict[str, float]:
         """One user's local epochs. Objective as FL-mobile: masked cross-entropy averaged over all positions

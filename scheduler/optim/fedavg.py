@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from flock.common import kernels
 from scheduler.optim.base import BlockwiseOptimizer
 
 
@@ -12,6 +13,6 @@ class FedAvg(BlockwiseOptimizer):
         self.server_lr = float(server_lr)
 
     def step_block(self, a: int, b: int, params: np.ndarray, mean: np.ndarray, out: np.ndarray) -> None:
-        mean *= self.server_lr     # the float32 parameters added in float64
-        mean += params
-        out[...] = mean
+        """out = float32(mean * server_lr + params), the float32 parameters added in float64: numpy's
+        `mean *= lr; mean += params; out[...] = mean` in one pass (`flock.common.kernels`)."""
+        kernels.fedavg_step(out, params, mean, self.server_lr)
