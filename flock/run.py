@@ -365,6 +365,7 @@ def check_outputs(model, spec: Mapping[str, Any], what: str) -> None:
 
 def _run(config: Config, comm: Comm, stack: ExitStack, sink: _Sink, progress: str) -> dict[str, np.ndarray] | None:
     """Builds every part of the run (each owned by `stack`), runs it, returns rank 0's final shared parameters."""
+    from flock.common import kernels
     from scheduler.client import LocalSchedulerClient, SchedulerClient
     from simulator.data_plane import make_data_plane
     from trainer.base import TrainConfig
@@ -380,6 +381,7 @@ def _run(config: Config, comm: Comm, stack: ExitStack, sink: _Sink, progress: st
     built = _build(config, comm, reader, plugins, train_config)
     if config.centralized:
         return _centralized(config, built, reader, train_config, stack, sink, progress)
+    kernels.warm()        # numba's start-up (about 0.3 s) before the scheduler's clock starts the first round
 
     run_id = uuid.uuid4().hex[:12] if rank == 0 else None
     token = (config.token or os.environ.get("FLOCK_TOKEN") or secrets.token_hex(16)) if rank == 0 else None
