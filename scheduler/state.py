@@ -418,7 +418,7 @@ class Scheduler:
             add_sums(sums, update.sums)
         where = f"round {done + 1}"
         if sums.get("diverged", 0) and sums.get("diverged", 0) >= sums.get("clients", 0):
-            return (f"{where}: every client's local training gave non-finite parameters ({int(sums['diverged'])} "
+            return (f"{where}: every client's local training gave non-finite or huge parameters ({int(sums['diverged'])} "
                     f"dropped): local training diverges (check --lr, --max-grad-norm and the data); the run stops")
         before = self.params
         # rank order; a data plane may have summed several ranks' values into one part already
