@@ -38,12 +38,6 @@ def exact_scale(alpha: float) -> bool:
 DIVERGED = float(np.finfo(np.float32).max) ** 0.5
 
 
-def add_scaled(dst: torch.Tensor, src: torch.Tensor, alpha: float, spare: torch.Tensor) -> None:
-    """dst += alpha * src for a float64 `dst` block and a float32 `src` block of the same size, with the
-    bits of `dst.add_(src, alpha=alpha)` (`add_terms` with one term)."""
-    add_terms(dst, [(src, alpha)], spare)
-
-
 def add_terms(dst: torch.Tensor, terms: list[tuple[torch.Tensor, float]], spare: torch.Tensor) -> None:
     """dst += alpha_1 src_1, then += alpha_2 src_2, ... for a float64 `dst` block and float32 `src` blocks of
     its size, with the bits of `dst.add_(src, alpha=alpha)` in turn. On the CPU, terms whose product is exact
@@ -127,7 +121,7 @@ class Accumulator:
     def add(self, params: list[torch.Tensor], alpha: float, samples: float) -> None:
         with self.lock:
             for block, src in zip(self.blocks, self._blocks(params)):
-                add_scaled(block, src, alpha, self._spare)
+                add_terms(block, [(src, alpha)], self._spare)
             self.weight, self.dirty = self.weight + samples, True
 
     def stage(self, params: list[torch.Tensor], alpha: float, samples: float) -> None:
