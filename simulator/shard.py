@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import warnings
 from typing import Mapping
@@ -15,7 +16,7 @@ from flock.common.domain import ParamLayout
 from flock.common.streams import channel_seed
 from scheduler.aggregate import BLOCK
 from simulator.data_server import PrivateStore
-from trainer.base import Trainer, lent_params, simulating
+from trainer.base import Trainer, lent_params, moved, simulating
 
 log = logging.getLogger(__name__)
 RING_BYTES = 192 << 20    # memory a rank may spend on copies of its shared parameters (ParamRing)
@@ -73,6 +74,14 @@ def bounded(tensors: list[torch.Tensor]) -> bool:
     synchronisation with an accelerator)."""
     extremes = [x for t in tensors if t.numel() for x in torch.aminmax(t.detach())]
     return not extremes or bool(torch.stack([x.double().abs() for x in extremes]).max() < DIVERGED)   # NaN: False
+
+
+def peak(t: torch.Tensor) -> float:
+    """max |t| (inf if a value is NaN), 0 for no values."""
+    if not t.numel():
+        return 0.0
+    low, high = (float(x) for x in torch.aminmax(t.detach()))
+    return max(-low, high) if math.isfinite(low) and math.isfinite(high) else math.inf
 
 
 def blocks_of(tensors: list[torch.Tensor], block: int = BLOCK) -> list[torch.Tensor]:
@@ -295,6 +304,7 @@ class Shard:
         self._global_views: list[torch.Tensor] = []
         self._global_src: np.ndarray | None = None
         self._global_version: int | None = None
+        self._global_peak: float | None = None     # max |theta_global|, once a lent user needs it
 
     def set_global(self, flat: np.ndarray, version: int | None = None) -> None:
         """The step's global parameters (float32; copied into the model per user). On the CPU the shard
@@ -309,6 +319,13 @@ class Shard:
             self._global_views = [v.view(shape) for v, shape in
                                   zip(self._global.split(self.layout.sizes), self.layout.shapes)]
             self._global_src, self._global_version = flat, version
+            self._global_peak = None
+
+    def _peak(self) -> float:
+        """max |theta_global| (one pass per global version)."""
+        if self._global_peak is None:
+            self._global_peak = peak(self._global) if self._global is not None else math.inf
+        return self._global_peak
 
     def contribution(self) -> tuple[float, torch.Tensor]:
         """This step's (sum of n_k, sum of n_k * theta_k over the shared parameters, float64) of the users
@@ -355,10 +372,14 @@ class Shard:
         rng.manual_seed(seed)
         with simulating(uid, round_index, clip or 0.0), lent_params(self.shared if lent else []):
             sums = self.trainer.train(self.model, samples, rng)
+            shift = moved(self.shared) if lent else math.inf
         n = float(sums["samples"])
         state: dict[str, np.ndarray] = {}
         with torch.no_grad():
-            if not bounded(self.shared + list(self.private.values())):
+            # the shared parameters need no pass of their own when LocalSGD's steps could not have taken them
+            # from the global ones to DIVERGED (half of it: room for float32 rounding many times over)
+            near = shift < math.inf and self._peak() + shift < DIVERGED / 2
+            if not bounded((self.shared if not near else []) + list(self.private.values())):
                 # one diverged phone must not poison the model: its update is dropped and counted (`DIVERGED`)
                 log.warning("user %r: diverged (a non-finite or huge value after local training); dropped from "
                             "the round", uid)

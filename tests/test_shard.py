@@ -2,6 +2,8 @@
 a cache-sized block at a time, and local clipping without torch's multiplication by exactly 1.0."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -341,3 +343,49 @@ def test_the_allocator_keeps_freed_memory_unless_the_user_set_malloc(env, expect
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == expected.split()
+
+
+@pytest.mark.parametrize("lr, clip, momentum, prox_mu", [(1.0, 5.0, 0.0, 0.0), (0.5, 0.1, 0.9, 0.0),
+                                                         (3.0, 1.0, 0.5, 0.2), (-1.0, 5.0, 0.0, 0.0),
+                                                         (1.0, 0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 0.0)])
+def test_lent_parameters_record_a_bound_on_how_far_their_steps_moved_them(lr, clip, momentum, prox_mu):
+    """`moved` bounds max |theta - theta_start| after LocalSGD's steps (clipping on); it is inf when a step's
+    norm is unknown (no clipping) and 0 before any step."""
+    from trainer.base import LocalSGD, TrainConfig, lent_params, moved
+
+    g = torch.Generator().manual_seed(11)
+    params = [torch.nn.Parameter(torch.randn(40, 3, generator=g)), torch.nn.Parameter(torch.randn(9, generator=g))]
+    start = [p.detach().clone() for p in params]
+    opt = LocalSGD(params, TrainConfig(lr=lr, max_grad_norm=clip, momentum=momentum, prox_mu=prox_mu))
+    with lent_params(params):
+        assert moved(params) == 0.0
+        for k in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g) * 10 ** (k % 3)
+            opt.step()
+        bound = moved(params)
+    actual = max(float((p.detach() - s).abs().max()) for p, s in zip(params, start))
+    assert actual > 0 or lr == 0
+    if clip > 0:
+        assert actual <= bound < math.inf
+        assert bound <= abs(lr) * clip * sum(momentum ** j for j in range(6)) * 6 * (1 + 1e-6)
+    else:
+        assert bound == math.inf
+    assert moved(params) == math.inf       # outside the block: unknown
+
+
+def test_a_lent_user_whose_steps_stay_far_from_diverging_is_not_scanned_again(monkeypatch):
+    """The divergence check reads the shared parameters only when the recorded bound cannot rule it out; the
+    private ones always."""
+    import simulator.shard as shard_module
+    from trainer.base import TrainConfig
+
+    seen = []
+    real = shard_module.bounded
+    monkeypatch.setattr(shard_module, "bounded", lambda tensors: seen.append(len(tensors)) or real(tensors))
+    for lr, scanned in ((1.0, False), (1e21, True)):
+        shard, glob = _tiny_lm_shard(3, ("decoder.bias",), config=TrainConfig(lr=lr))
+        shard.set_global(glob, 0)
+        seen.clear()
+        shard.train_user("u0", _user(2), seed=0, round_index=1)
+        assert seen == [1 + len(shard.shared) if scanned else 1]

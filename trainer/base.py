@@ -19,6 +19,7 @@ it, the mean loss squared stands in).
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -44,13 +45,16 @@ class TrainConfig:
             raise ValueError("batch_size and local_epochs must be at least 1")
 
 
-def clip_grad_norm(params: list[torch.Tensor], grads: list[torch.Tensor], max_norm: float) -> None:
+def clip_grad_norm(params: list[torch.Tensor], grads: list[torch.Tensor], max_norm: float) -> float:
     """torch.nn.utils.clip_grad_norm_(params, max_norm), bit for bit, without its multiplication by exactly
     1.0 when the norm is within the bound (a pass over every gradient that changes none: torch does it to
-    spare an accelerator a synchronisation; on the CPU it is a quarter of a tiny client's update)."""
+    spare an accelerator a synchronisation; on the CPU it is a quarter of a tiny client's update). Returns
+    the norm of the gradients as they leave (at most max_norm, up to rounding; inf if not finite)."""
     total = torch.nn.utils.get_total_norm([g for g in grads if g is not None])
     if not bool(max_norm / (total + 1e-6) >= 1.0):     # torch's coefficient, before it is clamped to 1
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    norm = float(total)
+    return min(norm, max_norm) if math.isfinite(norm) else math.inf
 
 
 @contextmanager
@@ -58,14 +62,23 @@ def lent_params(params: list[torch.Tensor]) -> Iterator[None]:
     """While training: parameters whose memory is not theirs to write (a shard's global parameters, which
     the first forward pass reads in place). The first `LocalSGD.step` of each, in whatever thread, writes
     it out of place into the memory of its own gradient (whose values that step has used up) and points it
-    there. The mark is on the parameter objects themselves, and taken off when the block ends."""
+    there. Each step also adds to the parameter's `flock_moved` a bound on how far any of its values moved
+    (see `moved`). The marks are on the parameter objects themselves, and taken off when the block ends."""
     for p in params:
-        p.flock_lent = True
+        p.flock_lent, p.flock_moved = True, 0.0
     try:
         yield
     finally:
         for p in params:
-            p.flock_lent = False
+            p.flock_lent, p.flock_moved = False, math.inf
+
+
+def moved(params: list[torch.Tensor]) -> float:
+    """Inside `lent_params`: a bound on |theta - theta_start| over every value of these parameters, from the
+    steps `LocalSGD` made (the sum over steps of lr times the norm of the step's direction, which bounds each
+    of its entries; float32 rounding adds a relative 2^-24 or so per operation, which a caller's margin must
+    cover). inf when a step's norm was not known (no clipping) or not finite; 0 before any step."""
+    return max((getattr(p, "flock_moved", math.inf) for p in params), default=0.0)
 
 
 def local_sgd_only(train):
@@ -89,6 +102,7 @@ class LocalSGD:
         self.config = config
         self.anchor = [p.detach().clone() for p in params] if config.prox_mu > 0 else None
         self.buffers: list[torch.Tensor] | None = None
+        self.direction = 0.0    # a bound on the norm of the step's direction (the momentum buffer's)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -96,8 +110,10 @@ class LocalSGD:
         grads = spent = [p.grad for p in self.params]
         if self.anchor is not None:
             torch._foreach_add_(grads, torch._foreach_sub(self.params, self.anchor), alpha=self.config.prox_mu)
-        if self.config.max_grad_norm > 0:
-            clip_grad_norm(self.params, grads, self.config.max_grad_norm)
+        norm = clip_grad_norm(self.params, grads, self.config.max_grad_norm) if self.config.max_grad_norm > 0 \
+            else math.inf       # unknown without a pass over the gradients
+        # ||m b + g|| <= m ||b|| + ||g|| (no NaN from 0 * inf)
+        self.direction = norm + (self.config.momentum * self.direction if self.config.momentum > 0 else 0.0)
         if self.config.momentum > 0:
             if self.buffers is None:
                 self.buffers = [g.clone() for g in grads]
@@ -117,8 +133,11 @@ class LocalSGD:
                     p.add_(g, alpha=-self.config.lr)
         else:
             torch._foreach_add_(self.params, grads, alpha=-self.config.lr)
+        step = abs(self.config.lr) * self.direction if self.direction < math.inf else math.inf
         for p in self.params:
             p.grad = None
+            if hasattr(p, "flock_moved"):
+                p.flock_moved += step
 
 
 @dataclass(frozen=True)
