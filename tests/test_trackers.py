@@ -115,3 +115,54 @@ def test_a_resumed_runs_csv_holds_each_record_once(tmp_path):
     assert sorted({(r[0], r[1]) for r in rows}) == [("1", "eval"), ("1", "train"), ("2", "eval"), ("2", "train"),
                                                    ("3", "eval"), ("3", "train")]
     assert len(rows) == len({(r[0], r[1], r[2]) for r in rows})       # no record twice
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None,
+                    reason="mlflow is not installed (pip install 'flock-fl[mlflow]')")
+def test_a_resumed_run_leaves_one_mlflow_run_with_each_record_once(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from flock.common.recorder import read_metrics
+    from flock.common.trackers import mlflow_uri
+    from tests.helpers import make_arrays_data
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = make_arrays_data(tmp_path / "data")
+    common = dict(reader="arrays", trainer="classifier", model="tests.tiny_models:Linear", clients_per_round=4,
+                  eval_every=1, checkpoint_every=1, tracker=("mlflow",))
+    simulate(Config(data_dir=str(data), run_dir="run", rounds=2, **common))
+    first = (tmp_path / "run" / "mlflow_run_id").read_text().strip()
+    simulate(Config(data_dir=str(data), resume="run", rounds=3))
+    records = read_metrics(tmp_path / "run")
+    client = MlflowClient(tracking_uri=mlflow_uri())
+    experiment = client.get_experiment_by_name("flock").experiment_id
+    live = client.search_runs([experiment])
+    assert len(live) == 1 and live[0].info.run_id != first and live[0].info.status == "FINISHED"
+    assert live[0].data.tags["flock.resumed_from"] == first
+    assert client.get_run(first).info.lifecycle_stage == "deleted"
+    assert (tmp_path / "run" / "mlflow_run_id").read_text().strip() == live[0].info.run_id
+    for kind, name in (("eval", "top1"), ("train", "loss")):
+        got = client.get_metric_history(live[0].info.run_id, f"{kind}/{name}")
+        assert sorted((m.step, m.value) for m in got) == [(r["round"], r[name]) for r in records if r["kind"] == kind]
+        assert sorted(m.step for m in got) == [1, 2, 3]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
+                    reason="wandb is not installed (pip install 'flock-fl[wandb]')")
+def test_a_resumed_runs_new_wandb_run_logs_the_earlier_records_first(tmp_path, monkeypatch):
+    from flock.common import trackers
+    from flock.common.recorder import read_metrics
+    from tests.helpers import make_arrays_data
+
+    logged = []
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(trackers.WandbTracker, "record", lambda self, record: logged.append(record["round"]))
+    data = make_arrays_data(tmp_path / "data")
+    common = dict(reader="arrays", trainer="classifier", model="tests.tiny_models:Linear", clients_per_round=4,
+                  eval_every=1, checkpoint_every=1, tracker=("wandb",))
+    simulate(Config(data_dir=str(data), run_dir=str(tmp_path / "run"), rounds=2, **common))
+    logged.clear()
+    simulate(Config(data_dir=str(data), resume=str(tmp_path / "run"), rounds=3))
+    assert logged == [r["round"] for r in read_metrics(tmp_path / "run")] and logged[-1] == 3
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 2

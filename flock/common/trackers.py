@@ -118,29 +118,65 @@ def mlflow_uri() -> str:
 
 
 class MlflowTracker:
-    """An MLflow run through MlflowClient (no global active run: the caller's mlflow state is untouched)."""
+    """An MLflow run through MlflowClient (no global active run: the caller's mlflow state is untouched).
+    Like the csv, the MLflow run holds what metrics.jsonl holds: a resumed run (whose metrics.jsonl was cut
+    back to its checkpoint) opens a new MLflow run, logs the records it continues from, and deletes the run
+    it replaces (MLflow's soft delete: `mlflow runs restore` brings it back); the new run's tag
+    `flock.resumed_from` names it. RUN_DIR/mlflow_run_id holds the current run's id."""
+
+    ID_FILE = "mlflow_run_id"
 
     def __init__(self, run_dir: Path) -> None:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
+        from flock.common.recorder import read_metrics
+
         self.run_dir = run_dir
         self.client = MlflowClient(tracking_uri=mlflow_uri())
         experiment = self.client.get_experiment_by_name("flock")
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment("flock")
-        self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name,
-                                             tags={"flock.run_dir": str(run_dir.resolve())}).info.run_id
+        replaced = self._replaced(run_dir)
+        tags = {"flock.run_dir": str(run_dir.resolve()), **({"flock.resumed_from": replaced} if replaced else {})}
+        self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name, tags=tags).info.run_id
         values = [Param(k, str(v)[:6000]) for k, v in params(run_dir).items()]
         for i in range(0, len(values), 100):        # MLflow takes at most 100 params a batch
             self.client.log_batch(self.run_id, params=values[i:i + 100])
-        log.info("mlflow: run %s in %s", self.run_id, mlflow_uri())
+        earlier = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+        metrics = [m for record in earlier for m in self._metrics(record)]
+        for i in range(0, len(metrics), 1000):      # and at most 1000 metrics
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+        part = run_dir / (self.ID_FILE + ".part")
+        part.write_text(self.run_id + "\n", encoding="utf-8")
+        os.replace(part, run_dir / self.ID_FILE)
+        if replaced:
+            self.client.delete_run(replaced)
+        log.info("mlflow: run %s in %s%s", self.run_id, mlflow_uri(),
+                 f" (replaces {replaced}, resumed from {len(earlier)} records)" if replaced else "")
 
-    def record(self, record: dict) -> None:
+    def _replaced(self, run_dir: Path) -> str | None:
+        """The id of the MLflow run this run folder wrote before (a resumed run), if that run is in this
+        store and not deleted."""
+        try:
+            earlier = (run_dir / self.ID_FILE).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        try:
+            run = self.client.get_run(earlier)
+        except Exception as e:        # not in this store (another MLFLOW_TRACKING_URI): nothing to replace
+            log.info("mlflow: the run folder's earlier run %r is not in %s (%s)", earlier, mlflow_uri(), e)
+            return None
+        return earlier if run.info.lifecycle_stage == "active" else None
+
+    @staticmethod
+    def _metrics(record: dict) -> list:
         from mlflow.entities import Metric
 
         stamp = int(record.get("time", time.time()) * 1000)
-        metrics = [Metric(f"{record['kind']}/{name}", value, stamp, int(record["round"]))
-                   for name, value in numbers(record)]
+        return [Metric(f"{record['kind']}/{name}", value, stamp, int(record["round"])) for name, value in numbers(record)]
+
+    def record(self, record: dict) -> None:
+        metrics = self._metrics(record)
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 
@@ -151,15 +187,21 @@ class MlflowTracker:
 
 
 class WandbTracker:
-    """An offline W&B run (no network): `wandb sync RUN_DIR/wandb/offline-run-*` uploads it later."""
+    """An offline W&B run (no network): `wandb sync RUN_DIR/wandb/offline-run-*` uploads it later. A resumed
+    run opens a new offline run holding every record metrics.jsonl holds (the earlier ones first); the
+    earlier offline run stays, with the rounds it saw."""
 
     def __init__(self, run_dir: Path) -> None:
         import wandb
+
+        from flock.common.recorder import read_metrics
 
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
         self.run = wandb.init(project="flock", name=run_dir.name, dir=str(run_dir), config=params(run_dir),
                               reinit="create_new")
+        for record in read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []:
+            self.record(record)
 
     def record(self, record: dict) -> None:
         values = {f"{record['kind']}/{name}": value for name, value in numbers(record)}
