@@ -129,19 +129,31 @@ def holds_a_run(run_dir: Path) -> bool:
     return (run_dir / "checkpoint.npz").exists() or (metrics.is_file() and metrics.stat().st_size > 0)
 
 
-def check_run_dir(config: Config) -> None:
+def check_run_dir(config: Config) -> list[Path]:
     """Rank 0, before anything is read: the run folder exists (made here if need be) and can be written; an
-    OS refusal is one message naming the path."""
+    OS refusal is one message naming the path. Returns the folders it made, deepest first."""
     run_dir = Path(config.run_dir)
     option = "--resume" if config.resume else "--run-dir"
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{option} {run_dir}: exists and is not a folder")
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"{option} {run_dir}: cannot create the folder ({e.strerror or e})") from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {run_dir}: the folder is not writable")
+    return made
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """After a start that failed: the folders `check_run_dir` made, deepest first, as long as they are still
+    empty (a folder with anything in it, a log or config.json, stays for the user to read)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
@@ -187,17 +199,21 @@ def simulate(config: Config, *, comm: Comm | None = None, on_record: Callable[[d
         config, sources = agreed(comm, lambda: with_task_defaults(config, given))
     agreed(comm, lambda: check_mpi(config, comm))
     config = replace(config, run_dir=comm.bcast(config.run_dir or default_run_dir() if comm.rank == 0 else None))
-    agreed(comm, lambda: check_run_dir(config) if comm.rank == 0 else None)
-    agreed(comm, lambda: check_trackers(config.tracker) if comm.rank == 0 else None)
-    sink = _Sink(on_record, sources)
-    with ExitStack() as stack:
-        stack.enter_context(torch_threads(1))
-        stack.callback(sink.close)
-        try:
-            params = _run(config, comm, stack, sink, progress)
-        except RunFailed:
-            comm.barrier()     # every rank learns it from its plan; rank 0's server stays up until all have
-            raise
+    made = agreed(comm, lambda: check_run_dir(config) if comm.rank == 0 else [])
+    try:
+        agreed(comm, lambda: check_trackers(config.tracker) if comm.rank == 0 else None)
+        sink = _Sink(on_record, sources)
+        with ExitStack() as stack:
+            stack.enter_context(torch_threads(1))
+            stack.callback(sink.close)
+            try:
+                params = _run(config, comm, stack, sink, progress)
+            except RunFailed:
+                comm.barrier()     # every rank learns it from its plan; rank 0's server stays up until all have
+                raise
+    except BaseException:
+        remove_if_empty(made)     # a start that failed before writing anything leaves no empty folder behind
+        raise
     return History(run_dir=Path(config.run_dir), records=sink.records, params=params)
 
 

@@ -82,3 +82,24 @@ def test_restore_refuses_another_model(tmp_path):
     assert scheduler().restore(tmp_path / "ck.npz", layout) == 1
     with pytest.raises(ConfigError, match="another model"):
         scheduler().restore(tmp_path / "ck.npz", ParamLayout(names=("w",), shapes=((5,),)))
+
+
+def test_a_start_that_fails_leaves_no_empty_folder_it_made(tmp_path):
+    """A model that does not fit the data: the run folder (and the parents made for it) go again; a folder that
+    was there before stays, and so does one that something was written into."""
+    from flock import Config, simulate
+    from flock.common.errors import SharedError
+
+    data = make_lm_data(tmp_path / "data")
+    bad = dict(data_dir=str(data), rounds=1, model="tests.tiny_models:Linear")
+    with pytest.raises(SharedError, match=r"Linear.build\(spec\) raised"):
+        simulate(Config(run_dir=str(tmp_path / "new" / "deeper" / "run"), **bad))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "there").mkdir()
+    with pytest.raises(SharedError):
+        simulate(Config(run_dir=str(tmp_path / "there" / "run"), **bad))
+    assert [p.name for p in tmp_path.iterdir() if p.name == "there"] == ["there"]
+    assert not (tmp_path / "there" / "run").exists()
+    with pytest.raises(Exception, match="non-finite or huge"):      # fails in round 1, after config.json
+        simulate(Config(data_dir=str(data), rounds=1, lr=1e30, max_grad_norm=0.0, run_dir=str(tmp_path / "kept")))
+    assert (tmp_path / "kept" / "config.json").is_file()

@@ -200,6 +200,8 @@ def test_reports_cross_the_wire_and_non_finite_ones_are_refused():
      "--selection oort: not with --secagg"),
     (["--selection", "oort", "--device-profiles", "builtin", "--oort-exploration-min", "1.5"],
      "--oort-exploration-min must be at most 1, got 1.5"),
+    (["--selection", "oort", "--device-profiles", "builtin", "--oort-exploration-factor", "0.2"],
+     "--oort-exploration-min 0.3 is above --oort-exploration-factor 0.2"),
 ])
 def test_bad_selection_options_are_one_error_line(args, message, capsys):
     assert main(["data", *args]) == 2

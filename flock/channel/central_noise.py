@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from flock.channel.base import Build, ServerRound, Stage
-from flock.channel.clip import Clip, adaptive_clipping_of, update_noise_multiplier
+from flock.channel.clip import Clip
 from flock.common.errors import ConfigError
 from flock.common.streams import privacy_rng
 
@@ -27,9 +27,7 @@ class CentralNoise(Stage):
         z = build.noise_multiplier
         if build.side != "server" or config.dp_clip <= 0 or config.dp_local or z <= 0:
             return None
-        adaptive = adaptive_clipping_of(config)     # the count of unclipped clients takes its share of z
-        update = update_noise_multiplier(z, adaptive.count_noise) if adaptive is not None else z
-        return cls(None, noise_multiplier=update, seed=config.seed, clients_per_round=config.clients_per_round,
+        return cls(None, noise_multiplier=z, seed=config.seed, clients_per_round=config.clients_per_round,
                    noise_cohort=config.dp_noise_cohort)
 
     @staticmethod
@@ -41,6 +39,8 @@ class CentralNoise(Stage):
 
     def bind(self, stages: Sequence[Stage]) -> None:
         self.clip = next(s for s in stages if isinstance(s, Clip))
+        if self.clip.adaptive is not None:   # the count of unclipped clients takes its share of z: the update's
+            self.noise_multiplier = self.clip.update_noise      # multiplier, as the clip stage derived it
 
     def __init__(self, clip: Clip | None, *, noise_multiplier: float, seed: int, clients_per_round: int,
                  noise_cohort: int = 0) -> None:

@@ -401,6 +401,10 @@ def check_selection_options(config: Config, given: set[str] | None = None) -> No
                               f"selection uses none)")
     if config.centralized:
         raise ConfigError(f"--selection {name}: not with --centralized (one model, no clients)")
+    if name == "oort" and config.oort_exploration_min > config.oort_exploration_factor:
+        raise ConfigError(f"--oort-exploration-min {config.oort_exploration_min:g} is above --oort-exploration-factor "
+                          f"{config.oort_exploration_factor:g}: the exploration share starts at the factor and decays "
+                          f"to the floor (set both: the defaults are 0.9 and 0.3)")
     if config.selection_pool and not config.async_buffer and not custom:
         from flock.common.domain import over_selected
 

@@ -79,6 +79,8 @@ class OortSettings:
         if not all(0 <= v <= 1 for v in fractions):
             raise ConfigError("oort: exploration factor, decay and minimum, blacklist share, clip bound and cut-off "
                               "must be in [0, 1]")
+        if self.exploration_min > self.exploration_factor:
+            raise ConfigError("oort: the exploration minimum (the floor) must be at most the exploration factor")
         if not (0 <= self.round_threshold <= 100 and 0 <= self.pacer_delta <= 100 and self.round_penalty >= 0
                 and self.pacer_step >= 1 and self.blacklist_rounds >= -1 and self.sample_window >= 1
                 and self.pool >= 0):
