@@ -333,8 +333,10 @@ def _build(config: Config, comm: Comm, reader, plugins: tuple, train_config) -> 
             model = model_cls.build(spec)
         except Exception as e:     # a plug-in that does not fit the data: one message on every rank
             log.debug("building the model raised", exc_info=True)
-            raise ConfigError(f"{what}: {getattr(model_cls, '__name__', model_cls)}.build(spec) raised "
-                              f"{type(e).__name__}: {e} (the data's spec: {dict(spec)})") from None
+            # a ValueError is the plug-in's own refusal: its message says it; other errors need their type
+            detail = str(e) if type(e) is ValueError and str(e) else f"{type(e).__name__}: {e}"
+            raise ConfigError(f"{what} cannot be built for this data: {detail} (the data's spec: {dict(spec)})") \
+                from None
         if not isinstance(model, torch.nn.Module):
             raise ConfigError(f"{what}: build(spec) returned {type(model).__name__}, not a torch.nn.Module")
         check_outputs(model, spec, what)

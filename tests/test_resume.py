@@ -92,7 +92,8 @@ def test_a_start_that_fails_leaves_no_empty_folder_it_made(tmp_path):
 
     data = make_lm_data(tmp_path / "data")
     bad = dict(data_dir=str(data), rounds=1, model="tests.tiny_models:Linear")
-    with pytest.raises(SharedError, match=r"Linear.build\(spec\) raised"):
+    with pytest.raises(SharedError, match=r"^--model tests.tiny_models:Linear cannot be built for this data: "
+                                          r"KeyError: 'input_0' \(the data's spec: \{'vocab_size'"):
         simulate(Config(run_dir=str(tmp_path / "new" / "deeper" / "run"), **bad))
     assert not (tmp_path / "new").exists()
     (tmp_path / "there").mkdir()
@@ -103,3 +104,13 @@ def test_a_start_that_fails_leaves_no_empty_folder_it_made(tmp_path):
     with pytest.raises(Exception, match="non-finite or huge"):      # fails in round 1, after config.json
         simulate(Config(data_dir=str(data), rounds=1, lr=1e30, max_grad_norm=0.0, run_dir=str(tmp_path / "kept")))
     assert (tmp_path / "kept" / "config.json").is_file()
+
+
+def test_a_plug_in_models_own_refusal_is_its_message(tmp_path):
+    from flock import Config, simulate
+    from flock.common.errors import SharedError
+
+    data = make_lm_data(tmp_path / "data")
+    with pytest.raises(SharedError, match=r"^--model tests.tiny_models:Picky cannot be built for this data: needs "
+                                          r"feature vectors \(the spec's input_0\), not token sequences \(the data's"):
+        simulate(Config(data_dir=str(data), rounds=1, model="tests.tiny_models:Picky", run_dir=str(tmp_path / "r")))

@@ -31,3 +31,13 @@ class WithDefaults(Linear):
     """A model that declares a task default; the trainer's win over it."""
 
     defaults = {"lr": 0.3, "local_epochs": 2}
+
+
+class Picky(Linear):
+    """A model that refuses data it was not written for, with its own message."""
+
+    @classmethod
+    def build(cls, spec):
+        if "input_0" not in spec:
+            raise ValueError("needs feature vectors (the spec's input_0), not token sequences")
+        return super().build(spec)
