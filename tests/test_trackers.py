@@ -139,7 +139,7 @@ def test_a_resumed_run_leaves_one_mlflow_run_with_each_record_once(tmp_path, mon
     experiment = client.get_experiment_by_name("flock").experiment_id
     live = client.search_runs([experiment])
     assert len(live) == 1 and live[0].info.run_id != first and live[0].info.status == "FINISHED"
-    assert live[0].data.tags["flock.resumed_from"] == first
+    assert live[0].data.tags["flock.replaces"] == first
     assert client.get_run(first).info.lifecycle_stage == "deleted"
     assert (tmp_path / "run" / "mlflow_run_id").read_text().strip() == live[0].info.run_id
     for kind, name in (("eval", "top1"), ("train", "loss")):

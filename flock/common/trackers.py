@@ -122,7 +122,7 @@ class MlflowTracker:
     Like the csv, the MLflow run holds what metrics.jsonl holds: a resumed run (whose metrics.jsonl was cut
     back to its checkpoint) opens a new MLflow run, logs the records it continues from, and deletes the run
     it replaces (MLflow's soft delete: `mlflow runs restore` brings it back); the new run's tag
-    `flock.resumed_from` names it. RUN_DIR/mlflow_run_id holds the current run's id."""
+    `flock.replaces` names it. RUN_DIR/mlflow_run_id holds the current run's id."""
 
     ID_FILE = "mlflow_run_id"
 
@@ -137,7 +137,7 @@ class MlflowTracker:
         experiment = self.client.get_experiment_by_name("flock")
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment("flock")
         replaced = self._replaced(run_dir)
-        tags = {"flock.run_dir": str(run_dir.resolve()), **({"flock.resumed_from": replaced} if replaced else {})}
+        tags = {"flock.run_dir": str(run_dir.resolve()), **({"flock.replaces": replaced} if replaced else {})}
         self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name, tags=tags).info.run_id
         values = [Param(k, str(v)[:6000]) for k, v in params(run_dir).items()]
         for i in range(0, len(values), 100):        # MLflow takes at most 100 params a batch
