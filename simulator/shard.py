@@ -381,8 +381,8 @@ class Shard:
             near = shift < math.inf and self._peak() + shift < DIVERGED / 2
             if not bounded((self.shared if not near else []) + list(self.private.values())):
                 # one diverged phone must not poison the model: its update is dropped and counted (`DIVERGED`)
-                log.warning("user %r: diverged (a non-finite or huge value after local training); dropped from "
-                            "the round", uid)
+                log.debug("user %r: diverged (a non-finite or huge value after local training); dropped from "
+                          "the round", uid)
                 return {"diverged": 1.0}
             if self.ring is not None and into is None:     # a ring only for plain FedAvg: no channel
                 self.sum.stage(self.shared, n * scale, n)     # the slot's memory, or the user's own if lent

@@ -65,3 +65,21 @@ class FailFromRound3IfAsked(LanguageModelTrainer):
         if os.environ.get("FLOCK_TEST_FAIL") and current_call().round >= 3:
             raise RuntimeError("injected failure from round 3")
         return super().train(model, samples, rng)
+
+
+class DivergeSome(LanguageModelTrainer):
+    """About a third of the users (by a hash of their id) train with an infinite learning rate: they diverge."""
+
+    def train(self, model, samples, rng=None):
+        import zlib
+        from dataclasses import replace
+
+        from trainer.base import current_call
+
+        keep = self.config
+        if zlib.crc32(current_call().user.encode()) % 3 == 0:
+            self.config = replace(keep, lr=float("inf"))
+        try:
+            return super().train(model, samples, rng)
+        finally:
+            self.config = keep

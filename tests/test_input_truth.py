@@ -229,3 +229,21 @@ def test_a_diverged_run_under_mpirun_stops_every_rank_with_one_message(data, tmp
     assert proc.returncode == 2, out
     assert out.count("every client's local training gave non-finite or huge parameters") == 1, out
     assert out.count("error: round 1: every client") == 1 and "ERROR" not in out and "Traceback" not in out, out
+    assert "diverged (a non-finite" not in out, out        # the users' own lines are DEBUG's
+
+
+def test_diverged_clients_show_in_the_round_lines_and_one_warning(data, tmp_path, caplog):
+    from flock import Config, simulate
+
+    with caplog.at_level("INFO", logger="flock"):
+        history = simulate(Config(data_dir=str(data), run_dir=str(tmp_path / "run"), rounds=3, clients_per_round=6,
+                                  eval_every=0, trainer="tests.faulty:DivergeSome", shards=1), progress="lines")
+    counts = [r.get("diverged", 0) for r in history.train]
+    assert sum(counts) > 0 and all(r["clients"] + r.get("diverged", 0) == 6 for r in history.train), counts
+    warnings = [m for m in caplog.messages if "diverged" in m and "dropped" in m]
+    first = next(r for r in history.train if r.get("diverged"))
+    assert warnings == [f"round {first['round']}: {first['diverged']} client(s) diverged (a non-finite or huge "
+                        f"parameter after local training) and were dropped from the round; rounds show how many "
+                        f"(`diverged` in metrics.jsonl), --log-level DEBUG names the users"], caplog.messages
+    lines = [m for m in caplog.messages if m.startswith("round ") and "/3  loss" in m]
+    assert [f"({n} diverged)" in line for line, n in zip(lines, counts)] == [n > 0 for n in counts], lines

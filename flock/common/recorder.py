@@ -88,6 +88,7 @@ class Recorder:
         self.rounds = rounds
         self.mode = mode
         self.last_eval: dict | None = None
+        self._diverged_told = False
         self._file = open(self.path, "a", encoding="utf-8")
         self._bar = None
         self._tb = tensorboard_writer(Path(run_dir) / "tensorboard")
@@ -116,6 +117,11 @@ class Recorder:
         self._file.flush()       # in the OS from here: a killed process loses nothing; see sync()
         if record["kind"] == "eval":
             self.last_eval = record
+        if record.get("diverged") and not self._diverged_told:       # once a run: the round lines count them
+            self._diverged_told = True
+            log.warning("round %d: %d client(s) diverged (a non-finite or huge parameter after local training) and "
+                        "were dropped from the round; rounds show how many (`diverged` in metrics.jsonl), "
+                        "--log-level DEBUG names the users", record["round"], record["diverged"])
         if self.mode == "lines":
             log.info(self.describe(record))
         elif self._bar is not None:
@@ -137,7 +143,8 @@ class Recorder:
             phones = (f"  sim {r['sim_time'] / 3600:.3f} h (+{r['round_s']:.0f} s, {r['dropped']} off-line, "
                       f"{r['stale']} late{voided}{staleness}{', FAILED' if r.get('failed') else ''})"
                       if "sim_time" in r else "")
-            return (f"round {r['round']}/{self.rounds}  loss {loss}  clients {r['clients']}  "
+            diverged = f" ({r['diverged']} diverged)" if r.get("diverged") else ""
+            return (f"round {r['round']}/{self.rounds}  loss {loss}  clients {r['clients']}{diverged}  "
                     f"samples {r['samples']}  {r['seconds']:.2f} s  {r['clients_per_s']:.2f} clients/s{phones}"
                     f"{_epsilon(r)}")
         ratios = "  ".join(f"{k} {v:.4%}" if k.startswith("top") else f"{k} {v:.4f}"
