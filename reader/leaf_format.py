@@ -57,9 +57,10 @@ def leaf_users(doc: object, where: str) -> list[str]:
     users = doc.get("users", list(user_data))
     if not isinstance(users, list) or not all(isinstance(u, str) and "\0" not in u for u in users):
         raise DataError(f"{where}: 'users' must be a list of user ids (strings without NUL)")
-    if len(set(users)) != len(users):
+    listed = set(users)
+    if len(listed) != len(users):
         raise DataError(f"{where}: 'users' lists a user twice")
-    unlisted = [uid for uid in user_data if uid not in set(users)]
+    unlisted = [uid for uid in user_data if uid not in listed]
     if unlisted:
         raise DataError(f"{where}: {len(unlisted)} user(s) have user_data but are not in 'users' (first: "
                         f"{unlisted[0]!r}); their data would be left out")

@@ -238,7 +238,8 @@ class Oort:
             taken = set(picked)
             picked += [u for u in ranked if u not in taken][:k - len(picked)]
         self.last_explore += explore
-        self.last_exploit += [u for u in picked if u not in set(explore)]
+        exploring = set(explore)
+        self.last_exploit += [u for u in picked if u not in exploring]
         self._picked[0] += len(explore)
         self._picked[1] += len(picked) - len(explore)
         return picked
