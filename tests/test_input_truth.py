@@ -243,7 +243,7 @@ def test_diverged_clients_show_in_the_round_lines_and_one_warning(data, tmp_path
     warnings = [m for m in caplog.messages if "diverged" in m and "dropped" in m]
     first = next(r for r in history.train if r.get("diverged"))
     assert warnings == [f"round {first['round']}: {first['diverged']} client(s) diverged (a non-finite or huge "
-                        f"parameter after local training) and were dropped from the round; rounds show how many "
+                        f"parameter after local training) and were dropped from the round; each round's line counts them "
                         f"(`diverged` in metrics.jsonl), --log-level DEBUG names the users"], caplog.messages
     lines = [m for m in caplog.messages if m.startswith("round ") and "/3  loss" in m]
     assert [f"({n} diverged)" in line for line, n in zip(lines, counts)] == [n > 0 for n in counts], lines

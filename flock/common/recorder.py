@@ -120,7 +120,7 @@ class Recorder:
         if record.get("diverged") and not self._diverged_told:       # once a run: the round lines count them
             self._diverged_told = True
             log.warning("round %d: %d client(s) diverged (a non-finite or huge parameter after local training) and "
-                        "were dropped from the round; rounds show how many (`diverged` in metrics.jsonl), "
+                        "were dropped from the round; each round's line counts them (`diverged` in metrics.jsonl), "
                         "--log-level DEBUG names the users", record["round"], record["diverged"])
         if self.mode == "lines":
             log.info(self.describe(record))
