@@ -69,19 +69,19 @@ def add_terms(dst: torch.Tensor, terms: list[tuple[torch.Tensor, float]], spare:
         i += 1
 
 
-def bounded(tensors: list[torch.Tensor]) -> bool:
-    """Whether every value of these float tensors is finite and below `DIVERGED` in magnitude (one
-    synchronisation with an accelerator)."""
+def peak(tensors: list[torch.Tensor]) -> float:
+    """The largest magnitude among these float tensors' values (inf if one is NaN; 0 for no values), with
+    one synchronisation with an accelerator."""
     extremes = [x for t in tensors if t.numel() for x in torch.aminmax(t.detach())]
-    return not extremes or bool(torch.stack([x.double().abs() for x in extremes]).max() < DIVERGED)   # NaN: False
-
-
-def peak(t: torch.Tensor) -> float:
-    """max |t| (inf if a value is NaN), 0 for no values."""
-    if not t.numel():
+    if not extremes:
         return 0.0
-    low, high = (float(x) for x in torch.aminmax(t.detach()))
-    return max(-low, high) if math.isfinite(low) and math.isfinite(high) else math.inf
+    top = float(torch.stack([x.double().abs() for x in extremes]).max())     # max propagates NaN
+    return top if not math.isnan(top) else math.inf
+
+
+def bounded(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of these float tensors is finite and below `DIVERGED` in magnitude."""
+    return peak(tensors) < DIVERGED
 
 
 def blocks_of(tensors: list[torch.Tensor], block: int = BLOCK) -> list[torch.Tensor]:
@@ -324,7 +324,7 @@ class Shard:
     def _peak(self) -> float:
         """max |theta_global| (one pass per global version)."""
         if self._global_peak is None:
-            self._global_peak = peak(self._global) if self._global is not None else math.inf
+            self._global_peak = peak([self._global]) if self._global is not None else math.inf
         return self._global_peak
 
     def contribution(self) -> tuple[float, torch.Tensor]:
@@ -378,8 +378,8 @@ class Shard:
         with torch.no_grad():
             # the shared parameters need no pass of their own when LocalSGD's steps could not have taken them
             # from the global ones to DIVERGED (half of it: room for float32 rounding many times over)
-            near = shift < math.inf and self._peak() + shift < DIVERGED / 2
-            if not bounded((self.shared if not near else []) + list(self.private.values())):
+            ruled_out = shift < math.inf and self._peak() + shift < DIVERGED / 2
+            if not bounded((self.shared if not ruled_out else []) + list(self.private.values())):
                 # one diverged phone must not poison the model: its update is dropped and counted (`DIVERGED`)
                 log.debug("user %r: diverged (a non-finite or huge value after local training); dropped from "
                           "the round", uid)
