@@ -377,8 +377,9 @@ class Shard:
         state: dict[str, np.ndarray] = {}
         with torch.no_grad():
             # the shared parameters need no pass of their own when LocalSGD's steps could not have taken them
-            # from the global ones to DIVERGED (half of it: room for float32 rounding many times over)
-            ruled_out = shift < math.inf and self._peak() + shift < DIVERGED / 2
+            # from the global ones to DIVERGED: a rounded step moves a value by at most twice its exact size,
+            # and a quarter leaves that factor and the norms' own rounding room
+            ruled_out = shift < math.inf and self._peak() + shift < DIVERGED / 4
             if not bounded((self.shared if not ruled_out else []) + list(self.private.values())):
                 # one diverged phone must not poison the model: its update is dropped and counted (`DIVERGED`)
                 log.debug("user %r: diverged (a non-finite or huge value after local training); dropped from "

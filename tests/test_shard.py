@@ -389,3 +389,24 @@ def test_a_lent_user_whose_steps_stay_far_from_diverging_is_not_scanned_again(mo
         seen.clear()
         shard.train_user("u0", _user(2), seed=0, round_index=1)
         assert seen == [1 + len(shard.shared) if scanned else 1]
+
+
+@pytest.mark.parametrize("lr, masked", [(float("nan"), False), (float("inf"), True)])
+def test_a_step_bound_that_is_nan_never_skips_the_check(lr, masked):
+    """A NaN learning rate, or an infinite one times gradients of exactly zero, gives a NaN bound: with a
+    frozen shared parameter (bound 0) listed first, Python's max would have hidden it. The user is dropped."""
+    from trainer.base import TrainConfig, local_sgd_only
+    from trainer.lm import LanguageModelTrainer
+
+    class FrozenEmbedding(LanguageModelTrainer):
+        @local_sgd_only
+        def train(self, model, samples, rng=None):
+            next(model.parameters()).requires_grad_(False)
+            return super().train(model, samples, rng)
+
+    shard, glob = _tiny_lm_shard(3, trainer=FrozenEmbedding, config=TrainConfig(lr=lr))
+    shard.set_global(glob, 0)
+    user = _user(2)
+    if masked:
+        user["mask"] = np.zeros_like(user["mask"])
+    assert shard.train_user("u0", user, seed=0, round_index=1) == {"diverged": 1.0}

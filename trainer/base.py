@@ -77,8 +77,10 @@ def moved(params: list[torch.Tensor]) -> float:
     """Inside `lent_params`: a bound on |theta - theta_start| over every value of these parameters, from the
     steps `LocalSGD` made (the sum over steps of lr times the norm of the step's direction, which bounds each
     of its entries; float32 rounding adds a relative 2^-24 or so per operation, which a caller's margin must
-    cover). inf when a step's norm was not known (no clipping) or not finite; 0 before any step."""
-    return max((getattr(p, "flock_moved", math.inf) for p in params), default=0.0)
+    cover). inf when a step's norm was not known (no clipping) or not finite; 0 before any step. One stepper
+    per parameter at a time: the bound is added to without a lock, as `flock_lent` is switched."""
+    bounds = [getattr(p, "flock_moved", math.inf) for p in params]
+    return math.inf if any(math.isnan(b) for b in bounds) else max(bounds, default=0.0)
 
 
 def local_sgd_only(train):
@@ -133,7 +135,9 @@ class LocalSGD:
                     p.add_(g, alpha=-self.config.lr)
         else:
             torch._foreach_add_(self.params, grads, alpha=-self.config.lr)
-        step = abs(self.config.lr) * self.direction if self.direction < math.inf else math.inf
+        step = abs(self.config.lr) * self.direction
+        if not step < math.inf:         # NaN too (a NaN lr, or inf x 0): unknown
+            step = math.inf
         for p in self.params:
             p.grad = None
             if hasattr(p, "flock_moved"):
