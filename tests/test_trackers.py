@@ -99,17 +99,43 @@ def test_launch_hands_over_records_as_they_appear(data, tmp_path):
     assert (tmp_path / "run" / "metrics.csv").is_file()
 
 
-def test_a_resumed_runs_csv_holds_each_record_once(tmp_path):
-    from flock import Config, simulate
+NEEDS_MLFLOW = pytest.mark.skipif(importlib.util.find_spec("mlflow") is None,
+                                  reason="mlflow is not installed (pip install 'flock-fl[mlflow]')")
+
+
+def _two_rounds_then_resume(root, tracker: str, resume: str = "run"):
+    """A run of 2 rounds (checkpoint after each) in ROOT/run with `tracker`, then `resume` (a folder under
+    ROOT: the run itself or a copy made here) resumed for a 3rd."""
+    import shutil
+
     from tests.helpers import make_arrays_data
 
-    data = make_arrays_data(tmp_path / "data")
-    run = tmp_path / "run"
-    common = dict(reader="arrays", trainer="classifier", model="tests.tiny_models:Linear", clients_per_round=4,
-                  eval_every=1, checkpoint_every=1, tracker=("csv",))
-    simulate(Config(data_dir=str(data), run_dir=str(run), rounds=2, **common))
-    simulate(Config(data_dir=str(data), resume=str(run), rounds=3))
-    lines = (run / "metrics.csv").read_text().splitlines()
+    data = make_arrays_data(root / "data")
+    simulate(Config(data_dir=str(data), run_dir=str(root / "run"), rounds=2, reader="arrays", trainer="classifier",
+                    model="tests.tiny_models:Linear", clients_per_round=4, eval_every=1, checkpoint_every=1,
+                    tracker=(tracker,)))
+    first = (root / "run" / "mlflow_run_id").read_text().strip() if tracker == "mlflow" else None
+    if resume != "run":
+        shutil.copytree(root / "run", root / resume)
+    simulate(Config(data_dir=str(data), resume=str(root / resume), rounds=3))
+    return first
+
+
+@pytest.fixture
+def local_mlflow(tmp_path, monkeypatch):
+    """MLflow's default store, ./mlruns, in the test's folder; its client."""
+    from mlflow.tracking import MlflowClient
+
+    from flock.common.trackers import mlflow_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return lambda: MlflowClient(tracking_uri=mlflow_uri())
+
+
+def test_a_resumed_runs_csv_holds_each_record_once(tmp_path):
+    _two_rounds_then_resume(tmp_path, "csv")
+    lines = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     rows = [line.split(",") for line in lines[1:]]
     assert lines[0] == "round,kind,name,value"
     assert sorted({(r[0], r[1]) for r in rows}) == [("1", "eval"), ("1", "train"), ("2", "eval"), ("2", "train"),
@@ -117,27 +143,14 @@ def test_a_resumed_runs_csv_holds_each_record_once(tmp_path):
     assert len(rows) == len({(r[0], r[1], r[2]) for r in rows})       # no record twice
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None,
-                    reason="mlflow is not installed (pip install 'flock-fl[mlflow]')")
-def test_a_resumed_run_leaves_one_mlflow_run_with_each_record_once(tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
+@NEEDS_MLFLOW
+def test_a_resumed_run_leaves_one_mlflow_run_with_each_record_once(tmp_path, local_mlflow):
     from flock.common.recorder import read_metrics
-    from flock.common.trackers import mlflow_uri
-    from tests.helpers import make_arrays_data
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    data = make_arrays_data(tmp_path / "data")
-    common = dict(reader="arrays", trainer="classifier", model="tests.tiny_models:Linear", clients_per_round=4,
-                  eval_every=1, checkpoint_every=1, tracker=("mlflow",))
-    simulate(Config(data_dir=str(data), run_dir="run", rounds=2, **common))
-    first = (tmp_path / "run" / "mlflow_run_id").read_text().strip()
-    simulate(Config(data_dir=str(data), resume="run", rounds=3))
+    first = _two_rounds_then_resume(tmp_path, "mlflow")
     records = read_metrics(tmp_path / "run")
-    client = MlflowClient(tracking_uri=mlflow_uri())
-    experiment = client.get_experiment_by_name("flock").experiment_id
-    live = client.search_runs([experiment])
+    client = local_mlflow()
+    live = client.search_runs([client.get_experiment_by_name("flock").experiment_id])
     assert len(live) == 1 and live[0].info.run_id != first and live[0].info.status == "FINISHED"
     assert live[0].data.tags["flock.replaces"] == first
     assert client.get_run(first).info.lifecycle_stage == "deleted"
@@ -148,21 +161,27 @@ def test_a_resumed_run_leaves_one_mlflow_run_with_each_record_once(tmp_path, mon
         assert sorted(m.step for m in got) == [1, 2, 3]
 
 
+@NEEDS_MLFLOW
+def test_resuming_a_copied_run_folder_leaves_the_originals_mlflow_run_alone(tmp_path, local_mlflow):
+    original = _two_rounds_then_resume(tmp_path, "mlflow", resume="copy")
+    client = local_mlflow()
+    assert client.get_run(original).info.lifecycle_stage == "active"
+    copy = client.get_run((tmp_path / "copy" / "mlflow_run_id").read_text().strip())
+    assert copy.info.run_id != original and "flock.replaces" not in copy.data.tags
+    assert sorted(m.step for m in client.get_metric_history(copy.info.run_id, "train/loss")) == [1, 2, 3]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
                     reason="wandb is not installed (pip install 'flock-fl[wandb]')")
 def test_a_resumed_runs_new_wandb_run_logs_the_earlier_records_first(tmp_path, monkeypatch):
     from flock.common import trackers
     from flock.common.recorder import read_metrics
-    from tests.helpers import make_arrays_data
 
-    logged = []
+    logged = []      # (the tracker, the record's round)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setattr(trackers.WandbTracker, "record", lambda self, record: logged.append(record["round"]))
-    data = make_arrays_data(tmp_path / "data")
-    common = dict(reader="arrays", trainer="classifier", model="tests.tiny_models:Linear", clients_per_round=4,
-                  eval_every=1, checkpoint_every=1, tracker=("wandb",))
-    simulate(Config(data_dir=str(data), run_dir=str(tmp_path / "run"), rounds=2, **common))
-    logged.clear()
-    simulate(Config(data_dir=str(data), resume=str(tmp_path / "run"), rounds=3))
-    assert logged == [r["round"] for r in read_metrics(tmp_path / "run")] and logged[-1] == 3
+    monkeypatch.setattr(trackers.WandbTracker, "record", lambda self, record: logged.append((self, record["round"])))
+    _two_rounds_then_resume(tmp_path, "wandb")
+    resumed = logged[-1][0]
+    assert [r for t, r in logged if t is resumed] == [r["round"] for r in read_metrics(tmp_path / "run")]
+    assert [r for t, r in logged if t is resumed][-1] == 3
     assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 2

@@ -139,24 +139,31 @@ class MlflowTracker:
         replaced = self._replaced(run_dir)
         tags = {"flock.run_dir": str(run_dir.resolve()), **({"flock.replaces": replaced} if replaced else {})}
         self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name, tags=tags).info.run_id
-        values = [Param(k, str(v)[:6000]) for k, v in params(run_dir).items()]
-        for i in range(0, len(values), 100):        # MLflow takes at most 100 params a batch
-            self.client.log_batch(self.run_id, params=values[i:i + 100])
-        earlier = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
-        metrics = [m for record in earlier for m in self._metrics(record)]
-        for i in range(0, len(metrics), 1000):      # and at most 1000 metrics
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
-        part = run_dir / (self.ID_FILE + ".part")
-        part.write_text(self.run_id + "\n", encoding="utf-8")
-        os.replace(part, run_dir / self.ID_FILE)
+        try:
+            values = [Param(k, str(v)[:6000]) for k, v in params(run_dir).items()]
+            for i in range(0, len(values), 100):        # MLflow takes at most 100 params a batch
+                self.client.log_batch(self.run_id, params=values[i:i + 100])
+            earlier = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+            metrics = [m for record in earlier for m in self._metrics(record)]
+            for i in range(0, len(metrics), 1000):      # and at most 1000 metrics
+                self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+            part = run_dir / (self.ID_FILE + ".part")
+            part.write_text(self.run_id + "\n", encoding="utf-8")
+            os.replace(part, run_dir / self.ID_FILE)
+        except BaseException:
+            self.client.set_terminated(self.run_id, "FAILED")
+            raise
         if replaced:
-            self.client.delete_run(replaced)
+            try:
+                self.client.delete_run(replaced)
+            except Exception as e:        # the new run is whole; the old one stays, and the user is told
+                log.warning("mlflow: could not delete the replaced run %s (%s: %s)", replaced, type(e).__name__, e)
         log.info("mlflow: run %s in %s%s", self.run_id, mlflow_uri(),
                  f" (replaces {replaced}, resumed from {len(earlier)} records)" if replaced else "")
 
     def _replaced(self, run_dir: Path) -> str | None:
         """The id of the MLflow run this run folder wrote before (a resumed run), if that run is in this
-        store and not deleted."""
+        store, not deleted, and of this folder (a copied run folder's id names the original's run)."""
         try:
             earlier = (run_dir / self.ID_FILE).read_text(encoding="utf-8").strip()
         except FileNotFoundError:
@@ -165,6 +172,10 @@ class MlflowTracker:
             run = self.client.get_run(earlier)
         except Exception as e:        # not in this store (another MLFLOW_TRACKING_URI): nothing to replace
             log.info("mlflow: the run folder's earlier run %r is not in %s (%s)", earlier, mlflow_uri(), e)
+            return None
+        if run.data.tags.get("flock.run_dir") != str(run_dir.resolve()):
+            log.info("mlflow: the earlier run %s is another folder's (%s): left as it is", earlier,
+                     run.data.tags.get("flock.run_dir"))
             return None
         return earlier if run.info.lifecycle_stage == "active" else None
 
@@ -189,7 +200,7 @@ class MlflowTracker:
 class WandbTracker:
     """An offline W&B run (no network): `wandb sync RUN_DIR/wandb/offline-run-*` uploads it later. A resumed
     run opens a new offline run holding every record metrics.jsonl holds (the earlier ones first); the
-    earlier offline run stays, with the rounds it saw."""
+    earlier offline run stays, with the rounds it saw (sync only the newest, or the early rounds appear twice)."""
 
     def __init__(self, run_dir: Path) -> None:
         import wandb
